@@ -1,0 +1,377 @@
+"""Squinch on the CPU: parallel Numba kernels, bit-identical to the oracle.
+
+Each kernel walks the tensor in chunks of blocks with ``prange`` (one task per
+chunk, so threads stream through contiguous memory). The per-block logic is
+written once (``_encode_block``) and shared by encode and the fused
+decode-accumulate-encode. Decisions use the shared float32 tables of
+:mod:`squinchcomm.codec.format` (frozen into the compiled code as constants);
+``q_max`` and the code start from cheap estimates that are then corrected by
+exact table comparisons, so the result never depends on the estimate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic
+
+from squinchcomm.codec import format as fmt
+
+__all__ = ["encode", "decode", "decode_accumulate", "reduce_encode"]
+
+_CHUNK = 2048  # blocks per parallel task (12 KiB of payload, 64 KiB of fp32)
+_SCALE = fmt.SCALE
+_INV = fmt.INV_SCALE
+_T = fmt.THRESHOLD
+_F = fmt.LEVEL_FRACTION
+_MID = fmt.MIDPOINT
+_STEP = fmt.LEVEL_STEP
+_NAN = np.uint32(fmt.CANONICAL_NAN_BITS)
+_U24 = np.float32(2.0 ** -24)
+_LOG2_TO_Q = np.float32(6.0 * math.log(2.0))  # q = 129 + 6 ln2 * log2(m)
+_M32 = np.uint64(0xFFFFFFFF)
+_T_BITS = fmt.THRESHOLD.view(np.uint32)  # for m >= 0, m >= T[q] <=> bits(m) >= bits(T[q])
+_INF_BITS = 0x7F800000
+_Q_BIAS = np.float64(129.0 - 6.0 * math.log(2.0) * 127.0)
+_Q_SLOPE = np.float64(6.0 * math.log(2.0) / 2.0 ** 23)
+
+
+# ---------------------------------------------------------------- bit casts
+@intrinsic
+def _f32_bits(typingctx, v):
+    """Reinterpret a float32 as uint32."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, v):
+    """Reinterpret the low 32 bits of an integer as float32 (Numba widens
+    uint32 arithmetic to 64 bits, so accept any integer width)."""
+    if not isinstance(v, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        low = args[0]
+        if v.bitwidth > 32:
+            low = builder.trunc(low, ir.IntType(32))
+        elif v.bitwidth < 32:
+            low = builder.zext(low, ir.IntType(32))
+        return builder.bitcast(low, ir.FloatType())
+
+    return types.float32(v), codegen
+
+
+# ---------------------------------------------------------------- loads / stores
+@njit(inline="always")
+def _load_f32(x, i):
+    return x[i]
+
+
+@njit(inline="always")
+def _load_bf16(x, i):
+    return _bits_f32(np.uint32(x[i]) << np.uint32(16))
+
+
+@njit(inline="always")
+def _load_f16(x, i):
+    """IEEE half (as uint16 bits) to float32, exactly."""
+    h = np.uint32(x[i])
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    e = (h >> np.uint32(10)) & np.uint32(0x1F)
+    mant = h & np.uint32(0x3FF)
+    if e == 0x1F:  # Inf / NaN
+        return _bits_f32(sign | np.uint32(0x7F800000) | (mant << np.uint32(13)))
+    if e == 0:  # zero / subnormal: mant * 2^-24 is exact in float32
+        mag = np.float32(mant) * np.float32(2.0 ** -24)
+        return _bits_f32(_f32_bits(mag) | sign)
+    return _bits_f32(sign | ((e + np.uint32(112)) << np.uint32(23))
+                     | (mant << np.uint32(13)))
+
+
+@njit(inline="always")
+def _store_bf16(out, i, bits):
+    """float32 bits to bfloat16 bits, round to nearest even; NaN -> 0x7FC0|sign."""
+    if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        out[i] = np.uint16((bits >> np.uint32(16)) | np.uint32(0x0040))
+    else:
+        lsb = (bits >> np.uint32(16)) & np.uint32(1)
+        out[i] = np.uint16((bits + np.uint32(0x7FFF) + lsb) >> np.uint32(16))
+
+
+# ---------------------------------------------------------------- format core
+@njit(inline="always")
+def _mix32(x):
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x7FEB352D)) & _M32
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x846CA68B)) & _M32
+    return x ^ (x >> np.uint64(16))
+
+
+@njit(inline="always")
+def _uniform(key, index):
+    """u * 2^-24 for the 24-bit hash of (key, global element index)."""
+    i = np.uint64(index)
+    h = _mix32((i & _M32) ^ _mix32((i >> np.uint64(32)) ^ np.uint64(key)))
+    return np.float32(h >> np.uint64(8)) * _U24
+
+
+@njit(inline="always")
+def _block_q(mbits):
+    """Largest q in 0..254 with m >= T[q], for the bits of a finite m >= 0."""
+    # The float's bits are a piecewise-linear log2 (under by < 0.087): estimate,
+    # then correct with exact integer comparisons against the table's bits.
+    q = min(max(int(_Q_BIAS + _Q_SLOPE * mbits), 0), 254)
+    if q < 254 and mbits >= _T_BITS[q + 1]:
+        q += 1
+    if q > 0 and mbits < _T_BITS[q]:
+        q -= 1
+    return q
+
+
+@njit(inline="always")
+def _pack_block(q, neg8, codes8, out, o):
+    """Write one block from 8 sign bytes and 8 code bytes, each read as a uint64."""
+    # Gather bit 0 of each byte into one byte (byte j -> bit j): the terms of the
+    # product land on distinct bits, so there are no carries.
+    signs = ((neg8 * np.uint64(0x0102040810204080)) >> np.uint64(56)) & np.uint64(0xFF)
+    # Codes c_j in byte j -> nibble j of a 32-bit word.
+    t = (codes8 | (codes8 >> np.uint64(4))) & np.uint64(0x00FF00FF00FF00FF)
+    t = (t | (t >> np.uint64(8))) & np.uint64(0x0000FFFF0000FFFF)
+    word = (t | (t >> np.uint64(16))) & np.uint64(0xFFFFFFFF)
+    out[o] = q
+    out[o + 1] = signs
+    out[o + 2] = word & np.uint64(0xFF)
+    out[o + 3] = (word >> np.uint64(8)) & np.uint64(0xFF)
+    out[o + 4] = (word >> np.uint64(16)) & np.uint64(0xFF)
+    out[o + 5] = word >> np.uint64(24)
+
+
+@njit(inline="always")
+def _encode_chunk(val, nvalid, b0, out, res, has_res, stochastic, key, offset):
+    """Encode the values ``val[:nvalid]`` (zero-padded to whole blocks) of the
+    blocks starting at global block ``b0``; the work is split into flat loops
+    that vectorize and short per-block loops."""
+    nb = (nvalid + 7) // 8
+    ne = 8 * nb
+    abits = np.empty(ne, np.uint32)  # |value| as bits
+    neg = np.empty(ne, np.uint8)  # 1 where value < 0 (not for -0.0)
+    inv = np.empty(ne, np.float32)  # 1/A(q) of each element's block (0: non-finite)
+    codes = np.empty(ne, np.uint8)
+    qs = np.empty(nb, np.int32)
+    # Step 1: magnitude bits and signs (vectorized).
+    for i in range(ne):
+        abits[i] = _f32_bits(val[i]) & np.uint32(0x7FFFFFFF)
+        neg[i] = val[i] < np.float32(0.0)
+    # Step 2: per block, the maximum and q_max; a maximum >= Inf's bits means
+    # the block holds NaN or Inf.
+    for bb in range(nb):
+        mbits = abits[8 * bb]
+        for j in range(1, 8):
+            mbits = max(mbits, abits[8 * bb + j])
+        finite = mbits < _INF_BITS
+        q = _block_q(mbits) if finite else 255
+        s = _INV[q] if finite else np.float32(0.0)
+        qs[bb] = q
+        for j in range(8):
+            inv[8 * bb + j] = s
+    # Step 3: codes (vectorized); r = |x| / A(q) as one float32 product.
+    if stochastic:
+        for i in range(ne):
+            r = _bits_f32(abits[i]) * inv[i]
+            k = 0
+            for t in range(1, 16):
+                k += r >= _F[t]
+            kk = min(k, 14)
+            up = _uniform(key, offset + 8 * b0 + i) * _STEP[kk] < r - _F[kk]
+            codes[i] = 15 if k == 15 else k + up
+    else:
+        for i in range(ne):
+            r = _bits_f32(abits[i]) * inv[i]
+            c = 0
+            for t in range(15):
+                c += r >= _MID[t]
+            codes[i] = c
+    # Step 4: pack; non-finite blocks are canonical (q = 255, zeros).
+    neg8 = neg.view(np.uint64)
+    codes8 = codes.view(np.uint64)
+    for bb in range(nb):
+        o = 6 * (b0 + bb)
+        if qs[bb] == 255:
+            out[o] = 255
+            for t in range(1, 6):
+                out[o + t] = 0
+        else:
+            _pack_block(qs[bb], neg8[bb], codes8[bb], out, o)
+    # Step 5: error feedback, residual = value - decoded (non-finite blocks keep theirs).
+    if has_res:
+        base = 8 * b0
+        for bb in range(nb):
+            if qs[bb] == 255:
+                continue
+            scale = _SCALE[qs[bb]]
+            for j in range(min(8, nvalid - 8 * bb)):
+                i = 8 * bb + j
+                d = scale * _F[codes[i]]
+                res[base + i] = val[i] - (-d if neg[i] else d)
+
+
+@njit(inline="always")
+def _decode_block_into(p, o, acc, i0, add):
+    """Decode the block at p[o:o+6] into acc[i0:i0+8] (``acc +=`` when add)."""
+    q = p[o]
+    if q == 255:
+        nan = _bits_f32(_NAN)
+        for j in range(8):
+            acc[i0 + j] = nan if not add else acc[i0 + j] + nan
+        return
+    scale = _SCALE[q]
+    signs = np.uint32(p[o + 1])
+    word = (np.uint32(p[o + 2]) | (np.uint32(p[o + 3]) << np.uint32(8))
+            | (np.uint32(p[o + 4]) << np.uint32(16)) | (np.uint32(p[o + 5]) << np.uint32(24)))
+    for j in range(8):
+        mag = scale * _F[(word >> np.uint32(4 * j)) & np.uint32(15)]
+        v = _bits_f32(_f32_bits(mag) | (((signs >> np.uint32(j)) & np.uint32(1)) << np.uint32(31)))
+        acc[i0 + j] = v if not add else acc[i0 + j] + v
+
+
+@njit(inline="always")
+def _reduce_chunk(P, b0, nb, acc):
+    """acc[:8nb] = sum over k, in order, of decode(P[k]) for blocks b0..b0+nb."""
+    for i in range(8 * nb):
+        acc[i] = np.float32(0.0)
+    for k in range(P.shape[0]):
+        row = P[k]
+        for bb in range(nb):
+            _decode_block_into(row, 6 * (b0 + bb), acc, 8 * bb, True)
+
+
+# ---------------------------------------------------------------- kernels
+@njit(parallel=True, cache=True, nogil=True)
+def _encode_kernel(x, load, n, out, res, has_res, stochastic, key, offset):
+    nb = (n + 7) // 8
+    for chunk in prange((nb + _CHUNK - 1) // _CHUNK):
+        b0 = chunk * _CHUNK
+        nvalid = min(n - 8 * b0, 8 * _CHUNK)
+        val = np.empty(8 * _CHUNK, np.float32)
+        base = 8 * b0
+        for i in range(nvalid, 8 * ((nvalid + 7) // 8)):
+            val[i] = np.float32(0.0)
+        if has_res:
+            for i in range(nvalid):
+                val[i] = load(x, base + i) + res[base + i]
+        else:
+            for i in range(nvalid):
+                val[i] = load(x, base + i)
+        _encode_chunk(val, nvalid, b0, out, res, has_res, stochastic, key, offset)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _decode_f32_kernel(p, n, out):
+    nfull = n // 8  # whole blocks decode straight into out
+    for chunk in prange((nfull + _CHUNK - 1) // _CHUNK):
+        for b in range(chunk * _CHUNK, min(nfull, (chunk + 1) * _CHUNK)):
+            _decode_block_into(p, 6 * b, out, 8 * b, False)
+    if n % 8:
+        tail = np.empty(8, np.float32)
+        _decode_block_into(p, 6 * nfull, tail, 0, False)
+        for j in range(n % 8):
+            out[8 * nfull + j] = tail[j]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _decode_kernel(p, n, out, store):
+    nb = (n + 7) // 8
+    for chunk in prange((nb + _CHUNK - 1) // _CHUNK):
+        b0 = chunk * _CHUNK
+        nbc = min(nb - b0, _CHUNK)
+        tmp = np.empty(8 * nbc, np.float32)
+        for bb in range(nbc):
+            _decode_block_into(p, 6 * (b0 + bb), tmp, 8 * bb, False)
+        base = 8 * b0
+        for i in range(min(n - base, 8 * nbc)):
+            store(out, base + i, _f32_bits(tmp[i]))
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _decode_accumulate_kernel(P, n, out, scale):
+    nb = (n + 7) // 8
+    for chunk in prange((nb + _CHUNK - 1) // _CHUNK):
+        b0 = chunk * _CHUNK
+        nbc = min(nb - b0, _CHUNK)
+        acc = np.empty(8 * nbc, np.float32)
+        _reduce_chunk(P, b0, nbc, acc)
+        base = 8 * b0
+        for i in range(min(n - base, 8 * nbc)):
+            out[base + i] += acc[i] * scale
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _reduce_encode_kernel(P, n, out, res, has_res, scale, stochastic, key, offset):
+    nb = (n + 7) // 8
+    for chunk in prange((nb + _CHUNK - 1) // _CHUNK):
+        b0 = chunk * _CHUNK
+        nbc = min(nb - b0, _CHUNK)
+        nvalid = min(n - 8 * b0, 8 * nbc)
+        val = np.empty(8 * nbc, np.float32)
+        _reduce_chunk(P, b0, nbc, val)
+        base = 8 * b0
+        for i in range(8 * nbc):
+            if i >= nvalid:
+                val[i] = np.float32(0.0)
+            elif has_res:
+                val[i] = val[i] * scale + res[base + i]
+            else:
+                val[i] = val[i] * scale
+        _encode_chunk(val, nvalid, b0, out, res, has_res, stochastic, key, offset)
+
+
+# ---------------------------------------------------------------- entry points
+_LOADS = {"float32": _load_f32, "float16": _load_f16, "bfloat16": _load_bf16}
+_EMPTY_RES = np.zeros(0, np.float32)
+
+
+def encode(x, kind, out, stochastic, seed, offset, residual):
+    """Encode the flat array ``x`` (float32, or uint16 bits when ``kind`` is
+    float16/bfloat16) into the uint8 array ``out``."""
+    has_res = residual is not None
+    _encode_kernel(x, _LOADS[kind], x.size, out, residual if has_res else _EMPTY_RES,
+                   has_res, stochastic, fmt.stream_key(seed), np.uint64(offset))
+    return out
+
+
+def decode(payload, n, out, kind):
+    """Decode into ``out`` (float32, or uint16 bits for bfloat16). float16 output
+    goes through a float32 buffer and NumPy's round-to-nearest-even cast."""
+    if kind == "float32":
+        _decode_f32_kernel(payload, n, out)
+    elif kind == "bfloat16":
+        _decode_kernel(payload, n, out, _store_bf16)
+    else:
+        tmp = np.empty(n, np.float32)
+        _decode_f32_kernel(payload, n, tmp)
+        out.view(np.float16)[:] = tmp
+    return out
+
+
+def decode_accumulate(payloads, n, out, scale):
+    _decode_accumulate_kernel(payloads, n, out, np.float32(scale))
+    return out
+
+
+def reduce_encode(payloads, n, out, scale, stochastic, seed, offset, residual):
+    has_res = residual is not None
+    _reduce_encode_kernel(payloads, n, out, residual if has_res else _EMPTY_RES, has_res,
+                          np.float32(scale), stochastic, fmt.stream_key(seed),
+                          np.uint64(offset))
+    return out
