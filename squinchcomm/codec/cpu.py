@@ -360,7 +360,8 @@ def decode(payload, n, out, kind):
     else:
         tmp = np.empty(n, np.float32)
         _decode_f32_kernel(payload, n, tmp)
-        out.view(np.float16)[:] = tmp
+        with np.errstate(over="ignore"):  # levels above 65504 become inf, as documented
+            out.view(np.float16)[:] = tmp
     return out
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from squinchcomm.codec import format as fmt
 
-__all__ = ["encode", "decode", "decode_accumulate", "reduce_encode"]
+__all__ = ["encode", "decode", "decode_accumulate", "reduce_encode", "to_float32", "from_float32"]
 
 
 def _blocks(x: np.ndarray) -> np.ndarray:
@@ -132,3 +132,29 @@ def reduce_encode(payloads: np.ndarray, n: int, scale: float = 1.0,
     optional error-feedback residual as in :func:`encode`."""
     reduced = _reduce(payloads, n, scale)[:n]
     return encode(reduced, rounding, seed, offset, residual)
+
+
+# ----------------------------------------------------------------------------
+# Input and output types: fp16/bf16 travel as uint16 bits.
+# ----------------------------------------------------------------------------
+def to_float32(x: np.ndarray, kind: str) -> np.ndarray:
+    """Exact conversion of float32 / float16 bits / bfloat16 bits to float32."""
+    if kind == "float32":
+        return x
+    if kind == "float16":
+        return x.view(np.float16).astype(np.float32)
+    return (x.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def from_float32(y: np.ndarray, kind: str) -> np.ndarray:
+    """Round float32 to the output kind, to nearest even; returns float32,
+    or uint16 bits for float16 / bfloat16. bfloat16 NaN is 0x7FC0 (| sign)."""
+    if kind == "float32":
+        return y
+    if kind == "float16":
+        with np.errstate(over="ignore"):  # levels above 65504 become inf
+            return y.astype(np.float16).view(np.uint16)
+    bits = y.view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, (bits >> np.uint32(16)) | np.uint32(0x0040), rounded).astype(np.uint16)

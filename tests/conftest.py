@@ -1,0 +1,27 @@
+"""Shared test helpers: deterministic inputs with the format's special values."""
+
+import numpy as np
+import pytest
+
+
+def special_values(rng: np.random.Generator, n: int) -> np.ndarray:
+    """float32 data over the whole range, with zero blocks, -0.0, subnormals,
+    huge (saturating) values and a few NaN/Inf blocks sprinkled in."""
+    x = (rng.standard_normal(n) * np.exp(rng.uniform(-60, 40, n))).astype(np.float32)
+    if n >= 64:
+        x[0:8] = 0.0  # an all-zero block
+        x[8:16] = -0.0
+        x[16:24] = rng.standard_normal(8).astype(np.float32) * np.float32(1e-42)  # subnormal
+        x[24] = np.float32(3e38)  # saturates at A(254)
+        x[32:40] = rng.standard_normal(8).astype(np.float32)
+        x[33] = np.nan
+        x[41] = np.inf
+        x[50] = -np.inf
+        x[57] = -0.0
+    return x
+
+
+@pytest.fixture
+def rng(request):
+    # One stream per test, stable across runs.
+    return np.random.default_rng(abs(hash(request.node.name)) % (2 ** 32))
