@@ -1,0 +1,21 @@
+"""Entry point: ``python -m squinchcomm.bench <command> [options]``."""
+
+import importlib
+import sys
+
+from squinchcomm.bench import COMMANDS
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        names = " | ".join(COMMANDS)
+        print(f"usage: python -m squinchcomm.bench {{{names}}} [options]  (--help per command)",
+              file=sys.stderr)
+        return 2
+    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

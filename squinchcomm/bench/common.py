@@ -1,0 +1,46 @@
+"""Helpers shared by the benchmarks: size parsing and the version header."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import re
+
+__all__ = ["parse_size", "versions", "cpu_model"]
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse nccl-tests style sizes: ``1024``, ``64K``, ``16M``, ``1G`` (powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)B?\s*", str(text), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"size {text!r}: use a byte count like 1024, 64K, 16M or 1G")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict:
+    """Versions of the library and of the engines it can use (installed ones only),
+    read from package metadata so nothing heavy is imported."""
+    from squinchcomm import __version__
+
+    out = {"squinchcomm": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "numba", "torch", "cupy-cuda13x", "cupy-cuda12x", "mpi4py",
+                 "openmpi", "nvidia-nccl-cu13", "nvidia-nccl-cu12"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    out["cpu"] = cpu_model()
+    return out
