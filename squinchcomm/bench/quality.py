@@ -271,7 +271,13 @@ def _markdown_report(doc: dict) -> str:
     out += [f"- `{name}`: {desc}" for name, desc in doc["datasets"].items()]
     if "gradients" in doc:
         g = doc["gradients"]
-        out += [f"- model: {g['model']}", f"- training: {g['training']}", f"- {g['corpus']}"]
+        md, tr = g["model"], g["training"]
+        out += [f"- model: tiny GPT, {md['n_layer']} layers, {md['n_head']} heads, width "
+                f"{md['n_embd']}, context {md['block_size']}, {md['params']:,} parameters",
+                f"- training: {tr['steps']} steps of {tr['optimizer']}, lr {tr['lr']}, batch "
+                f"{tr['batch']} x {tr['seq']} bytes, loss {tr['first_loss']:.3f} -> "
+                f"{tr['last_loss']:.3f}, val loss {tr['val_loss']:.3f} ({tr['seconds']} s)",
+                f"- {g['corpus']}"]
     out += ["", "## Whole-tensor error", "", _main_table(doc["rows"]), ""]
     if doc.get("per_tensor"):
         out += [f"## Per-tensor error, `{doc['per_tensor_data']}`", "",
