@@ -1,0 +1,480 @@
+"""The CUDA backend's format logic, run on the CPU and compared with the oracle.
+
+native/squinch.cuh holds every per-block step of the CUDA kernels as
+``__host__ __device__`` functions; tests/native/host_check.cu runs them in
+plain loops on the host. Building that driver with nvcc (no GPU needed) and
+comparing its output with :mod:`squinchcomm.codec.oracle` bit for bit checks
+the kernels' arithmetic, packing, conversions and alignment fallbacks on a
+machine without a GPU. Skipped when nvcc is not on PATH.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from squinchcomm.codec import format as fmt
+from squinchcomm.codec import oracle
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN/Inf inputs
+ROOT = Path(__file__).resolve().parents[1]
+NATIVE = ROOT / "native"
+DRIVER = ROOT / "tests" / "native" / "host_check.cu"
+KINDS = {"float32": 0, "float16": 1, "bfloat16": 2}
+SIZES = [0, 1, 7, 8, 9, 1000, 4099]
+OFFSETS = [0, 12345, 2**32 - 5, 2**64 - 20]  # crossing the 32-bit and 64-bit wraps
+
+
+# ---------------------------------------------------------------- test data
+def special_values() -> np.ndarray:
+    """float32 values that stress the format: zeros, denormals, extremes, NaN/Inf."""
+    f32 = np.float32
+    vals = [0.0, -0.0, 1e-45, -1e-45, 1e-40, -3e-39, 1.17e-38, 1e-12, 5.4e-10, 1.0, -1.0,
+            1.3e9, -1.3e9, 1e20, 3.4028235e38, -3.4028235e38, np.inf, -np.inf, np.nan]
+    return np.array(vals, dtype=f32)
+
+
+def boundary_block(rng: np.random.Generator, stochastic: bool) -> np.ndarray:
+    """One block whose values sit on (or one ulp beside) the table boundaries:
+    the maximum just below A(q), the others at A(q) * MIDPOINT[c] (nearest) or
+    A(q) * F[c] (stochastic) give or take an ulp."""
+    q = int(rng.integers(0, 254))
+    top = np.nextafter(fmt.THRESHOLD[q + 1], np.float32(0))  # largest m with q_max = q
+    levels = fmt.LEVEL_FRACTION[1:15] if stochastic else fmt.MIDPOINT[:15]
+    c = rng.integers(0, levels.size, 7)
+    vals = (levels[c] * fmt.SCALE[q]).astype(np.float32)
+    ulps = rng.integers(-1, 2, 7)
+    vals = np.where(ulps > 0, np.nextafter(vals, np.float32(np.inf)),
+                    np.where(ulps < 0, np.nextafter(vals, np.float32(0)), vals))
+    block = np.concatenate([[top], vals]).astype(np.float32)
+    block *= np.where(rng.random(8) < 0.5, -1, 1).astype(np.float32)
+    return rng.permutation(block)
+
+
+def exact_r_block(rng: np.random.Generator) -> np.ndarray:
+    """One block whose normalised magnitudes r = fl(|x| * INV_SCALE[q]) land exactly
+    on a level F[k] or midpoint M[k], or one ulp beside it (where such an x exists)."""
+    q = int(rng.integers(1, 254))
+    top = np.nextafter(fmt.THRESHOLD[q + 1], np.float32(0))  # q_max of the block is q
+    targets = np.concatenate([fmt.LEVEL_FRACTION[1:15], fmt.MIDPOINT[:15]])
+    r = targets[rng.integers(0, targets.size, 7)]
+    step = rng.integers(-1, 2, 7)
+    r = np.where(step > 0, np.nextafter(r, np.float32(np.inf)),
+                 np.where(step < 0, np.nextafter(r, np.float32(0)), r)).astype(np.float32)
+    x0 = (r.astype(np.float64) * float(fmt.SCALE[q])).astype(np.float32)  # (7,)
+    cand = x0.view(np.int32)[:, None] + np.arange(-4, 5, dtype=np.int32)  # (7, 9) ulps
+    cand = cand.view(np.float32)
+    hit = (cand * fmt.INV_SCALE[q]) == r[:, None]  # float32 product, as the kernels
+    pick = np.where(hit.any(axis=1), hit.argmax(axis=1), 4)
+    vals = cand[np.arange(7), pick]
+    block = np.concatenate([[top], vals]).astype(np.float32)
+    block *= np.where(rng.random(8) < 0.5, -1, 1).astype(np.float32)
+    return rng.permutation(block)
+
+
+def stochastic_tie_values(key_seed: int, offset: int, nb: int, rng) -> np.ndarray:
+    """nb blocks in which every element is an exact stochastic-rounding tie,
+    fl(u * STEP[k]) == fl(r - F[k]), for the hash of its global index."""
+    q = rng.integers(1, 254, nb)  # (nb,)
+    top_idx = rng.integers(0, 8, nb)
+    index = offset + np.arange(nb * 8, dtype=np.uint64)
+    u = fmt.uniform24(fmt.stream_key(key_seed), index).astype(np.float32) * np.float32(2.0**-24)
+    u = u.reshape(nb, 8)
+    k = rng.integers(1, 14, (nb, 8))
+    d = u * fmt.LEVEL_STEP[k]  # float32
+    r = fmt.LEVEL_FRACTION[k] + d  # float32; a tie when r - F[k] == d exactly
+    inv = fmt.INV_SCALE[q][:, None]
+    x0 = (r.astype(np.float64) * fmt.SCALE[q][:, None].astype(np.float64)).astype(np.float32)
+    cand = (x0.view(np.int32)[..., None] + np.arange(-4, 5, dtype=np.int32)).view(np.float32)
+    hit = (cand * inv[..., None]) == r[..., None]  # (nb, 8, 9)
+    pick = np.where(hit.any(axis=2), hit.argmax(axis=2), 4)
+    x = np.take_along_axis(cand, pick[..., None], axis=2)[..., 0]  # (nb, 8)
+    x[np.arange(nb), top_idx] = np.nextafter(fmt.THRESHOLD[q + 1], np.float32(0))
+    return x.reshape(-1)
+
+
+def scribble_tail(payloads: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Random signs and codes for the padding elements (>= n) of the last block,
+    which every consumer must ignore."""
+    payloads = payloads.copy()
+    if n % 8 and payloads.size:
+        last = payloads.reshape(payloads.shape[0], -1, 6)[:, -1]  # (k, 6) view
+        pad = np.uint32(((1 << 32) - 1) ^ ((1 << (4 * (n % 8))) - 1))  # nibbles >= n % 8
+        word = last[:, 2:].copy().view(np.uint32)[:, 0]
+        word = (word & ~pad) | (rng.integers(0, 2**32, word.size, dtype=np.uint64)
+                                .astype(np.uint32) & pad)
+        last[:, 2:] = word.view(np.uint8).reshape(-1, 4)
+        last[:, 1] |= np.uint8((0xFF << (n % 8)) & 0xFF)
+    return payloads
+
+
+def random_values(rng: np.random.Generator, n: int, stochastic: bool = False,
+                  specials: bool = True) -> np.ndarray:
+    """n float32 values: blocks of random scale across (and beyond) the format's
+    range, boundary blocks, threshold maxima and sprinkled special values."""
+    nb = fmt.num_blocks(n)
+    scale = np.exp(rng.uniform(-55.0, 55.0, nb)).astype(np.float32)  # (nb,)
+    x = (rng.standard_normal((nb, 8)) * scale[:, None]).astype(np.float32)  # (nb, 8)
+    x[rng.random((nb, 8)) < 0.05] = 0.0
+    for b in np.flatnonzero(rng.random(nb) < 0.2):
+        x[b] = boundary_block(rng, stochastic)
+    for b in np.flatnonzero(rng.random(nb) < 0.2):
+        x[b] = exact_r_block(rng)
+    for b in np.flatnonzero(rng.random(nb) < 0.1):  # maxima on T[q] or one ulp off
+        t = fmt.THRESHOLD[int(rng.integers(1, 255))]
+        x[b] = np.minimum(np.abs(x[b]), t) * np.sign(x[b])
+        x[b, rng.integers(0, 8)] = [np.nextafter(t, np.float32(0)), t,
+                                    np.nextafter(t, np.float32(np.inf))][rng.integers(0, 3)]
+    x = x.reshape(-1)[:n].copy()
+    if specials and n:
+        sp = special_values()
+        where = rng.random(n) < 0.01
+        x[where] = sp[rng.integers(0, sp.size, int(where.sum()))]
+    return x
+
+
+def to_kind(x: np.ndarray, kind: str) -> np.ndarray:
+    """float32 values as the kernel input of ``kind`` (float16/bfloat16: uint16 bits)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if kind == "float16":
+            return x.astype(np.float16).view(np.uint16)
+        if kind == "bfloat16":
+            return (x.view(np.uint32) >> np.uint32(16)).astype(np.uint16)  # truncation
+    return x
+
+
+def from_kind(bits: np.ndarray, kind: str) -> np.ndarray:
+    """The exact float32 values of a kernel input (what the oracle encodes)."""
+    if kind == "float16":
+        return bits.view(np.float16).astype(np.float32)
+    if kind == "bfloat16":
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return bits
+
+
+def bf16_reference(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits as cpu._store_bf16: nearest even, NaN -> 0x7FC0 | sign."""
+    bits = x.view(np.uint32).astype(np.uint64)
+    rne = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    return np.where(nan, (bits >> 16) | 0x40, rne).astype(np.uint16)
+
+
+def f16_reference(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return x.astype(np.float16).view(np.uint16)
+
+
+def random_payloads(rng: np.random.Generator, k: int, n: int, nan_blocks: bool = True):
+    """k encoded payloads (k, 6 * ceil(n / 8)) of random data."""
+    rows = [oracle.encode(random_values(rng, n, specials=nan_blocks)) for _ in range(k)]
+    return np.stack(rows) if rows else np.zeros((0, fmt.encoded_nbytes(n)), np.uint8)
+
+
+def assert_bits_equal(got: np.ndarray, want: np.ndarray, what: str):
+    """Compare two arrays bit for bit (floats through their bit patterns)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    if got.dtype == np.float32:
+        got, want = got.view(np.uint32), want.view(np.uint32)
+    bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
+    if bad.size:
+        i = int(bad[0])
+        raise AssertionError(f"{what}: {bad.size} mismatches, first at {i}: "
+                             f"got {got.reshape(-1)[i]:#x} want {want.reshape(-1)[i]:#x}")
+
+
+# ---------------------------------------------------------------- the driver
+class HostCheck:
+    """Run tests/native/host_check on arrays through files in a scratch folder."""
+
+    def __init__(self, exe: Path, folder: Path):
+        self.exe, self.folder = exe, folder
+        self.tables = folder / "tables.bin"
+        fmt.packed_tables().tofile(self.tables)
+        self._count = itertools.count()
+
+    def _dir(self) -> Path:
+        d = self.folder / f"call{next(self._count)}"
+        d.mkdir()
+        return d
+
+    def _run(self, *args):
+        proc = subprocess.run([str(self.exe), *map(str, args)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
+    def encode(self, x, kind, stochastic, seed, offset, residual, shift):
+        d = self._dir()
+        x.tofile(d / "x")
+        res_in = "-"
+        if residual is not None:
+            residual.tofile(d / "res")
+            res_in = d / "res"
+        self._run("encode", self.tables, KINDS[kind], x.size, d / "x", int(stochastic),
+                  fmt.stream_key(seed), offset, res_in, d / "out", d / "res_out", shift)
+        res = None if residual is None else np.fromfile(d / "res_out", np.float32)
+        return np.fromfile(d / "out", np.uint8), res
+
+    def decode(self, payload, n, kind, shift):
+        d = self._dir()
+        payload.tofile(d / "p")
+        self._run("decode", self.tables, KINDS[kind], n, d / "p", d / "out", shift)
+        return np.fromfile(d / "out", np.float32 if kind == "float32" else np.uint16)
+
+    def accumulate(self, payloads, n, out, scale, shift):
+        d = self._dir()
+        payloads.tofile(d / "p")
+        out.tofile(d / "o")
+        scale_bits = int(np.float32(scale).view(np.uint32))
+        self._run("accumulate", self.tables, payloads.shape[0], n, d / "p", d / "o",
+                  scale_bits, d / "out", shift)
+        return np.fromfile(d / "out", np.float32)
+
+    def reduce(self, payloads, n, scale, stochastic, seed, offset, residual, shift):
+        d = self._dir()
+        payloads.tofile(d / "p")
+        res_in = "-"
+        if residual is not None:
+            residual.tofile(d / "res")
+            res_in = d / "res"
+        scale_bits = int(np.float32(scale).view(np.uint32))
+        self._run("reduce", self.tables, payloads.shape[0], n, d / "p", scale_bits,
+                  int(stochastic), fmt.stream_key(seed), offset, res_in, d / "out",
+                  d / "res_out", shift)
+        res = None if residual is None else np.fromfile(d / "res_out", np.float32)
+        return np.fromfile(d / "out", np.uint8), res
+
+    def convert(self, f32, u16):
+        d = self._dir()
+        f32.tofile(d / "f")
+        u16.tofile(d / "h")
+        self._run("convert", d / "f", d / "h", d / "a", d / "b", d / "c", d / "e")
+        return (np.fromfile(d / "a", np.uint16), np.fromfile(d / "b", np.uint16),
+                np.fromfile(d / "c", np.float32), np.fromfile(d / "e", np.float32))
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory) -> HostCheck:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH")
+    folder = tmp_path_factory.mktemp("host_check")
+    exe = folder / "host_check"
+    # No -ffast-math: the host path relies on plain IEEE float32 operations.
+    cmd = [nvcc, "-x", "cu", "-std=c++17", "-O2", "-Xcompiler", "-fno-strict-aliasing",
+           "-I", str(NATIVE), str(DRIVER), "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    return HostCheck(exe, folder)
+
+
+# ---------------------------------------------------------------- tests
+def test_native_sources_are_nvrtc_friendly():
+    """NVRTC has no standard headers: the kernel sources include only squinch.cuh."""
+    for name in ("squinch.cu", "squinch.cuh"):
+        includes = re.findall(r'^\s*#\s*include\s*(\S+)', (NATIVE / name).read_text(), re.M)
+        assert all(inc == '"squinch.cuh"' for inc in includes), (name, includes)
+
+
+def test_packed_table_layout_matches_header():
+    text = (NATIVE / "squinch.cuh").read_text()
+    offsets = dict(re.findall(r"(kTab\w+) = (\d+)", text))
+    assert int(offsets["kTabSize"]) == fmt.packed_tables().size
+    assert int(offsets["kTabF"]) == 3 * 256 and int(offsets["kTabStep"]) == 3 * 256 + 32
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shift", [0, 1], ids=["aligned", "misaligned"])
+def test_encode_float32(host, n, stochastic, with_residual, shift):
+    rng = np.random.default_rng([n, int(stochastic), int(with_residual), shift])
+    x = random_values(rng, n, stochastic)
+    residual = None
+    if with_residual:
+        residual = (random_values(rng, n, specials=False) * np.float32(1e-3)).astype(np.float32)
+        residual[: min(n, 3)] = [np.nan, np.inf, -0.0][: min(n, 3)]
+    seed = int(rng.integers(0, 2**63)) * 2 + 1
+    offset = OFFSETS[n % len(OFFSETS)]
+    got, got_res = host.encode(x, "float32", stochastic, seed, offset,
+                               None if residual is None else residual.copy(), shift)
+    want_res = None if residual is None else residual.copy()
+    want = oracle.encode(x, "stochastic" if stochastic else "nearest", seed, offset, want_res)
+    assert_bits_equal(got, want, "payload")
+    if residual is not None:
+        assert_bits_equal(got_res, want_res, "residual")
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_encode_float32_large(host, stochastic):
+    n = (1 << 20) + 3
+    rng = np.random.default_rng(7)
+    x = random_values(rng, n, stochastic)
+    got, _ = host.encode(x, "float32", stochastic, 2**64 - 1, 99, None, 0)
+    want = oracle.encode(x, "stochastic" if stochastic else "nearest", 2**64 - 1, 99)
+    assert_bits_equal(got, want, "payload")
+
+
+@pytest.mark.parametrize("offset", [0, 2**32 - 8])
+def test_encode_stochastic_ties(host, offset):
+    """Exact ties u * STEP[k] == r - F[k] round down (the comparison is strict)."""
+    rng = np.random.default_rng(offset % 1000)
+    x = stochastic_tie_values(21, offset, 2000, rng)
+    got, _ = host.encode(x, "float32", True, 21, offset, None, 0)
+    want = oracle.encode(x, "stochastic", 21, offset)
+    assert_bits_equal(got, want, "payload")
+    # The construction must really produce ties, or this test proves nothing.
+    q = want.reshape(-1, 6)[:, 0].astype(np.intp)
+    r = np.abs(x.reshape(-1, 8)) * fmt.INV_SCALE[q][:, None]
+    k = np.searchsorted(fmt.LEVEL_FRACTION, r, side="right") - 1
+    u = fmt.uniform24(fmt.stream_key(21), offset + np.arange(x.size, dtype=np.uint64))
+    u = (u.astype(np.float32) * np.float32(2.0**-24)).reshape(-1, 8)
+    kc = np.minimum(k, 14)
+    ties = (u * fmt.LEVEL_STEP[kc]) == (r - fmt.LEVEL_FRACTION[kc])
+    assert ties.sum() > 1000
+
+
+@pytest.mark.parametrize("kind", ["float16", "bfloat16"])
+@pytest.mark.parametrize("n", [1, 9, 1000, 65536 + 5])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shift", [0, 1], ids=["aligned", "misaligned"])
+def test_encode_half_inputs(host, kind, n, stochastic, with_residual, shift):
+    rng = np.random.default_rng([n, int(stochastic), int(with_residual), shift, len(kind)])
+    if n > 65536:  # every bit pattern (NaNs, Infs, subnormals included), then random
+        bits = np.concatenate([np.arange(65536), rng.integers(0, 65536, n - 65536)])
+        bits = rng.permutation(bits).astype(np.uint16)
+    else:
+        bits = to_kind(random_values(rng, n, stochastic), kind)
+    residual = (rng.standard_normal(n) * 1e-3).astype(np.float32) if with_residual else None
+    got, got_res = host.encode(bits, kind, stochastic, 5, 17,
+                               None if residual is None else residual.copy(), shift)
+    want_res = None if residual is None else residual.copy()
+    want = oracle.encode(from_kind(bits, kind), "stochastic" if stochastic else "nearest",
+                         5, 17, want_res)
+    assert_bits_equal(got, want, "payload")
+    if residual is not None:
+        assert_bits_equal(got_res, want_res, "residual")
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("shift", [0, 1], ids=["aligned", "misaligned"])
+def test_decode(host, n, kind, shift):
+    rng = np.random.default_rng([n, len(kind), shift])
+    payload = scribble_tail(oracle.encode(random_values(rng, n))[None], n, rng)[0]
+    # Arbitrary bytes are valid payloads too (q = 255 with stray signs/codes included).
+    garbage = rng.integers(0, 256, payload.size).astype(np.uint8)
+    for p in (payload, garbage):
+        got = host.decode(p, n, kind, shift)
+        ref = oracle.decode(p, n)
+        want = {"float32": ref, "float16": f16_reference(ref),
+                "bfloat16": bf16_reference(ref)}[kind]
+        assert_bits_equal(got, want, f"decode {kind}")
+
+
+def test_decode_every_level(host):
+    """All 255 x 16 x 2 decoded values plus NaN, through every output kind."""
+    q, c, s = np.meshgrid(np.arange(256), np.arange(16), np.arange(2), indexing="ij")
+    q, c, s = q.reshape(-1, 8), c.reshape(-1, 8), s.reshape(-1, 8)  # one q per block
+    payload = np.zeros((q.shape[0], 6), np.uint8)
+    payload[:, 0] = q[:, 0]
+    payload[:, 1] = (s << np.arange(8)).sum(axis=1)
+    payload[:, 2:] = c[:, 0::2] | (c[:, 1::2] << 4)
+    payload = payload.reshape(-1)
+    n = q.size
+    ref = oracle.decode(payload, n)
+    assert_bits_equal(host.decode(payload, n, "float32", 0), ref, "float32")
+    assert_bits_equal(host.decode(payload, n, "float16", 0), f16_reference(ref), "float16")
+    assert_bits_equal(host.decode(payload, n, "bfloat16", 0), bf16_reference(ref), "bfloat16")
+
+
+@pytest.mark.parametrize("n", [1, 7, 9, 1000])
+@pytest.mark.parametrize("k", [0, 1, 3])
+@pytest.mark.parametrize("scale", [1.0, 0.25, 1 / 3, -2.0, 1e-35, 0.0])
+@pytest.mark.parametrize("shift", [0, 1], ids=["aligned", "misaligned"])
+def test_decode_accumulate(host, n, k, scale, shift):
+    rng = np.random.default_rng([n, k, shift, int(abs(scale) * 1000)])
+    payloads = scribble_tail(random_payloads(rng, k, n), n, rng)
+    out = random_values(rng, n, specials=False)
+    out[: min(n, 2)] = [-0.0, 1e-42][: min(n, 2)]
+    got = host.accumulate(payloads, n, out.copy(), scale, shift)
+    want = oracle.decode_accumulate(payloads, n, out.copy(), scale)
+    assert_bits_equal(got, want, "decode_accumulate")
+
+
+def test_decode_accumulate_nan_bits(host):
+    """NaN results carry the bits NumPy gives on x86 (the kernels emulate it)."""
+    n = 64
+    rng = np.random.default_rng(3)
+    finite = random_payloads(rng, 2, n, nan_blocks=False)
+    out = rng.standard_normal(n).astype(np.float32)
+    nan_bits = np.array([0x7FC00000, 0xFFC00000, 0x7FA00001, 0xFFE12345], np.uint32)
+    out[::5] = nan_bits[np.arange(out[::5].size) % 4].view(np.float32)
+    out[1::7] = np.inf
+    for scale in (1.0, -1.0, np.inf, -np.inf):  # inf * 0 and inf - inf: default NaN
+        with np.errstate(invalid="ignore", over="ignore"):
+            want = oracle.decode_accumulate(finite, n, out.copy(), scale)
+        assert_bits_equal(host.accumulate(finite, n, out.copy(), scale, 0), want,
+                          f"scale {scale}")
+    # NaN blocks into a finite out.
+    with_nan = finite.copy()
+    with_nan[1, 0::12] = 255
+    out = rng.standard_normal(n).astype(np.float32)
+    want = oracle.decode_accumulate(with_nan, n, out.copy(), 0.5)
+    assert_bits_equal(host.accumulate(with_nan, n, out.copy(), 0.5, 1), want, "NaN blocks")
+
+
+@pytest.mark.parametrize("n", [1, 8, 9, 1000, 4099])
+@pytest.mark.parametrize("k", [0, 1, 4])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shift", [0, 1], ids=["aligned", "misaligned"])
+def test_reduce_encode(host, n, k, stochastic, with_residual, shift):
+    rng = np.random.default_rng([n, k, int(stochastic), int(with_residual), shift])
+    payloads = scribble_tail(random_payloads(rng, k, n), n, rng)
+    scale = [1.0, -0.25, 1 / 3][n % 3]
+    residual = None
+    if with_residual:
+        residual = (rng.standard_normal(n) * 1e-2).astype(np.float32)
+        residual[:1] = np.nan
+    offset = OFFSETS[n % len(OFFSETS)]
+    got, got_res = host.reduce(payloads, n, scale, stochastic, 11, offset,
+                               None if residual is None else residual.copy(), shift)
+    want_res = None if residual is None else residual.copy()
+    want = oracle.reduce_encode(payloads, n, scale, "stochastic" if stochastic else "nearest",
+                                11, offset, want_res)
+    assert_bits_equal(got, want, "payload")
+    if residual is not None:
+        assert_bits_equal(got_res, want_res, "residual")
+
+
+def test_conversions(host):
+    """f32 -> f16 / bf16 on random bits and edge cases; f16 / bf16 -> f32 on all 65536."""
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2**32, 400_000, dtype=np.uint64).astype(np.uint32)
+    # Concentrate on the half-precision range: subnormals, rounding ties, overflow.
+    near = (rng.integers(0x32800000, 0x47900000, 400_000, dtype=np.uint64)
+            .astype(np.uint32) & ~np.uint32(rng.integers(0, 2, 400_000) * 0xFFF))
+    edges = np.array([0x33000000, 0x33000001, 0x387FE000, 0x387FF000, 0x38800000,
+                      0x477FE000, 0x477FEFFF, 0x477FF000, 0x7F800000, 0x7FC00000,
+                      0x00000001, 0x80000000, 0x7F7FFFFF, 0x3F808000, 0x3F818000], np.uint32)
+    f = np.concatenate([bits, near, near | np.uint32(0x80000000), edges])
+    nan = (f & 0x7FFFFFFF) > 0x7F800000
+    f[nan] |= np.uint32(0x00400000)  # quiet NaNs: signalling ones differ between NumPy paths
+    f = f.view(np.float32)
+    h = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    to_f16, to_bf16, from_f16, from_bf16 = host.convert(f, h)
+    assert_bits_equal(to_f16, f16_reference(f), "f32 -> f16")
+    assert_bits_equal(to_bf16, bf16_reference(f), "f32 -> bf16")
+    hnan = (h & 0x7FFF) > 0x7C00
+    want_f16 = h.view(np.float16).astype(np.float32)
+    assert_bits_equal(from_f16[~hnan], want_f16[~hnan], "f16 -> f32")
+    assert np.isnan(from_f16[hnan]).all()
+    assert_bits_equal(from_bf16, from_kind(h, "bfloat16"), "bf16 -> f32")
