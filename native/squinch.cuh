@@ -57,7 +57,6 @@ enum : int { kKindF32 = 0, kKindF16 = 1, kKindBF16 = 2 };
 constexpr u32 kAbsMask = 0x7FFFFFFFu;
 constexpr u32 kInfBits = 0x7F800000u;
 constexpr u32 kCanonicalNan = 0x7FC00000u;  // every backend decodes NaN blocks to this
-constexpr u32 kX86DefaultNan = 0xFFC00000u;  // what x86 SSE returns for inf - inf, 0 * inf
 constexpr float kU24 = 5.9604644775390625e-08f;  // 2^-24
 // q ~ 129 + 6 ln2 * log2(m), with log2(m) ~ bits(m) / 2^23 - 127 (format, cpu._block_q).
 constexpr float kQBias = -399.17815158667827f;
@@ -115,19 +114,10 @@ SQ_HD float fsub(float a, float b) {
 
 SQ_HD bool is_nan(float f) { return (f2u(f) & kAbsMask) > kInfBits; }
 
-/// Give a NaN result the bits NumPy/Numba produce on x86: the NaN operand,
-/// quieted (the first one if both are NaN), or the default NaN 0xFFC00000 for
-/// an invalid operation. The GPU always returns 0x7FFFFFFF, which would make
-/// decode_accumulate differ from the oracle in the NaN bits.
-SQ_HD float x86_nan(float r, float a, float b) {
-  if (!is_nan(r)) return r;
-  if (is_nan(a)) return u2f(f2u(a) | 0x00400000u);
-  if (is_nan(b)) return u2f(f2u(b) | 0x00400000u);
-  return u2f(kX86DefaultNan);
-}
-
-SQ_HD float fadd_x86(float a, float b) { return x86_nan(fadd(a, b), a, b); }
-SQ_HD float fmul_x86(float a, float b) { return x86_nan(fmul(a, b), a, b); }
+/// Every NaN result is written as the canonical NaN (FORMAT.md): hardware
+/// NaN propagation differs (CPUs keep the operand's payload, GPUs return
+/// 0x7FFFFFFF), so the format fixes the bits instead of inheriting them.
+SQ_HD float canonical(float r) { return is_nan(r) ? u2f(kCanonicalNan) : r; }
 
 // ------------------------------------------------------------------ rounding hash
 /// The 'lowbias32' finaliser (format._mix32), in 32-bit arithmetic.
@@ -474,7 +464,7 @@ SQ_HD void reduce_block(const u8* P, int k, u64 stride, u64 b, const float* tab,
     float d[8];
     decode_block(load_block(P + stride * static_cast<u64>(s), b, even), tab, d);
     SQ_UNROLL
-    for (int j = 0; j < kBlock; ++j) acc[j] = fadd_x86(acc[j], d[j]);
+    for (int j = 0; j < kBlock; ++j) acc[j] = fadd(acc[j], d[j]);
   }
 }
 
@@ -485,7 +475,7 @@ SQ_HD void accumulate_step(const u8* P, int k, u64 stride, u64 n, u64 b, float* 
   reduce_block(P, k, stride, b, tab, even, acc);
   load_f32x8(out, n, b, vec, o);
   SQ_UNROLL
-  for (int j = 0; j < kBlock; ++j) o[j] = fadd_x86(o[j], fmul_x86(acc[j], scale));
+  for (int j = 0; j < kBlock; ++j) o[j] = canonical(fadd(o[j], fmul(acc[j], scale)));
   store_f32x8(out, n, b, vec, o);
 }
 

@@ -248,7 +248,7 @@ def test_decode_accumulate(cp, cuda, n, k, scale):
 
 @pytest.mark.gpu
 def test_decode_accumulate_nan_bits(cp, cuda):
-    """NaN results carry NumPy's (x86) bits, not the GPU's 0x7FFFFFFF."""
+    """NaN results are the canonical 0x7FC00000, not the GPU's 0x7FFFFFFF."""
     n = 64
     rng = np.random.default_rng(3)
     finite = data.random_payloads(rng, 2, n, nan_blocks=False)

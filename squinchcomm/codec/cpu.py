@@ -313,7 +313,8 @@ def _decode_accumulate_kernel(P, n, out, scale):
         _reduce_chunk(P, b0, nbc, acc)
         base = 8 * b0
         for i in range(min(n - base, 8 * nbc)):
-            out[base + i] += acc[i] * scale
+            v = out[base + i] + acc[i] * scale
+            out[base + i] = v if v == v else _bits_f32(_NAN)  # NaN results are canonical
 
 
 @njit(parallel=True, cache=True, nogil=True)

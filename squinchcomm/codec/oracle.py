@@ -120,8 +120,12 @@ def _reduce(payloads: np.ndarray, n: int, scale: float) -> np.ndarray:
 
 def decode_accumulate(payloads: np.ndarray, n: int, out: np.ndarray,
                       scale: float = 1.0) -> np.ndarray:
-    """``out += scale * sum_k decode(payloads[k])`` in float32, in payload order."""
-    out[:] = out + _reduce(payloads, n, scale)[:n]
+    """``out += scale * sum_k decode(payloads[k])`` in float32, in payload order;
+    NaN results are written as the canonical NaN."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        result = out + _reduce(payloads, n, scale)[:n]
+    result.view(np.uint32)[np.isnan(result)] = fmt.CANONICAL_NAN_BITS
+    out[:] = result
     return out
 
 
