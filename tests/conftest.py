@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 
-def special_values(rng: np.random.Generator, n: int) -> np.ndarray:
+def mixed_values(rng: np.random.Generator, n: int) -> np.ndarray:
     """float32 data over the whole range, with zero blocks, -0.0, subnormals,
     huge (saturating) values and a few NaN/Inf blocks sprinkled in."""
     x = (rng.standard_normal(n) * np.exp(rng.uniform(-60, 40, n))).astype(np.float32)

@@ -7,7 +7,7 @@ import zlib
 
 from squinchcomm import codec
 from squinchcomm.codec import encoded_nbytes
-from conftest import special_values
+from conftest import mixed_values
 
 SIZES = [0, 1, 5, 7, 8, 9, 15, 16, 17, 63, 64, 65, 1000, 4095, 16384, 16391, 2048 * 8 * 3 + 5]
 ROUNDINGS = ["nearest", "stochastic"]
@@ -26,7 +26,7 @@ def _same_bits(a, b):
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_encode_decode_numba_equals_oracle(n, rounding):
-    x = special_values(_rng(n, rounding), n)
+    x = mixed_values(_rng(n, rounding), n)
     p_fast = codec.encode(x, rounding=rounding, seed=n + 3, offset=11, backend="numba")
     p_ref = codec.encode(x, rounding=rounding, seed=n + 3, offset=11, backend="oracle")
     _same_bits(p_fast, p_ref)
@@ -40,7 +40,7 @@ def test_encode_decode_numba_equals_oracle(n, rounding):
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_error_feedback_numba_equals_oracle(n, rounding):
     rng = _rng("ef", n, rounding)
-    x = special_values(rng, n)
+    x = mixed_values(rng, n)
     r_fast = rng.standard_normal(n).astype(np.float32)
     r_ref = r_fast.copy()
     p_fast = codec.encode(x, rounding=rounding, seed=5, residual=r_fast, backend="numba")
@@ -54,7 +54,7 @@ def test_error_feedback_numba_equals_oracle(n, rounding):
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_reduce_numba_equals_oracle(n, k, rounding):
     rng = _rng("reduce", n, k, rounding)
-    payloads = np.stack([codec.encode(special_values(rng, n)) for _ in range(k)])
+    payloads = np.stack([codec.encode(mixed_values(rng, n)) for _ in range(k)])
     acc_fast = rng.standard_normal(n).astype(np.float32)
     acc_ref = acc_fast.copy()
     codec.decode_accumulate(payloads, n, acc_fast, scale=1 / k, backend="numba")
@@ -94,7 +94,7 @@ def test_list_of_payloads_equals_stack():
 
 def test_float16_input_equals_float32_input():
     with np.errstate(over="ignore"):  # huge values become fp16 inf: a NaN/Inf block
-        x16 = special_values(_rng("f16"), 4099).astype(np.float16)
+        x16 = mixed_values(_rng("f16"), 4099).astype(np.float16)
     for backend in ("numba", "oracle"):
         _same_bits(codec.encode(x16, backend=backend), codec.encode(x16.astype(np.float32)))
 
@@ -136,7 +136,7 @@ torch = pytest.importorskip("torch")
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_torch_cpu_tensors_zero_copy(dtype):
-    x = torch.from_numpy(special_values(_rng("torch", dtype), 3001)).to(getattr(torch, dtype))
+    x = torch.from_numpy(mixed_values(_rng("torch", dtype), 3001)).to(getattr(torch, dtype))
     payload = codec.encode(x)
     assert isinstance(payload, torch.Tensor) and payload.dtype == torch.uint8
     ref = codec.encode(x.float().numpy(), backend="oracle")  # fp16/bf16 -> fp32 is exact

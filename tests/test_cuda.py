@@ -10,7 +10,6 @@ tests/test_native_host.py, which runs the same per-block code on the CPU.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -23,18 +22,8 @@ from squinchcomm.codec import format as fmt
 from squinchcomm.codec import oracle
 
 
-def _load_test_data():
-    """Import the data helpers of test_native_host.py by path (whatever the
-    pytest import mode, and without collecting its tests twice)."""
-    path = Path(__file__).with_name("test_native_host.py")
-    spec = importlib.util.spec_from_file_location("_squinch_host_test_data", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-data = _load_test_data()
-assert_bits_equal = data.assert_bits_equal
+import squinch_data as data
+from squinch_data import assert_bits_equal
 SIZES = [0, 1, 7, 8, 9, 1000, (1 << 20) + 3]
 OFFSETS = [0, 12345, 2**32 - 5, 2**64 - 20]
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN/Inf inputs
@@ -211,14 +200,7 @@ def test_decode(cp, cuda, n, kind, shift):
 @pytest.mark.parametrize("kind", ["float32", "float16", "bfloat16"])
 def test_decode_every_level(cp, cuda, kind):
     """All 255 x 16 x 2 decoded values plus NaN blocks."""
-    q, c, s = np.meshgrid(np.arange(256), np.arange(16), np.arange(2), indexing="ij")
-    q, c, s = q.reshape(-1, 8), c.reshape(-1, 8), s.reshape(-1, 8)  # one q per block
-    payload = np.zeros((q.shape[0], 6), np.uint8)
-    payload[:, 0] = q[:, 0]
-    payload[:, 1] = (s << np.arange(8)).sum(axis=1)
-    payload[:, 2:] = c[:, 0::2] | (c[:, 1::2] << 4)
-    payload = payload.reshape(-1)
-    n = q.size
+    payload, n = data.every_level_payload()
     assert_bits_equal(run_decode(cp, cuda, payload, n, kind),
                       _decode_reference(payload, n, kind), kind)
 
