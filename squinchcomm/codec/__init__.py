@@ -3,6 +3,8 @@
 Functions take NumPy arrays (Numba kernels), CuPy arrays (CUDA kernels) or
 torch tensors on the CPU or a CUDA device (zero-copy through the first two),
 in float32, float16 or bfloat16, and return the same kind of array. The
+comparison codecs (fp16/bf16 casts, int8/int4 block absmax) are in
+:mod:`squinchcomm.codec.baselines`. The
 NumPy oracle (``backend="oracle"``) is the readable specification; every
 backend produces identical bytes and floats.
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from squinchcomm import config
-from squinchcomm.codec import _arrays, oracle
+from squinchcomm.codec import _arrays, baselines, oracle
 from squinchcomm.codec.format import BLOCK, BLOCK_BYTES, encoded_nbytes
 from squinchcomm.errors import require
 
@@ -37,6 +39,7 @@ __all__ = [
     "BLOCK_BYTES",
     "ROUNDINGS",
     "BACKENDS",
+    "baselines",
 ]
 
 ROUNDINGS = ("nearest", "stochastic")
