@@ -5,28 +5,90 @@ Constructor and function arguments always win; these are only the defaults.
 | variable | meaning | default |
 |---|---|---|
 | SQUINCHCOMM_CODEC_BACKEND | host codec backend: ``numba`` or ``oracle`` | ``numba`` |
+| SQUINCHCOMM_TIMEOUT | seconds a collective may wait for peers before TransportError | 300 |
+| SQUINCHCOMM_MPI_CUDA_AWARE | hand GPU buffers to MPI directly (CUDA-aware MPI only) | 0 |
+| SQUINCHCOMM_COMPRESSION | default compression: ``none``, ``fp16``, ``bf16``, ``squinch`` | ``squinch`` |
+| SQUINCHCOMM_ROUNDING | Squinch rounding: ``nearest`` or ``stochastic`` | ``nearest`` |
+| SQUINCHCOMM_ERROR_FEEDBACK | error feedback for named allreduces: 0 or 1 | 0 |
+| SQUINCHCOMM_MIN_COMPRESS_BYTES | tensors smaller than this go uncompressed | 65536 |
+| SQUINCHCOMM_CHECK_METADATA | check shapes/dtypes/names agree across ranks: 0 or 1 | 1 |
+| SQUINCHCOMM_HIERARCHICAL | reduce inside a node uncompressed, compress across nodes: 0 or 1 | 0 |
+| SQUINCHCOMM_NODE_SIZE | ranks per node for hierarchical mode (0: detect) | 0 |
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["PREFIX", "env_choice", "codec_backend"]
+__all__ = ["PREFIX", "env_choice", "env_float", "env_int", "env_bool", "codec_backend",
+           "timeout", "mpi_cuda_aware"]
 
 PREFIX = "SQUINCHCOMM_"
 
 
+def _raw(name: str) -> str | None:
+    raw = os.environ.get(PREFIX + name)
+    return None if raw is None or raw.strip() == "" else raw.strip()
+
+
 def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
     """Read ``SQUINCHCOMM_<name>``; raise ValueError naming the choices if it is not one."""
-    raw = os.environ.get(PREFIX + name)
-    if raw is None or raw == "":
+    raw = _raw(name)
+    if raw is None:
         return default
-    value = raw.strip().lower()
+    value = raw.lower()
     if value not in choices:
         raise ValueError(f"{PREFIX}{name}={raw!r} is not one of {', '.join(choices)}")
     return value
 
 
+def env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    """Read a number >= ``minimum``; ValueError naming the variable otherwise."""
+    raw = _raw(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= minimum:
+        raise ValueError(f"{PREFIX}{name}={raw!r} must be a number >= {minimum:g}")
+    return value
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """Read an integer >= ``minimum``; ValueError naming the variable otherwise."""
+    raw = _raw(name)
+    if raw is None:
+        return default
+    if not raw.lstrip("-").isdigit() or int(raw) < minimum:
+        raise ValueError(f"{PREFIX}{name}={raw!r} must be an integer >= {minimum}")
+    return int(raw)
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """Read 0/1/true/false/yes/no/on/off."""
+    raw = _raw(name)
+    if raw is None:
+        return default
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{PREFIX}{name}={raw!r} must be 0 or 1")
+
+
 def codec_backend() -> str:
     """The default host codec backend (``SQUINCHCOMM_CODEC_BACKEND``)."""
     return env_choice("CODEC_BACKEND", ("numba", "oracle"), "numba")
+
+
+def timeout() -> float:
+    """Seconds a collective waits for its peers (``SQUINCHCOMM_TIMEOUT``)."""
+    return env_float("TIMEOUT", 300.0, minimum=0.001)
+
+
+def mpi_cuda_aware() -> bool:
+    """Whether MPI may touch GPU memory (``SQUINCHCOMM_MPI_CUDA_AWARE``)."""
+    return env_bool("MPI_CUDA_AWARE", False)

@@ -25,3 +25,12 @@ def mixed_values(rng: np.random.Generator, n: int) -> np.ndarray:
 def rng(request):
     # One stream per test, stable across runs.
     return np.random.default_rng(abs(hash(request.node.name)) % (2 ** 32))
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/mpi runs under mpirun (``--with-mpi``, see tests/test_mpi_suites.py);
+    the plain run does not import MPI for it."""
+    if collection_path.name == "mpi" and collection_path.parent.name == "tests":
+        with_mpi = config.getoption("--with-mpi", default=False)
+        return None if with_mpi else True
+    return None

@@ -226,6 +226,8 @@ def _payload_stack(payloads, n) -> _arrays.Flat:
 
 
 def _out_kind(out) -> str:
+    if isinstance(out, _arrays.Flat):
+        return out.kind
     return _arrays.normalize_dtype(out.dtype)
 
 

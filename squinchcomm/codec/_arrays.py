@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Flat", "KINDS", "flat_input", "flat_buffer", "new_buffer", "wrap", "normalize_dtype",
-           "check_bfloat16_output", "stream_context"]
+__all__ = ["Flat", "KINDS", "flat_input", "flat_buffer", "new_buffer", "wrap", "internal",
+           "normalize_dtype", "check_bfloat16_output", "stream_context"]
 
 KINDS = ("float32", "float16", "bfloat16")
 _BITS_KINDS = ("float16", "bfloat16")
@@ -110,6 +110,10 @@ def _torch_view(t):
 
 
 def _flat(x, name: str, allowed: tuple[str, ...]) -> Flat:
+    if isinstance(x, Flat):  # already adapted (library-internal callers)
+        if x.kind not in allowed:
+            raise ValueError(f"{name} holds {x.kind}; expected {', '.join(allowed)}")
+        return Flat(x.data, x.kind, x.family, x.device, x)  # wrap() hands the Flat back
     family = _family(x)
     _check_contiguous(x, family, name)
     if family == "torch":
@@ -214,3 +218,9 @@ def stream_context(f: Flat) -> contextlib.AbstractContextManager:
         stream = torch.cuda.current_stream(f.device)
         stack.enter_context(cupy.cuda.ExternalStream(stream.cuda_stream, f.device))
     return stack
+
+
+def internal(f: Flat) -> Flat:
+    """The same data as a NumPy/CuPy-family Flat (what library code hands back to
+    the codec: buffers it allocates itself are NumPy or CuPy arrays)."""
+    return Flat(f.data, f.kind, "cupy" if f.on_gpu else "numpy", f.device, None)

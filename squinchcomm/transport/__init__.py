@@ -6,6 +6,7 @@ by the code that asks for them::
 
     from squinchcomm import transport
 
+    tr = transport.MPITransport()                    # imports mpi4py now
     tr = transport.TorchTransport()                  # imports torch now
     tr = transport.get("torch", timeout=60)          # the same, by name
 """
@@ -17,18 +18,19 @@ from typing import Any
 
 from squinchcomm.transport.base import DoneWork, PollingWork, Transport, Work
 
-__all__ = ["Transport", "Work", "DoneWork", "PollingWork", "TorchTransport",
+__all__ = ["Transport", "Work", "DoneWork", "PollingWork", "MPITransport", "TorchTransport",
            "NcclTransport", "init_process_group_from_env", "get"]
 
 # name -> (module, attribute), imported on first access.
 _LAZY = {
+    "MPITransport": ("squinchcomm.transport.mpi", "MPITransport"),
     "TorchTransport": ("squinchcomm.transport.torch_dist", "TorchTransport"),
     "init_process_group_from_env": ("squinchcomm.transport.torch_dist", "init_process_group_from_env"),
     "NcclTransport": ("squinchcomm.transport.nccl", "NcclTransport"),
 }
 
 # get() names -> the class attribute in _LAZY.
-_ENGINES = {"torch": "TorchTransport", "nccl": "NcclTransport"}
+_ENGINES = {"mpi": "MPITransport", "torch": "TorchTransport", "nccl": "NcclTransport"}
 
 
 def __getattr__(name: str) -> Any:
@@ -46,7 +48,7 @@ def get(name: str, **kwargs) -> Transport:
     """Build a transport by engine name, importing its engine only now.
 
     Args:
-        name: ``"torch"`` or ``"nccl"``.
+        name: ``"mpi"``, ``"torch"`` or ``"nccl"``.
         **kwargs: the engine class's constructor arguments.
 
     Returns:

@@ -1,0 +1,143 @@
+"""The transport interface: engines that move bytes, knowing nothing of codecs.
+
+A transport wraps one engine's communicator (an mpi4py communicator, a
+torch.distributed process group, a NCCL communicator). It moves flat,
+contiguous NumPy or CuPy arrays and can sum float arrays (for the
+uncompressed paths); every operation returns a :class:`Work` handle whose
+``wait(timeout)`` raises :class:`~squinchcomm.errors.TransportError` instead
+of hanging when a peer never arrives. The algorithms live in
+:mod:`squinchcomm.collectives`, once, over this interface.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from typing import Any, Callable, Sequence
+
+from squinchcomm.errors import TransportError
+
+__all__ = ["Transport", "Work", "DoneWork", "PollingWork"]
+
+
+class Work(abc.ABC):
+    """A pending operation. Keeps its buffers alive until it completes."""
+
+    @abc.abstractmethod
+    def test(self) -> bool:
+        """Return True once the operation has completed (never blocks)."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until done; raise TransportError after ``timeout`` seconds."""
+
+
+class DoneWork(Work):
+    """An operation that completed when it was issued."""
+
+    def test(self) -> bool:
+        return True
+
+    def wait(self, timeout: float | None = None) -> None:
+        return None
+
+
+class PollingWork(Work):
+    """Wait by polling ``done()`` with a deadline: how engines without a timed
+    wait (MPI requests, CUDA events) get a timeout instead of a hang.
+
+    Args:
+        done: returns True when the operation has completed.
+        what: a description for the error message.
+        keep: objects (buffers) to keep alive until completion.
+        on_done: called once after completion (e.g. copy a staged buffer back).
+    """
+
+    def __init__(self, done: Callable[[], bool], what: str, keep: Sequence[Any] = (),
+                 on_done: Callable[[], None] | None = None):
+        self._done, self._what, self._keep, self._on_done = done, what, keep, on_done
+        self._finished = False
+
+    def test(self) -> bool:
+        if not self._finished and self._done():
+            self._finish()
+        return self._finished
+
+    def wait(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 1e-6
+        while not self.test():
+            if deadline is not None and time.monotonic() > deadline:
+                raise TransportError(
+                    f"{self._what} did not complete within {timeout:g} s: a peer rank died, "
+                    "is stuck, or called a different collective (set the timeout with "
+                    "SQUINCHCOMM_TIMEOUT or timeout=)")
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)  # spin briefly, then back off
+
+    def _finish(self):
+        self._finished = True
+        if self._on_done is not None:
+            self._on_done()
+        self._keep = ()
+
+
+class Transport(abc.ABC):
+    """Moves flat contiguous NumPy/CuPy arrays between the ranks of one group.
+
+    Counts are in elements of the arrays passed; displacements are the prefix
+    sums of the counts (packed layouts only).
+    """
+
+    name: str = "transport"
+    #: True when the engine reads and writes GPU memory itself (NCCL, CUDA-aware MPI).
+    gpu_native: bool = False
+
+    @property
+    @abc.abstractmethod
+    def rank(self) -> int:
+        """This process's rank in the group."""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """The number of ranks in the group."""
+
+    @abc.abstractmethod
+    def alltoallv(self, send, send_counts: Sequence[int], recv,
+                  recv_counts: Sequence[int]) -> Work:
+        """Send ``send[displ[r]:displ[r]+send_counts[r]]`` to rank r, receive
+        rank r's part into ``recv`` at the prefix sum of ``recv_counts``."""
+
+    @abc.abstractmethod
+    def allgatherv(self, send, recv, counts: Sequence[int]) -> Work:
+        """Gather every rank's ``send`` (``counts[r]`` elements) into ``recv`` in rank order."""
+
+    @abc.abstractmethod
+    def allreduce(self, buf) -> Work:
+        """Sum the float array ``buf`` over all ranks, in place."""
+
+    @abc.abstractmethod
+    def broadcast(self, buf, root: int) -> Work:
+        """Copy ``buf`` from ``root`` to every rank, in place."""
+
+    @abc.abstractmethod
+    def barrier(self) -> Work:
+        """Wait for every rank."""
+
+    @abc.abstractmethod
+    def allgather_object(self, obj: Any, timeout: float | None = None) -> list:
+        """Gather a small picklable object from every rank (metadata checks)."""
+
+    @abc.abstractmethod
+    def split(self, color: int, key: int) -> "Transport":
+        """A transport over the ranks that pass the same ``color``, ordered by ``key``."""
+
+    def node_split(self) -> "Transport":
+        """A transport over the ranks on this node (shared-memory split where the
+        engine has one). Defaults to grouping by host name."""
+        import socket
+
+        hosts = self.allgather_object(socket.gethostname())
+        color = sorted(set(hosts)).index(hosts[self.rank])
+        return self.split(color, self.rank)

@@ -1,0 +1,148 @@
+"""MPI transport through mpi4py.
+
+Every operation is MPI's non-blocking collective (Ialltoallv, Iallgatherv,
+Iallreduce, Ibcast, Ibarrier) polled with a deadline, so a rank that never
+arrives gives a TransportError instead of a hang. Data moves as bytes
+(MPI.BYTE) except for sums. GPU (CuPy) buffers go straight to a CUDA-aware
+MPI when ``cuda_aware`` is set (``SQUINCHCOMM_MPI_CUDA_AWARE=1``); otherwise
+they are staged through host memory after synchronizing CuPy's stream.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, Sequence
+
+import numpy as np
+
+from squinchcomm import config
+from squinchcomm.errors import require
+from squinchcomm.transport.base import PollingWork, Transport, Work
+
+__all__ = ["MPITransport"]
+
+
+def _is_gpu(a) -> bool:
+    return type(a).__module__.startswith("cupy")
+
+
+def _displs(counts: Sequence[int]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64) if len(counts) else \
+        np.zeros(0, np.int64)
+
+
+class MPITransport(Transport):
+    """A transport over an mpi4py communicator.
+
+    Args:
+        comm: an mpi4py communicator (default: a duplicate of COMM_WORLD, so the
+            library's traffic never matches the application's).
+        cuda_aware: hand GPU buffers to MPI directly (only with a CUDA-aware MPI
+            build); default from ``SQUINCHCOMM_MPI_CUDA_AWARE``.
+    """
+
+    name = "mpi"
+
+    def __init__(self, comm=None, cuda_aware: bool | None = None):
+        self._mpi = require("mpi4py.MPI", "mpi", "The MPI transport")
+        self.comm = comm if comm is not None else self._mpi.COMM_WORLD.Dup()
+        self.gpu_native = config.mpi_cuda_aware() if cuda_aware is None else bool(cuda_aware)
+        self.timeout = config.timeout()
+
+    @property
+    def rank(self) -> int:
+        return self.comm.Get_rank()
+
+    @property
+    def size(self) -> int:
+        return self.comm.Get_size()
+
+    # ------------------------------------------------------------ staging
+    def _host(self, arr, copy_in: bool):
+        """(host array for MPI, copy-back function or None)."""
+        if not _is_gpu(arr) or self.gpu_native:
+            if _is_gpu(arr):
+                import cupy
+
+                cupy.cuda.get_current_stream().synchronize()  # MPI must see finished data
+            return arr, None
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+        host = cupy.asnumpy(arr) if copy_in else np.empty(arr.shape, arr.dtype)
+        return host, (lambda: arr.set(host))
+
+    def _work(self, request, what: str, keep, copy_back=None) -> Work:
+        return PollingWork(request.Test, f"MPI {what} on rank {self.rank}", keep, copy_back)
+
+    @staticmethod
+    def _bytes(a) -> Any:
+        return a.reshape(-1).view(np.uint8)
+
+    # ------------------------------------------------------------ operations
+    def alltoallv(self, send, send_counts, recv, recv_counts) -> Work:
+        MPI = self._mpi
+        s, _ = self._host(send, True)
+        r, back = self._host(recv, False)
+        k_s, k_r = send.dtype.itemsize, recv.dtype.itemsize
+        sc = np.asarray(send_counts, np.int64) * k_s
+        rc = np.asarray(recv_counts, np.int64) * k_r
+        req = self.comm.Ialltoallv([self._bytes(s), sc, _displs(sc), MPI.BYTE],
+                                   [self._bytes(r), rc, _displs(rc), MPI.BYTE])
+        return self._work(req, "alltoallv", (s, r, send, recv), back)
+
+    def allgatherv(self, send, recv, counts) -> Work:
+        MPI = self._mpi
+        s, _ = self._host(send, True)
+        r, back = self._host(recv, False)
+        c = np.asarray(counts, np.int64) * recv.dtype.itemsize
+        req = self.comm.Iallgatherv([self._bytes(s), MPI.BYTE], [self._bytes(r), c, _displs(c),
+                                                                 MPI.BYTE])
+        return self._work(req, "allgatherv", (s, r, send, recv), back)
+
+    def allreduce(self, buf) -> Work:
+        MPI = self._mpi
+        types = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE}
+        if np.dtype(buf.dtype) not in types:
+            raise ValueError(f"MPI allreduce sums float32/float64, got {buf.dtype}; "
+                             "upcast first")
+        b, back = self._host(buf, True)
+        req = self.comm.Iallreduce(MPI.IN_PLACE, [b.reshape(-1), types[np.dtype(buf.dtype)]],
+                                   op=MPI.SUM)
+        return self._work(req, "allreduce", (b, buf), back)
+
+    def broadcast(self, buf, root: int) -> Work:
+        b, back = self._host(buf, self.rank == root)
+        req = self.comm.Ibcast([self._bytes(b), self._mpi.BYTE], root=root)
+        return self._work(req, "broadcast", (b, buf), back)
+
+    def barrier(self) -> Work:
+        return self._work(self.comm.Ibarrier(), "barrier", ())
+
+    def allgather_object(self, obj, timeout=None) -> list:
+        timeout = self.timeout if timeout is None else timeout
+        data = np.frombuffer(pickle.dumps(obj), np.uint8)
+        sizes = np.zeros(self.size, np.int64)
+        self._work(self.comm.Iallgather([np.array([data.size], np.int64), self._mpi.INT64_T],
+                                        [sizes, self._mpi.INT64_T]),
+                   "allgather_object (sizes)", ()).wait(timeout)
+        out = np.empty(int(sizes.sum()), np.uint8)
+        self.allgatherv(data, out, sizes).wait(timeout)
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        return [pickle.loads(out[bounds[r]:bounds[r + 1]].tobytes()) for r in range(self.size)]
+
+    def split(self, color: int, key: int) -> "MPITransport":
+        return MPITransport(self.comm.Split(color, key), self.gpu_native)
+
+    def node_split(self) -> "MPITransport":
+        """Ranks sharing memory with this one (MPI_COMM_TYPE_SHARED)."""
+        return MPITransport(self.comm.Split_type(self._mpi.COMM_TYPE_SHARED, key=self.rank),
+                            self.gpu_native)
+
+    def abort(self, code: int = 1):
+        """Abort the whole job (what to do after a TransportError under mpirun)."""
+        self.comm.Abort(code)
+
+    def __repr__(self):
+        return f"MPITransport(rank={self.rank}, size={self.size})"
+

@@ -1,0 +1,235 @@
+"""Collectives across real MPI ranks.
+
+Run: ``mpirun -n N python -m mpi4py -m pytest --with-mpi tests/mpi`` (N = 1..4;
+tests/test_mpi_suites.py does this). Every input derives from (seed, rank), so
+each rank computes the exact fp64 reference locally (nccl-tests' verifiable
+style). Bounds come from the format: nearest rounding errs by at most
+(29/450) e^(1/6) < 0.0762 of the block maximum, once per quantization.
+"""
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.mpi
+MPI = pytest.importorskip("mpi4py.MPI")
+
+from squinchcomm.collectives import Communicator, shard_bounds  # noqa: E402
+
+Q = 0.0762  # worst-case nearest-rounding error / block max
+SIZES = [0, 1, 7, 8, 1000, 4099, 65536 + 13]
+
+
+@pytest.fixture(scope="module")
+def comm():
+    return Communicator(MPI.COMM_WORLD.Dup(), min_compress_bytes=0, timeout=60)
+
+
+def data(seed, rank, n, dtype=np.float32):
+    """Rank ``rank``'s input: heavy-tailed, gradient-like, reproducible anywhere."""
+    return (np.random.default_rng([seed, rank, n]).standard_t(3, n) * 1e-2).astype(dtype)
+
+
+def all_inputs(comm, seed, n, dtype=np.float32):
+    return [data(seed, r, n, dtype).astype(np.float64) for r in range(comm.size)]
+
+
+def block_max(x):
+    pad = np.zeros(-x.size % 8)
+    return np.repeat(np.abs(np.concatenate([x, pad])).reshape(-1, 8).max(axis=1), 8)[: x.size]
+
+
+def same_everywhere(comm, arr):
+    digests = comm.transport.allgather_object(hashlib.sha256(np.ascontiguousarray(arr)
+                                                             .tobytes()).hexdigest())
+    assert len(set(digests)) == 1, "results differ across ranks"
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("op", ["average", "sum"])
+@pytest.mark.parametrize("compression", ["none", "fp16", "bf16", "squinch"])
+def test_allreduce_error_bound_and_bit_identical(comm, n, op, compression):
+    x = data(1, comm.rank, n)
+    xs = all_inputs(comm, 1, n)
+    scale = 1 / comm.size if op == "average" else 1.0
+    ref = sum(xs) * scale
+    y = comm.allreduce(x, op=op, compression=compression)
+    assert y.shape == x.shape and y.dtype == np.float32
+    same_everywhere(comm, y)
+    mag = sum(np.abs(v) for v in xs) * scale  # bound on |each term| summed
+    if compression == "none":
+        bound = 1e-6 * mag + 1e-30
+    elif compression in ("fp16", "bf16"):
+        u = 2.0 ** -11 if compression == "fp16" else 2.0 ** -8
+        tiny = 2.0 ** -25 if compression == "fp16" else 0.0  # fp16 subnormal spacing / 2
+        bound = u * mag * (2 + u) + 1e-6 * mag + (comm.size * scale + 1) * tiny + 1e-30
+    else:
+        first = Q * sum(block_max(v) for v in xs) * scale  # per-element, stage 1
+        bound = first + Q * block_max(mag + first) + 1e-30  # stage 2 on the reduced value
+    assert np.all(np.abs(y - ref) <= bound)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_inputs_return_their_dtype(comm, dtype):
+    torch = pytest.importorskip("torch")
+    n = 3001
+    x = torch.from_numpy(data(2, comm.rank, n)).to(getattr(torch, dtype))
+    y = comm.allreduce(x, compression="squinch")
+    assert isinstance(y, torch.Tensor) and y.dtype == x.dtype and y.shape == x.shape
+    same_everywhere(comm, y.view(torch.int16).numpy())
+    ref = sum(torch.from_numpy(data(2, r, n)).to(getattr(torch, dtype)).double()
+              for r in range(comm.size)) / comm.size
+    rel = float((y.double() - ref).norm() / ref.norm())
+    assert rel < 0.12
+
+
+def test_reduce_scatter_shards_cover_the_tensor(comm):
+    n = 10_001
+    xs = all_inputs(comm, 3, n)
+    ref = sum(xs) / comm.size
+    for compression in ("none", "squinch"):
+        shard, (lo, hi) = comm.reduce_scatter(data(3, comm.rank, n), compression=compression)
+        assert (lo, hi) == tuple(shard_bounds(n, comm.size)[comm.rank: comm.rank + 2])
+        assert shard.dtype == np.float32 and shard.size == hi - lo
+        bound = (1e-6 if compression == "none" else Q) * \
+            (sum(block_max(v) for v in xs) / comm.size)[lo:hi] + 1e-30
+        assert np.all(np.abs(shard - ref[lo:hi]) <= bound)  # one quantization only
+        spans = comm.transport.allgather_object((lo, hi))
+        assert spans[0][0] == 0 and spans[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_allgather_variable_rows(comm):
+    rows = comm.rank + 2
+    x = data(4, comm.rank, rows * 5).reshape(rows, 5)
+    full = np.concatenate([data(4, r, (r + 2) * 5).reshape(r + 2, 5) for r in range(comm.size)])
+    y = comm.allgather(x)
+    assert y.shape == full.shape and np.array_equal(y, full)
+    z = comm.allgather(x, compression="squinch")
+    assert z.shape == full.shape
+    same_everywhere(comm, z)
+    bound = Q * np.concatenate([block_max(data(4, r, (r + 2) * 5).astype(np.float64))
+                                for r in range(comm.size)]).reshape(full.shape)
+    assert np.all(np.abs(z - full) <= bound + 1e-30)
+
+
+def test_broadcast_from_last_rank(comm):
+    root = comm.size - 1
+    x = data(5, comm.rank, 777)
+    comm.broadcast(x, root=root)
+    assert np.array_equal(x, data(5, root, 777))
+
+
+def test_alltoall_uneven_splits(comm):
+    splits = [(comm.rank + r) % 3 for r in range(comm.size)]  # zeros included
+    x = np.arange(sum(splits), dtype=np.float32) + 100 * comm.rank
+    recv, recv_splits = comm.alltoall(x, splits)
+    expected = []
+    for src in range(comm.size):
+        s = [(src + r) % 3 for r in range(comm.size)]
+        start = sum(s[: comm.rank])
+        expected.append(np.arange(start, start + s[comm.rank], dtype=np.float32) + 100 * src)
+    assert recv_splits == [e.size for e in expected]
+    assert np.array_equal(recv, np.concatenate(expected))
+
+
+def test_nan_and_inf_propagate_identically(comm):
+    n = 1000
+    x = data(6, comm.rank, n)
+    if comm.rank == comm.size - 1:
+        x[17] = np.nan
+        x[500] = np.inf
+    for compression in ("squinch", "fp16", "none"):
+        y = comm.allreduce(x, compression=compression)
+        same_everywhere(comm, y)
+        assert not np.isfinite(y[17]) and not np.isfinite(y[500])
+        if compression == "squinch":  # whole blocks become NaN, the rest stays finite
+            assert np.isnan(y[16:24]).all() and np.isnan(y[496:504]).all()
+            assert np.isfinite(np.delete(y, np.r_[16:24, 496:504])).all()
+
+
+def test_async_handles_complete_in_any_order(comm):
+    xs = [data(7, comm.rank, 5000 + i) for i in range(3)]
+    handles = [comm.allreduce_async(x) for x in xs]
+    results = [h.wait() for h in reversed(handles)][::-1]
+    for x, y in zip(xs, results):
+        assert np.array_equal(y, comm.allreduce(x)) or comm.rounding == "stochastic"
+    assert all(h.test() for h in handles)
+
+
+def test_in_place_and_torch_tensors(comm):
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(data(8, comm.rank, 4096).copy())
+    expected = comm.allreduce(t.numpy().copy())
+    out = comm.allreduce(t, out=t)
+    assert out is t and np.array_equal(t.numpy(), expected)
+
+
+def test_small_tensors_skip_compression(comm):
+    small = Communicator(comm.transport, min_compress_bytes=1 << 20, timeout=60)
+    x = data(9, comm.rank, 1000)
+    y = small.allreduce(x, compression="squinch")
+    ref = sum(all_inputs(comm, 9, 1000)) / comm.size
+    assert np.max(np.abs(y - ref)) <= 1e-6 * np.max(np.abs(ref))  # exact fp32 path
+
+
+def test_error_feedback_accumulates_and_checkpoints(comm):
+    n, steps = 8000, 12
+    c = Communicator(comm.transport, min_compress_bytes=0, timeout=60)
+    x = data(10, comm.rank, n)
+    ref = sum(all_inputs(comm, 10, n)) / comm.size
+    total_ef = np.zeros(n)
+    total_plain = np.zeros(n)
+    for _ in range(steps):
+        total_ef += c.allreduce(x, name="w", error_feedback=True)
+        total_plain += c.allreduce(x)
+    err_ef = np.linalg.norm(total_ef / steps - ref)
+    err_plain = np.linalg.norm(total_plain / steps - ref)
+    assert err_ef < 0.5 * err_plain  # the residual carries each step's error forward
+    # state_dict round trip: restoring reproduces the next step bit for bit.
+    saved = c.error_feedback.state_dict()
+    a = c.allreduce(x, name="w", error_feedback=True)
+    c.error_feedback.load_state_dict(saved, world=comm.size)
+    b = c.allreduce(x, name="w", error_feedback=True)
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="saved at world size"):
+        c.error_feedback.load_state_dict(
+            {"k": {**next(iter(saved.values())), "world": comm.size + 1}}, world=comm.size)
+    with pytest.raises(ValueError, match="pass name="):
+        c.allreduce(x, error_feedback=True)
+
+
+def test_mismatched_shapes_raise_on_every_rank(comm):
+    n = 100 if comm.rank == 0 else 101
+    if comm.size == 1:
+        pytest.skip("needs two ranks")
+    with pytest.raises(ValueError, match=r"allreduce: ranks disagree \(shape: rank 0=\(100,\)"):
+        comm.allreduce(np.zeros(n, np.float32))
+    comp = "squinch" if comm.rank == 0 else "fp16"
+    with pytest.raises(ValueError, match="compression: rank 0='squinch'"):
+        comm.allreduce(np.zeros(4096, np.float32), compression=comp)
+    comm.barrier()  # still usable afterwards
+
+
+def test_hierarchical_matches_bound_and_is_bit_identical(comm):
+    if comm.size != 4:
+        pytest.skip("emulates 2 nodes x 2 ranks")
+    h = Communicator(comm.transport, hierarchical=True, node_size=2, min_compress_bytes=0,
+                     timeout=60)
+    assert (h.local_size, h.cross_size, h.hierarchical) == (2, 2, True)
+    assert h.local_rank == comm.rank % 2 and h.cross_rank == comm.rank // 2
+    n = 20_003
+    xs = all_inputs(comm, 11, n)
+    y = h.allreduce(data(11, comm.rank, n))
+    same_everywhere(comm, y)
+    ref = sum(xs) / 4
+    nodes = [xs[0] + xs[1], xs[2] + xs[3]]  # uncompressed inside a node
+    first = Q * sum(block_max(v) for v in nodes) / 4
+    bound = first + Q * block_max(sum(np.abs(v) for v in nodes) / 4 + first) + 1e-6 * np.abs(ref)
+    assert np.all(np.abs(y - ref) <= bound)
+    flat = Communicator(comm.transport, min_compress_bytes=0, timeout=60)
+    err_h = np.linalg.norm(y - ref)
+    err_f = np.linalg.norm(flat.allreduce(data(11, comm.rank, n)) - ref)
+    assert math.isfinite(err_h) and math.isfinite(err_f)

@@ -1,0 +1,63 @@
+"""Run the MPI suites under real mpirun at 1, 2, 3 and 4 ranks, and the fault jobs.
+
+Each suite runs as ``mpirun -n N python -m mpi4py -m pytest --with-mpi tests/mpi``
+(mpi4py's runner aborts the whole job if one rank fails, so a failure cannot
+deadlock), inside a wall-clock timeout.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("mpirun") is None,
+                                reason="mpirun not installed (extra: mpi)")
+
+
+def _env():
+    return dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                NUMBA_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def _mpirun(n, args, timeout):
+    cmd = ["mpirun", "-n", str(n), "--oversubscribe", "-x", "PYTHONPATH", "-x",
+           "NUMBA_NUM_THREADS", sys.executable, *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_mpi_suite(ranks):
+    proc = _mpirun(ranks, ["-m", "mpi4py", "-m", "pytest", "--with-mpi", "-q", "-p",
+                           "no:cacheprovider", "--color=no", "tests/mpi"], timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert re.search(r"\d+ passed", out), out[-2000:]
+
+
+def test_absent_rank_gives_transport_error_not_a_hang():
+    timeout = 3.0
+    t0 = time.monotonic()
+    proc = _mpirun(3, ["tests/mpi/fault_job.py", "absent", str(timeout)], timeout=120)
+    elapsed = time.monotonic() - t0
+    lines = proc.stdout.splitlines()
+    for rank in (0, 2):
+        line = next((x for x in lines if x.startswith(f"rank {rank}:")), None)
+        assert line is not None and "TransportError after" in line, proc.stdout + proc.stderr
+        waited = float(line.split("after")[1].split()[0])
+        assert timeout <= waited < timeout + 5
+        assert "did not complete within 3 s" in line
+    assert elapsed < 100
+
+
+def test_dead_rank_ends_the_job():
+    t0 = time.monotonic()
+    proc = _mpirun(3, ["tests/mpi/fault_job.py", "dies", "5"], timeout=120)
+    assert proc.returncode != 0  # mpirun tears the job down; nobody hangs
+    assert time.monotonic() - t0 < 100
