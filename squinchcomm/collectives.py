@@ -27,6 +27,7 @@ Example (under ``mpirun -n 4``):
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Any, Generator
 
@@ -153,6 +154,25 @@ def _store(buf32, dst: _arrays.Flat, xp):
     """Write float32 values into ``dst`` (float32, or fp16/bf16 bits)."""
     dst.data[:] = buf32 if dst.kind == "float32" else _from_f32(buf32, dst.kind, xp)
     return dst
+
+
+class _Clock:
+    """Accumulates wall time per stage into ``timings`` (no-op when None). The
+    exchange stages include the time spent waiting for the slowest peer; GPU
+    stages synchronize the stream first so the split is honest."""
+
+    def __init__(self, timings: dict | None, xp):
+        self.timings, self.xp = timings, xp
+        self.t = time.perf_counter() if timings is not None else 0.0
+
+    def lap(self, stage: str):
+        if self.timings is None:
+            return
+        if self.xp is not np:
+            self.xp.cuda.get_current_stream().synchronize()
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.t
+        self.t = now
 
 
 # ----------------------------------------------------------------------------
@@ -303,6 +323,9 @@ class Communicator:
         self.timeout = config.timeout() if timeout is None else float(timeout)
         self.seed = int(seed)
         self.error_feedback = ErrorFeedback()
+        #: Set to a dict to accumulate seconds per stage of the compressed
+        #: allreduce (encode, alltoall, reduce_encode, allgather, decode).
+        self.timings: dict | None = None
         self._calls = 0
         hierarchical = (config.env_bool("HIERARCHICAL", False) if hierarchical is None
                         else bool(hierarchical))
@@ -488,20 +511,26 @@ class Communicator:
         mine = bounds[rank + 1] - bounds[rank]
         res1, res2, step = self._residuals(ef_name, f"allreduce/{world}", n, mine, x.data, world,
                                            cid)
+        clock = _Clock(self.timings, xp)
         # Step 1-2: encode the whole tensor; shard r is bytes [sum(nbytes[:r]), ...).
         payload = xp.empty(sum(nbytes), xp.uint8)
         wire.encode(x, payload, res1, self._seed(ef_name, step, rank, 1))
+        clock.lap("encode")
         # Step 3: all-to-all of encoded shards.
         recv = xp.empty(world * nbytes[rank], xp.uint8)
         yield t.alltoallv(payload, nbytes, recv, [nbytes[rank]] * world)
+        clock.lap("alltoall")
         # Step 4-5: decode-accumulate this shard in fp32 and re-encode it, fused.
         reduced = xp.empty(nbytes[rank], xp.uint8)
         wire.reduce_encode(recv.reshape(world, nbytes[rank]), mine, scale, reduced, res2,
                            self._seed(ef_name, step, rank, 2), bounds[rank])
+        clock.lap("reduce_encode")
         # Step 6: all-gather the encoded shards; every rank decodes the same bytes.
         gathered = xp.empty(sum(nbytes), xp.uint8)
         yield t.allgatherv(reduced, gathered, nbytes)
+        clock.lap("allgather")
         wire.decode(gathered, n, dst)
+        clock.lap("decode")
         return dst
 
     def _hierarchical(self, x: _arrays.Flat, n: int, dst: _arrays.Flat, comp, scale, ef_name,
