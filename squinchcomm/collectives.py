@@ -37,7 +37,9 @@ from squinchcomm import codec, config
 from squinchcomm.codec import _arrays, oracle
 from squinchcomm.transport.base import Transport, Work
 
-__all__ = ["Communicator", "Handle", "ErrorFeedback", "COMPRESSIONS", "OPS", "shard_bounds"]
+__all__ = ["Communicator", "Handle", "ErrorFeedback", "COMPRESSIONS", "OPS", "shard_bounds",
+           "init", "shutdown", "is_initialized", "default", "rank", "size", "local_rank",
+           "local_size", "cross_rank", "cross_size"]
 
 COMPRESSIONS = ("none", "fp16", "bf16", "squinch")
 OPS = ("average", "sum")
@@ -709,3 +711,79 @@ def _as_transport(obj) -> Transport:
     raise ValueError(f"cannot communicate over a {type(obj).__name__}: pass a Transport, an "
                      "mpi4py communicator or a torch.distributed process group")
 
+
+
+# ----------------------------------------------------------------------------
+# The default communicator: squinchcomm.init(), rank(), size(), ...
+# ----------------------------------------------------------------------------
+_DEFAULT: Communicator | None = None
+
+
+def init(transport=None, **options) -> Communicator:
+    """Create the default communicator and return it.
+
+    Args:
+        transport: "mpi" (default; MPI COMM_WORLD), "torch" (torch.distributed,
+            initialized from torchrun's or mpirun's environment if needed), a
+            Transport, an mpi4py communicator or a torch process group.
+        **options: :class:`Communicator` options (compression, rounding, ...).
+
+    Example:
+        >>> import squinchcomm                                   # doctest: +SKIP
+        >>> squinchcomm.init("torch", compression="squinch")     # doctest: +SKIP
+    """
+    global _DEFAULT
+    if transport == "torch":
+        from squinchcomm.transport.torch_dist import TorchTransport, init_process_group_from_env
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            init_process_group_from_env()
+        transport = TorchTransport()
+    elif transport == "mpi":
+        transport = None
+    elif isinstance(transport, str):
+        raise ValueError(f"transport={transport!r}: use 'mpi', 'torch' or a communicator object")
+    _DEFAULT = Communicator(transport, **options)
+    return _DEFAULT
+
+
+def shutdown():
+    """Forget the default communicator (the engines stay initialized)."""
+    global _DEFAULT
+    _DEFAULT = None
+
+
+def is_initialized() -> bool:
+    return _DEFAULT is not None
+
+
+def default() -> Communicator:
+    """The communicator made by :func:`init`; ValueError before it."""
+    if _DEFAULT is None:
+        raise ValueError("squinchcomm is not initialized: call squinchcomm.init() first")
+    return _DEFAULT
+
+
+def rank() -> int:
+    return default().rank
+
+
+def size() -> int:
+    return default().size
+
+
+def local_rank() -> int:
+    return default().local_rank
+
+
+def local_size() -> int:
+    return default().local_size
+
+
+def cross_rank() -> int:
+    return default().cross_rank
+
+
+def cross_size() -> int:
+    return default().cross_size

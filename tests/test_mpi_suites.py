@@ -1,4 +1,5 @@
-"""Run the MPI suites under real mpirun at 1, 2, 3 and 4 ranks, and the fault jobs.
+"""Run the collective suites under real mpirun at 1-4 ranks, over MPI and over
+torch.distributed gloo, and the MPI fault jobs.
 
 Each suite runs as ``mpirun -n N python -m mpi4py -m pytest --with-mpi tests/mpi``
 (mpi4py's runner aborts the whole job if one rank fails, so a failure cannot
@@ -25,17 +26,21 @@ def _env():
                 NUMBA_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 
-def _mpirun(n, args, timeout):
+def _mpirun(n, args, timeout, transport="mpi"):
+    env = dict(_env(), SQUINCHCOMM_TEST_TRANSPORT=transport)
     cmd = ["mpirun", "-n", str(n), "--oversubscribe", "-x", "PYTHONPATH", "-x",
-           "NUMBA_NUM_THREADS", sys.executable, *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout,
+           "NUMBA_NUM_THREADS", "-x", "SQUINCHCOMM_TEST_TRANSPORT", sys.executable, *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT)
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
-def test_mpi_suite(ranks):
+@pytest.mark.parametrize("ranks, transport", [(1, "mpi"), (2, "mpi"), (3, "mpi"), (4, "mpi"),
+                                              (3, "torch"), (4, "torch")])
+def test_collective_suite(ranks, transport):
+    pytest.importorskip("torch") if transport == "torch" else None
     proc = _mpirun(ranks, ["-m", "mpi4py", "-m", "pytest", "--with-mpi", "-q", "-p",
-                           "no:cacheprovider", "--color=no", "tests/mpi"], timeout=600)
+                           "no:cacheprovider", "--color=no", "tests/mpi"], timeout=600,
+                   transport=transport)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert re.search(r"\d+ passed", out), out[-2000:]

@@ -76,9 +76,9 @@ class PollingWork(Work):
             pause = min(pause * 2, 1e-3)  # spin briefly, then back off
 
     def _finish(self):
-        self._finished = True
         if self._on_done is not None:
-            self._on_done()
+            self._on_done()  # may raise: then the work is not finished, and says so again
+        self._finished = True
         self._keep = ()
 
 
@@ -86,12 +86,16 @@ class Transport(abc.ABC):
     """Moves flat contiguous NumPy/CuPy arrays between the ranks of one group.
 
     Counts are in elements of the arrays passed; displacements are the prefix
-    sums of the counts (packed layouts only).
+    sums of the counts (packed layouts only). After a TransportError (a peer
+    timed out or died) the group is unusable: operations may still be pending
+    on it; abort the job or build a new transport.
     """
 
     name: str = "transport"
     #: True when the engine reads and writes GPU memory itself (NCCL, CUDA-aware MPI).
     gpu_native: bool = False
+    #: Default seconds to wait for peers (``SQUINCHCOMM_TIMEOUT``); set by each engine.
+    timeout: float = 300.0
 
     @property
     @abc.abstractmethod
@@ -132,6 +136,9 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def split(self, color: int, key: int) -> "Transport":
         """A transport over the ranks that pass the same ``color``, ordered by ``key``."""
+
+    def close(self) -> None:
+        """Release engine resources (NCCL communicators); a no-op by default."""
 
     def node_split(self) -> "Transport":
         """A transport over the ranks on this node (shared-memory split where the

@@ -1,7 +1,9 @@
 """Collectives across real MPI ranks.
 
 Run: ``mpirun -n N python -m mpi4py -m pytest --with-mpi tests/mpi`` (N = 1..4;
-tests/test_mpi_suites.py does this). Every input derives from (seed, rank), so
+tests/test_mpi_suites.py does this), over MPI or, with
+``SQUINCHCOMM_TEST_TRANSPORT=torch``, over a torch.distributed gloo group: one
+test body for every engine. Every input derives from (seed, rank), so
 each rank computes the exact fp64 reference locally (nccl-tests' verifiable
 style). Bounds come from the format: nearest rounding errs by at most
 (29/450) e^(1/6) < 0.0762 of the block maximum, once per quantization.
@@ -9,6 +11,7 @@ style). Bounds come from the format: nearest rounding errs by at most
 
 import hashlib
 import math
+import os
 
 import numpy as np
 import pytest
@@ -24,6 +27,13 @@ SIZES = [0, 1, 7, 8, 1000, 4099, 65536 + 13]
 
 @pytest.fixture(scope="module")
 def comm():
+    """The communicator under test: MPI, or torch.distributed gloo when
+    SQUINCHCOMM_TEST_TRANSPORT=torch (mpirun only launches the ranks then)."""
+    if os.environ.get("SQUINCHCOMM_TEST_TRANSPORT", "mpi") == "torch":
+        from squinchcomm.transport.torch_dist import TorchTransport, init_process_group_from_env
+
+        init_process_group_from_env(backend="gloo")
+        return Communicator(TorchTransport(), min_compress_bytes=0, timeout=60)
     return Communicator(MPI.COMM_WORLD.Dup(), min_compress_bytes=0, timeout=60)
 
 
@@ -233,3 +243,42 @@ def test_hierarchical_matches_bound_and_is_bit_identical(comm):
     err_h = np.linalg.norm(y - ref)
     err_f = np.linalg.norm(flat.allreduce(data(11, comm.rank, n)) - ref)
     assert math.isfinite(err_h) and math.isfinite(err_f)
+
+
+def test_default_communicator_api(comm):
+    import squinchcomm
+
+    squinchcomm.shutdown()
+    with pytest.raises(ValueError, match=r"call squinchcomm.init\(\) first"):
+        squinchcomm.rank()
+    c = squinchcomm.init(comm.transport, compression="bf16")
+    assert squinchcomm.is_initialized() and c.compression == "bf16"
+    assert (squinchcomm.rank(), squinchcomm.size()) == (comm.rank, comm.size)
+    assert 0 <= squinchcomm.local_rank() < squinchcomm.local_size()
+    assert squinchcomm.local_size() * squinchcomm.cross_size() == comm.size
+    squinchcomm.shutdown()
+    assert not squinchcomm.is_initialized()
+    with pytest.raises(ValueError, match="transport='tcp'"):
+        squinchcomm.init("tcp")
+
+
+def test_bad_arguments_raise_value_errors(comm):
+    x = np.zeros(4096, np.float32)
+    with pytest.raises(ValueError, match="compression='int3': choose one of none, fp16"):
+        comm.allreduce(x, compression="int3")
+    with pytest.raises(ValueError, match="op='max': choose one of average, sum"):
+        comm.allreduce(x, op="max")
+    with pytest.raises(ValueError, match="dtype float64; supported"):
+        comm.allreduce(x.astype(np.float64))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        comm.allreduce(np.zeros((64, 64), np.float32).T)
+    with pytest.raises(ValueError, match="out has 10 elements, expected 4096"):
+        comm.allreduce(x, out=np.zeros(10, np.float32))
+    with pytest.raises(ValueError, match="is not a rank"):
+        comm.broadcast(x, root=comm.size)
+    with pytest.raises(ValueError, match="non-negative entries"):
+        comm.alltoall(x, splits=[-1] + [0] * (comm.size - 1))
+    with pytest.raises(ValueError, match="node_size=3 does not divide") if comm.size % 3 else \
+            pytest.raises(ValueError, match="node_size=5 does not divide"):
+        Communicator(comm.transport, node_size=3 if comm.size % 3 else 5)
+    comm.barrier()
