@@ -200,7 +200,12 @@ class ErrorFeedback:
             entry = {"residual": xp.zeros(n, xp.float32), "shard_residual": xp.zeros(shard, xp.float32),
                      "world": world, "step": 0}
             self.state[name] = entry
-        elif entry["residual"].size != n or entry["shard_residual"].size != shard:
+        elif _xp(entry["residual"]) is not _xp(like):
+            # Restored from a host checkpoint while the tensor lives on the GPU (or back).
+            xp = _xp(like)
+            for key in ("residual", "shard_residual"):
+                entry[key] = xp.asarray(entry[key]) if xp is not np else _host(entry[key])
+        if entry["residual"].size != n or entry["shard_residual"].size != shard:
             raise ValueError(f"tensor '{name}' has {n} elements now but its error-feedback "
                              f"residual has {entry['residual'].size} (world {entry['world']}): "
                              "use a new name for a differently shaped tensor, or reset()")
