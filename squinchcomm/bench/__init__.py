@@ -6,4 +6,5 @@ __all__ = ["COMMANDS"]
 COMMANDS = {
     "codec": "squinchcomm.bench.codec",
     "quality": "squinchcomm.bench.quality",
+    "allreduce": "squinchcomm.bench.allreduce",
 }

@@ -73,11 +73,6 @@ def _bits_f32(typingctx, v):
 
 # ---------------------------------------------------------------- loads / stores
 @njit(inline="always")
-def _load_f32(x, i):
-    return x[i]
-
-
-@njit(inline="always")
 def _load_bf16(x, i):
     return _bits_f32(np.uint32(x[i]) << np.uint32(16))
 
@@ -96,6 +91,26 @@ def _load_f16(x, i):
         return _bits_f32(_f32_bits(mag) | sign)
     return _bits_f32(sign | ((e + np.uint32(112)) << np.uint32(23))
                      | (mant << np.uint32(13)))
+
+
+_KIND_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+@njit(inline="always")
+def _fill(val, x, base, count, kind):
+    """val[:count] = x[base:base+count] as float32. ``kind`` (0 f32, 1 f16 bits,
+    2 bf16 bits) is an int, not a function argument: cached kernels must not
+    take functions (Numba's cache index then pickles dispatcher types, which
+    fails across processes). One loop per kind keeps each loop vectorizable."""
+    if kind == 1:
+        for i in range(count):
+            val[i] = _load_f16(x, base + i)
+    elif kind == 2:
+        for i in range(count):
+            val[i] = _load_bf16(x, base + i)
+    else:
+        for i in range(count):
+            val[i] = np.float32(x[base + i])
 
 
 @njit(inline="always")
@@ -258,7 +273,7 @@ def _reduce_chunk(P, b0, nb, acc):
 
 # ---------------------------------------------------------------- kernels
 @njit(parallel=True, cache=True, nogil=True)
-def _encode_kernel(x, load, n, out, res, has_res, stochastic, key, offset):
+def _encode_kernel(x, kind, n, out, res, has_res, stochastic, key, offset):
     nb = (n + 7) // 8
     for chunk in prange((nb + _CHUNK - 1) // _CHUNK):
         b0 = chunk * _CHUNK
@@ -267,12 +282,10 @@ def _encode_kernel(x, load, n, out, res, has_res, stochastic, key, offset):
         base = 8 * b0
         for i in range(nvalid, 8 * ((nvalid + 7) // 8)):
             val[i] = np.float32(0.0)
+        _fill(val, x, base, nvalid, kind)
         if has_res:
             for i in range(nvalid):
-                val[i] = load(x, base + i) + res[base + i]
-        else:
-            for i in range(nvalid):
-                val[i] = load(x, base + i)
+                val[i] += res[base + i]
         _encode_chunk(val, nvalid, b0, out, res, has_res, stochastic, key, offset)
 
 
@@ -290,7 +303,7 @@ def _decode_f32_kernel(p, n, out):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _decode_kernel(p, n, out, store):
+def _decode_bf16_kernel(p, n, out):
     nb = (n + 7) // 8
     for chunk in prange((nb + _CHUNK - 1) // _CHUNK):
         b0 = chunk * _CHUNK
@@ -300,7 +313,7 @@ def _decode_kernel(p, n, out, store):
             _decode_block_into(p, 6 * (b0 + bb), tmp, 8 * bb, False)
         base = 8 * b0
         for i in range(min(n - base, 8 * nbc)):
-            store(out, base + i, _f32_bits(tmp[i]))
+            _store_bf16(out, base + i, _f32_bits(tmp[i]))
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -338,7 +351,6 @@ def _reduce_encode_kernel(P, n, out, res, has_res, scale, stochastic, key, offse
 
 
 # ---------------------------------------------------------------- entry points
-_LOADS = {"float32": _load_f32, "float16": _load_f16, "bfloat16": _load_bf16}
 _EMPTY_RES = np.zeros(0, np.float32)
 
 
@@ -346,7 +358,7 @@ def encode(x, kind, out, stochastic, seed, offset, residual):
     """Encode the flat array ``x`` (float32, or uint16 bits when ``kind`` is
     float16/bfloat16) into the uint8 array ``out``."""
     has_res = residual is not None
-    _encode_kernel(x, _LOADS[kind], x.size, out, residual if has_res else _EMPTY_RES,
+    _encode_kernel(x, _KIND_CODES[kind], x.size, out, residual if has_res else _EMPTY_RES,
                    has_res, stochastic, fmt.stream_key(seed), np.uint64(offset))
     return out
 
@@ -357,7 +369,7 @@ def decode(payload, n, out, kind):
     if kind == "float32":
         _decode_f32_kernel(payload, n, out)
     elif kind == "bfloat16":
-        _decode_kernel(payload, n, out, _store_bf16)
+        _decode_bf16_kernel(payload, n, out)
     else:
         tmp = np.empty(n, np.float32)
         _decode_f32_kernel(payload, n, tmp)
