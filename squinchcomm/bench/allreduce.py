@@ -5,7 +5,8 @@
 
 nccl-tests style, printed by rank 0 only. Every method runs in the same job on
 the same input buffers, interleaved iteration by iteration (so a noisy
-neighbour slows all methods alike), each iteration after a barrier:
+neighbour slows all methods alike), each call after the engine's blocking
+barrier (MPI_Barrier / torch.distributed.barrier, untimed):
 
 - ``engine_fp32``: the transport's own allreduce of fp32 (``compression="none"``:
   MPI ``Iallreduce`` or torch ``all_reduce``), the baseline;
@@ -155,6 +156,27 @@ def _close(transport: str):
             dist.destroy_process_group()
 
 
+def _engine_barrier(comm):
+    """A barrier that releases every rank at nearly the same moment.
+
+    The library's own ``comm.barrier()`` polls a non-blocking barrier with a
+    sleeping back-off, so ranks leave it up to a millisecond apart and that
+    skew would be charged to the next timed call. The engine's blocking
+    barrier (MPI_Barrier, torch.distributed.barrier) spins instead. It is
+    never timed, so using the engine's here measures nothing of the engine.
+    """
+    tr = comm.transport
+    mpi_comm = getattr(tr, "comm", None)
+    if mpi_comm is not None and type(mpi_comm).__module__.startswith("mpi4py"):
+        return mpi_comm.Barrier
+    group = getattr(tr, "group", None)
+    if type(tr).__name__ == "TorchTransport" and group is not None:
+        import torch.distributed as dist
+
+        return lambda: dist.barrier(group=group)
+    return comm.barrier
+
+
 def run(comm, sizes, methods, iters=10, warmup=2, seed=0, emit=None):
     """Measure every method at every size on ``comm``; collective (all ranks call it).
 
@@ -174,6 +196,7 @@ def run(comm, sizes, methods, iters=10, warmup=2, seed=0, emit=None):
         raise ValueError(f"-n {iters} -w {warmup}: pass at least one timed iteration and "
                          "a non-negative warm-up count")
     world, rank = comm.size, comm.rank
+    barrier = _engine_barrier(comm)
     ring = 2 * (world - 1) / world
     rows, stage_rows = [], []
     for size in sizes:
@@ -190,7 +213,7 @@ def run(comm, sizes, methods, iters=10, warmup=2, seed=0, emit=None):
             timed = it >= warmup
             for m in methods:  # interleaved: drift and noise hit every method alike
                 comp, ef = METHODS[m]
-                comm.barrier()
+                barrier()
                 comm.timings = stages[m] if timed and comp != "none" else None
                 t0 = time.perf_counter()
                 comm.allreduce(x, op="average", compression=comp, out=outs[m],
