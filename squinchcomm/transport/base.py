@@ -64,10 +64,16 @@ class PollingWork(Work):
         return self._finished
 
     def wait(self, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 1e-6
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        pause = 1e-5
         while not self.test():
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            # Spin first: engines without a progress thread (Open MPI) advance a
+            # non-blocking collective only inside test(), so early sleeps stall it.
+            if now - start < 2e-4:
+                continue
+            if deadline is not None and now > deadline:
                 raise TransportError(
                     f"{self._what} did not complete within {timeout:g} s: a peer rank died, "
                     "is stuck, or called a different collective (set the timeout with "
