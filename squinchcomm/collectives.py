@@ -449,18 +449,35 @@ class Communicator:
         out = _arrays.Flat(flat, call.flat.kind, call.flat.family, call.flat.device, None)
         return _reshape(_arrays.wrap(out), (sum(m["rows"] for m in metas),) + tail)
 
-    def broadcast(self, x, root: int = 0):
-        """Copy ``x`` from ``root`` to every rank, in place (exact, uncompressed)."""
+    def broadcast(self, x, root: int = 0, *, compression: str = "none"):
+        """Copy ``x`` from ``root`` to every rank, in place. Uncompressed by
+        default (parameters must arrive exact); with compression the root
+        sends the payload and every rank, the root too, decodes the same
+        bytes, so all ranks still hold identical values."""
         call = self._input(x, writable=True)
         if not isinstance(root, int) or not 0 <= root < self.size:
             raise ValueError(f"root={root!r} is not a rank of this {self.size}-rank communicator")
-        self._check("broadcast", call, root=root)
-        self.transport.broadcast(call.flat.data, root).wait(self.timeout)
+        comp = _choice("compression", compression, COMPRESSIONS)
+        self._check("broadcast", call, root=root, compression=comp)
+        if comp == "none":
+            self.transport.broadcast(call.flat.data, root).wait(self.timeout)
+            return x
+        wire = self._wire(comp)
+        xp = _xp(call.flat.data)
+        payload = xp.empty(wire.nbytes(call.n), xp.uint8)
+        if self.rank == root:
+            wire.encode(_arrays.internal(call.flat), payload, None,
+                        self._seed(None, self._next_call(), root, 4))
+        else:
+            self._next_call()
+        self.transport.broadcast(payload, root).wait(self.timeout)
+        wire.decode(payload, call.n, _arrays.internal(call.flat))
         return x
 
-    def alltoall(self, x, splits=None):
+    def alltoall(self, x, splits=None, *, compression: str = "none"):
         """Send ``splits[r]`` consecutive elements of flat ``x`` to rank r (equal
-        splits by default); return (received flat array, received splits)."""
+        splits by default); return (received flat array, received splits).
+        With compression each split is encoded on its own and decoded on arrival."""
         call = self._input(x)
         if splits is None:
             if call.n % self.size:
@@ -471,12 +488,29 @@ class Communicator:
         if len(splits) != self.size or min(splits) < 0 or sum(splits) != call.n:
             raise ValueError(f"splits={splits} must have {self.size} non-negative entries "
                              f"summing to {call.n}")
-        metas = self._check("alltoall", call, splits=splits, ignore=("shape", "splits"),
-                            exchange=True)
+        comp = _choice("compression", compression, COMPRESSIONS)
+        metas = self._check("alltoall", call, splits=splits, compression=comp,
+                            ignore=("shape", "splits"), exchange=True)
         recv_splits = [m["splits"][self.rank] for m in metas]
         xp = _xp(call.flat.data)
         recv = xp.empty(sum(recv_splits), call.flat.data.dtype)
-        self.transport.alltoallv(call.flat.data, splits, recv, recv_splits).wait(self.timeout)
+        if comp == "none":
+            self.transport.alltoallv(call.flat.data, splits, recv, recv_splits).wait(self.timeout)
+        else:
+            wire, x = self._wire(comp), _arrays.internal(call.flat)
+            cid = self._next_call()
+            send_b, recv_b = [wire.nbytes(c) for c in splits], [wire.nbytes(c) for c in recv_splits]
+            payload = xp.empty(sum(send_b), xp.uint8)
+            el, pos = np.cumsum([0] + splits), np.cumsum([0] + send_b)
+            for r in range(self.size):  # each split on its own: block boundaries differ
+                part = _arrays.Flat(x.data[el[r]:el[r + 1]], x.kind, x.family, x.device, None)
+                wire.encode(part, payload[pos[r]:pos[r + 1]], None, self._seed(None, cid, r, 5))
+            got = xp.empty(sum(recv_b), xp.uint8)
+            self.transport.alltoallv(payload, send_b, got, recv_b).wait(self.timeout)
+            el, pos = np.cumsum([0] + recv_splits), np.cumsum([0] + recv_b)
+            for r in range(self.size):
+                part = _arrays.Flat(recv[el[r]:el[r + 1]], x.kind, x.family, x.device, None)
+                wire.decode(got[pos[r]:pos[r + 1]], recv_splits[r], part)
         return _arrays.wrap(_arrays.Flat(recv, call.flat.kind, call.flat.family,
                                          call.flat.device, None)), recv_splits
 

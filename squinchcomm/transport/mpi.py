@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from squinchcomm import config
-from squinchcomm.errors import require
+from squinchcomm.errors import TransportError, require
 from squinchcomm.transport.base import PollingWork, Transport, Work
 
 __all__ = ["MPITransport"]
@@ -46,6 +46,8 @@ class MPITransport(Transport):
     def __init__(self, comm=None, cuda_aware: bool | None = None):
         self._mpi = require("mpi4py.MPI", "mpi", "The MPI transport")
         self.comm = comm if comm is not None else self._mpi.COMM_WORLD.Dup()
+        # Errors come back as exceptions (wrapped in TransportError), never abort silently.
+        self.comm.Set_errhandler(self._mpi.ERRORS_RETURN)
         self.gpu_native = config.mpi_cuda_aware() if cuda_aware is None else bool(cuda_aware)
         self.timeout = config.timeout()
 
@@ -73,7 +75,15 @@ class MPITransport(Transport):
         return host, (lambda: arr.set(host))
 
     def _work(self, request, what: str, keep, copy_back=None) -> Work:
-        return PollingWork(request.Test, f"MPI {what} on rank {self.rank}", keep, copy_back)
+        label = f"MPI {what} on rank {self.rank}"
+
+        def done():
+            try:
+                return request.Test()
+            except self._mpi.Exception as exc:  # MPI reports errors (ERRORS_RETURN)
+                raise TransportError(f"{label} failed: {exc}") from exc
+
+        return PollingWork(done, label, keep, copy_back)
 
     @staticmethod
     def _bytes(a) -> Any:

@@ -282,3 +282,27 @@ def test_bad_arguments_raise_value_errors(comm):
             pytest.raises(ValueError, match="node_size=5 does not divide"):
         Communicator(comm.transport, node_size=3 if comm.size % 3 else 5)
     comm.barrier()
+
+
+@pytest.mark.parametrize("compression", ["squinch", "bf16"])
+def test_compressed_broadcast_and_alltoall(comm, compression):
+    root = comm.size // 2
+    x = data(12, comm.rank, 5003)
+    comm.broadcast(x, root=root, compression=compression)
+    same_everywhere(comm, x)  # the root decodes the same bytes as everyone
+    src = data(12, root, 5003).astype(np.float64)
+    q = Q if compression == "squinch" else 2.0 ** -8
+    assert np.all(np.abs(x - src) <= q * (block_max(src) if compression == "squinch"
+                                          else np.abs(src)) + 1e-30)
+    splits = [1000 + 7 * ((comm.rank + r) % 3) for r in range(comm.size)]
+    y = data(13, comm.rank, sum(splits))
+    recv, recv_splits = comm.alltoall(y, splits, compression=compression)
+    start = 0
+    for src_rank in range(comm.size):
+        s = [1000 + 7 * ((src_rank + r) % 3) for r in range(comm.size)]
+        lo = sum(s[: comm.rank])
+        sent = data(13, src_rank, sum(s))[lo: lo + s[comm.rank]].astype(np.float64)
+        got = recv[start: start + recv_splits[src_rank]]
+        bound = q * (block_max(sent) if compression == "squinch" else np.abs(sent)) + 1e-30
+        assert got.size == sent.size and np.all(np.abs(got - sent) <= bound)
+        start += recv_splits[src_rank]
