@@ -1,5 +1,7 @@
 """Shared test helpers: deterministic inputs with the format's special values."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -34,3 +36,11 @@ def pytest_ignore_collect(collection_path, config):
         with_mpi = config.getoption("--with-mpi", default=False)
         return None if with_mpi else True
     return None
+
+
+def no_gpu(reason: str):
+    """Skip a GPU test that cannot run here; fail instead when SQUINCHCOMM_TEST_GPU=1
+    (so a GPU machine cannot silently skip the GPU suite)."""
+    if os.environ.get("SQUINCHCOMM_TEST_GPU") == "1":
+        pytest.fail(f"SQUINCHCOMM_TEST_GPU=1 but {reason}")
+    pytest.skip(reason)

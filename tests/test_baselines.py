@@ -6,10 +6,10 @@ output: a bug in rounding, scaling, packing or padding breaks one of them.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
+from conftest import no_gpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -326,9 +326,7 @@ def _cupy_or_skip():
     except Exception:  # not installed, or no driver
         ok = False
     if not ok:
-        if os.environ.get("SQUINCHCOMM_TEST_GPU") == "1":
-            pytest.fail("SQUINCHCOMM_TEST_GPU=1 but CuPy/GPU is not available")
-        pytest.skip("needs CuPy and a CUDA GPU")
+        no_gpu("needs CuPy and a CUDA GPU")
     return cupy
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import no_gpu
 
 from squinchcomm.codec import format as fmt
 from squinchcomm.codec import oracle
@@ -41,9 +42,7 @@ def cp():
     except Exception as exc:  # ImportError, or a broken CUDA installation
         reason = f"cupy cannot be imported: {exc}"
     if reason is not None:
-        if os.environ.get("SQUINCHCOMM_TEST_GPU") == "1":
-            pytest.fail(f"SQUINCHCOMM_TEST_GPU=1 but no usable GPU: {reason}")
-        pytest.skip(f"no CUDA GPU: {reason}")
+        no_gpu(f"no usable CUDA GPU: {reason}")
     return cupy
 
 

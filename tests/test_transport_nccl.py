@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import no_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 30.0
@@ -44,9 +45,7 @@ def gpu():
     """Skip without a GPU and NCCL (fail when SQUINCHCOMM_TEST_GPU=1)."""
     reason = _gpu_reason()
     if reason is not None:
-        if os.environ.get("SQUINCHCOMM_TEST_GPU") == "1":
-            pytest.fail(f"SQUINCHCOMM_TEST_GPU=1 but no usable GPU: {reason}")
-        pytest.skip(f"no CUDA GPU: {reason}")
+        no_gpu(f"no usable CUDA GPU: {reason}")
 
 
 # ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import no_gpu
 
 torch = pytest.importorskip("torch")
 
@@ -334,9 +335,7 @@ def test_torch_nccl_cupy_single_rank():
     except Exception as exc:  # ImportError, or a broken CUDA installation
         reason = f"cupy cannot be imported: {exc}"
     if reason is not None:
-        if os.environ.get("SQUINCHCOMM_TEST_GPU") == "1":
-            pytest.fail(f"SQUINCHCOMM_TEST_GPU=1 but {reason}")
-        pytest.skip(reason)
+        no_gpu(reason)
     launch("gpu", 1, seed=0, deadline=120.0)
 
 
