@@ -27,6 +27,7 @@ Example (under ``mpirun -n 4``):
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Generator
@@ -339,6 +340,7 @@ class Communicator:
         node_size = config.env_int("NODE_SIZE", 0) if node_size is None else int(node_size)
         self._build_groups(node_size)
         self.hierarchical = hierarchical and self.local.size > 1 and self.cross.size > 1
+        _share_cores(self.local.size)
 
     # ------------------------------------------------------------ topology
     def _build_groups(self, node_size: int):
@@ -721,6 +723,23 @@ class Communicator:
 
 
 # ----------------------------------------------------------------------------
+def _share_cores(local_size: int):
+    """Give each of the ``local_size`` ranks on this node its share of the cores
+    for the CPU codec: Numba's default (every core in every rank) oversubscribes
+    a node several times over. An explicit NUMBA_NUM_THREADS or
+    SQUINCHCOMM_CODEC_THREADS wins."""
+    threads = config.env_int("CODEC_THREADS", 0)
+    if not threads:
+        if os.environ.get("NUMBA_NUM_THREADS"):
+            return
+        threads = max(1, (os.cpu_count() or 1) // max(1, local_size))
+    try:
+        from squinchcomm.codec import cpu
+    except ImportError:  # no numba: the codec will say which extra to install
+        return
+    cpu.set_threads(threads)
+
+
 def _reshape(result, shape):
     return result.reshape(shape) if tuple(result.shape) != tuple(shape) else result
 

@@ -14,6 +14,7 @@ Constructor and function arguments always win; these are only the defaults.
 | SQUINCHCOMM_CHECK_METADATA | check shapes/dtypes/names agree across ranks: 0 or 1 | 1 |
 | SQUINCHCOMM_HIERARCHICAL | reduce inside a node uncompressed, compress across nodes: 0 or 1 | 0 |
 | SQUINCHCOMM_NODE_SIZE | ranks per node for hierarchical mode (0: detect) | 0 |
+| SQUINCHCOMM_CODEC_THREADS | CPU codec threads per rank (0: cores / ranks on the node) | 0 |
 """
 
 from __future__ import annotations

@@ -15,13 +15,14 @@ import math
 
 import numpy as np
 from llvmlite import ir
+import numba
 from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic
 
 from squinchcomm.codec import format as fmt
 
-__all__ = ["encode", "decode", "decode_accumulate", "reduce_encode"]
+__all__ = ["encode", "decode", "decode_accumulate", "reduce_encode", "set_threads"]
 
 _CHUNK = 2048  # blocks per parallel task (12 KiB of payload, 64 KiB of fp32)
 _SCALE = fmt.SCALE
@@ -351,12 +352,30 @@ def _reduce_encode_kernel(P, n, out, res, has_res, scale, stochastic, key, offse
 
 
 # ---------------------------------------------------------------- entry points
+_THREADS = [None]  # codec threads per process; None = Numba's default (all cores)
+
+
+def set_threads(n: int | None):
+    """Cap the threads the CPU kernels use in this process (None: Numba's default).
+
+    Numba's setting is thread-local, so it is applied on every call from
+    whatever thread calls the codec (DDP hooks may run off the main thread).
+    """
+    _THREADS[0] = None if n is None else max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+
+
+def _threads():
+    if _THREADS[0] is not None:
+        numba.set_num_threads(_THREADS[0])
+
+
 _EMPTY_RES = np.zeros(0, np.float32)
 
 
 def encode(x, kind, out, stochastic, seed, offset, residual):
     """Encode the flat array ``x`` (float32, or uint16 bits when ``kind`` is
     float16/bfloat16) into the uint8 array ``out``."""
+    _threads()
     has_res = residual is not None
     _encode_kernel(x, _KIND_CODES[kind], x.size, out, residual if has_res else _EMPTY_RES,
                    has_res, stochastic, fmt.stream_key(seed), np.uint64(offset))
@@ -366,6 +385,7 @@ def encode(x, kind, out, stochastic, seed, offset, residual):
 def decode(payload, n, out, kind):
     """Decode into ``out`` (float32, or uint16 bits for bfloat16). float16 output
     goes through a float32 buffer and NumPy's round-to-nearest-even cast."""
+    _threads()
     if kind == "float32":
         _decode_f32_kernel(payload, n, out)
     elif kind == "bfloat16":
@@ -379,11 +399,13 @@ def decode(payload, n, out, kind):
 
 
 def decode_accumulate(payloads, n, out, scale):
+    _threads()
     _decode_accumulate_kernel(payloads, n, out, np.float32(scale))
     return out
 
 
 def reduce_encode(payloads, n, out, scale, stochastic, seed, offset, residual):
+    _threads()
     has_res = residual is not None
     _reduce_encode_kernel(payloads, n, out, residual if has_res else _EMPTY_RES, has_res,
                           np.float32(scale), stochastic, fmt.stream_key(seed),
