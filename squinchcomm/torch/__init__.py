@@ -1,0 +1,50 @@
+"""Horovod-compatible PyTorch API: ``import squinchcomm.torch as hvd``.
+
+A drop-in for ``import horovod.torch as hvd`` with Squinch 6-bit gradient
+compression (``hvd.Compression.squinch``), over MPI (``mpirun``) or
+torch.distributed (``torchrun``).
+
+Example::
+
+    import torch
+    import squinchcomm.torch as hvd
+
+    hvd.init()
+    model = torch.nn.Linear(100, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01 * hvd.size())
+    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                   compression=hvd.Compression.squinch)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+
+Differences from Horovod: no Adasum/Min/Max/Product, no process sets, no
+``join`` (raises NotImplementedError: give every rank the same number of
+batches), no custom Compressor classes; collectives are matched by call
+order (every rank must issue the same collectives in the same order), not
+negotiated by name.
+"""
+
+from squinchcomm.torch._ops import (Adasum, Average, Max, Min, Product, Sum, TorchHandle,
+                                    allgather, allgather_async, allgather_object, allreduce,
+                                    allreduce_, allreduce_async, allreduce_async_, alltoall,
+                                    barrier, broadcast, broadcast_, broadcast_async,
+                                    broadcast_async_, broadcast_object,
+                                    broadcast_optimizer_state, broadcast_parameters,
+                                    communicator, cross_rank, cross_size, gloo_built,
+                                    grouped_allreduce, grouped_allreduce_,
+                                    grouped_allreduce_async, grouped_allreduce_async_, init,
+                                    is_initialized, join, local_rank, local_size, mpi_built,
+                                    nccl_built, poll, rank, reducescatter, shutdown, size,
+                                    synchronize)
+from squinchcomm.torch.compression import Compression, WireCompression
+from squinchcomm.torch.optimizer import DistributedOptimizer
+
+__all__ = ["init", "shutdown", "is_initialized", "communicator", "rank", "size", "local_rank",
+           "local_size", "cross_rank", "cross_size", "mpi_built", "gloo_built", "nccl_built",
+           "Average", "Sum", "Adasum", "Min", "Max", "Product", "Compression", "WireCompression",
+           "TorchHandle", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
+           "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async",
+           "grouped_allreduce_async_", "allgather", "allgather_async", "allgather_object",
+           "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "broadcast_object",
+           "reducescatter", "alltoall", "barrier", "join", "synchronize", "poll",
+           "broadcast_parameters", "broadcast_optimizer_state", "DistributedOptimizer"]

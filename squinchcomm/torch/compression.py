@@ -1,0 +1,111 @@
+"""Horovod-style compression choices: ``hvd.Compression.none | fp16 | bf16 | squinch``.
+
+Unlike Horovod's compressors, which cast the tensor before an uncompressed
+allreduce, these only *name* the wire format: the collective encodes on the
+wire and accumulates in fp32 (see :mod:`squinchcomm.collectives`), so the
+result keeps the input's dtype and the sum never happens in fp16.
+
+Example:
+    >>> import squinchcomm.torch as hvd                            # doctest: +SKIP
+    >>> hvd.allreduce(t, compression=hvd.Compression.squinch)      # doctest: +SKIP
+    >>> c = hvd.Compression.squinch_with(error_feedback=True, rounding="stochastic")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from squinchcomm.collectives import COMPRESSIONS
+
+__all__ = ["Compression", "WireCompression", "as_compression"]
+
+_ROUNDINGS = ("nearest", "stochastic")
+
+
+@dataclass(frozen=True)
+class WireCompression:
+    """A wire format plus the Squinch options that go with it.
+
+    Attributes:
+        name: "none", "fp16", "bf16" or "squinch".
+        error_feedback: keep per-tensor residuals (None: the communicator's default).
+        rounding: "nearest" | "stochastic" (None: the communicator's default).
+        hierarchical: reduce uncompressed inside a node first (None: default).
+    """
+
+    name: str
+    error_feedback: bool | None = None
+    rounding: str | None = None
+    hierarchical: bool | None = None
+
+    def __post_init__(self):
+        if self.name not in COMPRESSIONS:
+            raise ValueError(f"compression {self.name!r}: choose one of {', '.join(COMPRESSIONS)}")
+        if self.rounding is not None and self.rounding not in _ROUNDINGS:
+            raise ValueError(f"rounding={self.rounding!r}: choose 'nearest' or 'stochastic'")
+
+    # Horovod's Compressor interface, for code that calls it directly: the
+    # compression happens on the wire, so the tensor passes through unchanged.
+    @staticmethod
+    def compress(tensor):
+        """Return ``(tensor, None)``: the collective compresses on the wire."""
+        return tensor, None
+
+    @staticmethod
+    def decompress(tensor, ctx):
+        """Return ``tensor`` unchanged."""
+        return tensor
+
+    def __repr__(self):
+        opts = [f"{k}={getattr(self, k)!r}" for k in ("error_feedback", "rounding", "hierarchical")
+                if getattr(self, k) is not None]
+        return f"Compression.{self.name}" + (f"_with({', '.join(opts)})" if opts else "")
+
+
+class Compression:
+    """The compression choices, named like Horovod's ``hvd.Compression``.
+
+    ``none`` uses the engine's own fp32 allreduce; ``fp16``/``bf16`` send 2
+    bytes per element and sum in fp32; ``squinch`` sends 0.75 bytes per
+    element (6-bit blocks). Tensors smaller than the communicator's
+    ``min_compress_bytes`` (64 KiB by default) always go uncompressed.
+    """
+
+    none = WireCompression("none")
+    fp16 = WireCompression("fp16")
+    bf16 = WireCompression("bf16")
+    squinch = WireCompression("squinch")
+
+    @staticmethod
+    def squinch_with(error_feedback: bool | None = None, rounding: str | None = None,
+                     hierarchical: bool | None = None) -> WireCompression:
+        """Return Squinch compression with explicit options.
+
+        Args:
+            error_feedback: carry each tensor's quantization error into its
+                next allreduce (needs ``name=``; the optimizer names its buckets).
+            rounding: "nearest" or "stochastic" (unbiased).
+            hierarchical: sum inside a node uncompressed, compress across nodes.
+
+        Returns:
+            A :class:`WireCompression` to pass as ``compression=``.
+
+        Example:
+            >>> Compression.squinch_with(error_feedback=True, rounding="stochastic")
+            Compression.squinch_with(error_feedback=True, rounding='stochastic')
+        """
+        return WireCompression("squinch", error_feedback, rounding, hierarchical)
+
+
+def as_compression(compression) -> WireCompression:
+    """Return ``compression`` as a :class:`WireCompression` (also accepts the
+    strings "none", "fp16", "bf16", "squinch" and None for none)."""
+    if compression is None:
+        return Compression.none
+    if isinstance(compression, WireCompression):
+        return compression
+    if isinstance(compression, str):
+        return WireCompression(compression)
+    raise ValueError(f"compression={compression!r} is not supported: pass hvd.Compression.none, "
+                     ".fp16, .bf16, .squinch or Compression.squinch_with(...) (custom Horovod "
+                     "Compressor classes are not supported)")

@@ -1,0 +1,401 @@
+"""``hvd.DistributedOptimizer``: gradient allreduce overlapped with backward.
+
+How it works, step by step:
+
+1. At construction, the trainable parameters are cut into static buckets in
+   reverse registration order (gradients of the last layers arrive first,
+   as in DDP), one dtype and device per bucket, closed when the next
+   parameter would exceed ``fusion_threshold`` bytes. Each bucket has a
+   stable name (``bucket{i}.{dtype}``), so its error-feedback residual stays
+   attached to the same elements step after step.
+2. A ``register_post_accumulate_grad_hook`` on every parameter counts the
+   backward passes; when a parameter has accumulated
+   ``backward_passes_per_step`` gradients it is ready, and when all of a
+   bucket's parameters are ready the bucket's gradients are copied into its
+   flat buffer and an asynchronous allreduce starts. Buckets start strictly
+   in index order, so every rank issues the same collectives in the same
+   order even when some parameters get no gradient on some ranks.
+3. Later hooks poll the buckets in flight (a Handle only advances inside
+   ``test()``/``wait()``), so communication proceeds during backward.
+4. ``step()`` (or ``synchronize()``) starts the buckets not started yet
+   (missing gradients count as zeros, like Horovod), waits for all, copies
+   the results into ``p.grad`` and then runs the wrapped optimizer's step.
+
+Example::
+
+    import squinchcomm.torch as hvd
+    hvd.init()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01 * hvd.size())
+    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                   compression=hvd.Compression.squinch)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    for x, y in loader:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import torch
+
+from squinchcomm import config
+from squinchcomm.torch import _ops
+from squinchcomm.torch.compression import Compression, as_compression
+
+__all__ = ["DistributedOptimizer", "DEFAULT_FUSION_THRESHOLD"]
+
+#: Bucket size cap in bytes when neither ``fusion_threshold`` nor
+#: ``SQUINCHCOMM_FUSION_THRESHOLD`` is given (Horovod's default fusion buffer).
+DEFAULT_FUSION_THRESHOLD = 64 * 1024 * 1024
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _Bucket:
+    """Parameters reduced together through one flat buffer."""
+
+    def __init__(self, index: int, dtype: torch.dtype, device: torch.device):
+        self.index, self.dtype, self.device = index, dtype, device
+        self.name = f"bucket{index}.{str(dtype).replace('torch.', '')}"
+        self.params: list[torch.Tensor] = []
+        self.offsets: list[int] = []
+        self.numel = 0
+        self.buffer: torch.Tensor | None = None  # allocated on first use, then reused
+        self.ready = 0
+        self.op = None  # the queued allreduce (squinchcomm.torch._ops._Op)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def add(self, p: torch.Tensor):
+        self.params.append(p)
+        self.offsets.append(self.numel)
+        self.numel += p.numel()
+
+
+class _DistributedOptimizer:
+    """Mixin placed before the wrapped optimizer's class (see :func:`DistributedOptimizer`)."""
+
+    # ------------------------------------------------------------ setup
+    def _sq_setup(self, named_parameters, compression, backward_passes_per_step, op,
+                  gradient_predivide_factor, fusion_threshold, communicator, sparse_as_dense):
+        base = communicator if communicator is not None else _ops.communicator()
+        self._sq_compression = as_compression(compression)
+        op_name = _ops._op(None, op)
+        if gradient_predivide_factor != 1.0 and op_name != "average":
+            raise ValueError("gradient_predivide_factor is only defined for op=hvd.Average: "
+                             "drop it or use op=hvd.Average")
+        if int(backward_passes_per_step) < 1:
+            raise ValueError(f"backward_passes_per_step={backward_passes_per_step}: pass an "
+                             "integer >= 1")
+        self._sq_op = op_name
+        self._sq_bpps = int(backward_passes_per_step)
+        # Horovod: prescale by 1/f, then the average divides by size and multiplies by f.
+        f = float(gradient_predivide_factor)
+        self._sq_prescale, self._sq_postscale = (1.0 / f, f) if op_name == "average" else (1.0, 1.0)
+        self._sq_sparse_as_dense = bool(sparse_as_dense)
+        threshold = (config.env_int("FUSION_THRESHOLD", DEFAULT_FUSION_THRESHOLD)
+                     if fusion_threshold is None else int(fusion_threshold))
+        if threshold < 0:
+            raise ValueError(f"fusion_threshold={fusion_threshold}: pass bytes >= 0 (0: one "
+                             "bucket per parameter)")
+
+        params, seen = [], set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        self._sq_names = self._sq_name_params(named_parameters, params)
+        trainable = [p for p in params if p.requires_grad]
+        for p in trainable:
+            if p.dtype not in _DTYPES:
+                raise ValueError(f"parameter '{self._sq_names[id(p)]}' is {p.dtype}: "
+                                 "DistributedOptimizer reduces float32/float16/bfloat16 "
+                                 "parameters; cast the model (model.float())")
+
+        # Step 1: static buckets in reverse registration order.
+        self._sq_buckets: list[_Bucket] = []
+        open_buckets: dict[tuple, _Bucket] = {}
+        for p in reversed(trainable):
+            key = (p.device, p.dtype)
+            b = open_buckets.get(key)
+            if b is not None and b.params and b.nbytes + p.numel() * p.element_size() > threshold:
+                b = None
+            if b is None:
+                b = _Bucket(len(self._sq_buckets), p.dtype, p.device)
+                self._sq_buckets.append(b)
+                open_buckets[key] = b
+            b.add(p)
+        self._sq_slot = {id(p): (b, i) for b in self._sq_buckets for i, p in enumerate(b.params)}
+        self._sq_delay = {id(p): self._sq_bpps for p in trainable}
+        self._sq_next = 0  # the next bucket to start (buckets start in index order)
+
+        # One check of the bucket layout now replaces a metadata check per allreduce.
+        if base.check_metadata:
+            layout = [(b.name, b.numel, [self._sq_names[id(p)] for p in b.params])
+                      for b in self._sq_buckets]
+            _ops._metas(base, "DistributedOptimizer", {"buckets": layout, "op": op_name,
+                                                       "compression": repr(self._sq_compression),
+                                                       "bpps": self._sq_bpps}, (
+                "buckets", "op", "compression", "bpps"))
+        self._sq_comm = _ops.variant(base, self._sq_compression, private=True)
+        self._sq_queue = _ops.queue(base)
+
+        self._sq_should_synchronize = True
+        self._sq_synchronized = False
+        self._sq_hooks = [p.register_post_accumulate_grad_hook(self._sq_hook) for p in trainable]
+
+    @staticmethod
+    def _sq_name_params(named_parameters, params) -> dict[int, str]:
+        if named_parameters is None:
+            return {id(p): f"allreduce.noname.{i}" for i, p in enumerate(params)}
+        named = list(named_parameters)
+        bad = [x for x in named if not (isinstance(x, tuple) and len(x) == 2
+                                        and isinstance(x[0], str) and torch.is_tensor(x[1]))]
+        if bad:
+            raise ValueError("named_parameters must be (name, parameter) pairs, e.g. "
+                             f"model.named_parameters(); got {type(bad[0]).__name__} entries")
+        names = [n for n, _ in named]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"parameter names must be unique; duplicated: {', '.join(dups)}. "
+                             "Pass model.named_parameters() (or prefix each model's names)")
+        by_id = {id(p): n for n, p in named}
+        missing = [i for i, p in enumerate(params) if id(p) not in by_id]
+        if missing:
+            shapes = ", ".join(f"#{i} shape {tuple(params[i].shape)}" for i in missing[:8])
+            raise ValueError(f"named_parameters does not name {len(missing)} of the optimizer's "
+                             f"parameters ({shapes}{', ...' if len(missing) > 8 else ''}): pass "
+                             "named_parameters covering every parameter the optimizer holds "
+                             "(model.named_parameters() of the same model)")
+        return by_id
+
+    # ------------------------------------------------------------ hooks
+    def _sq_hook(self, p: torch.Tensor):
+        # Step 2: count this parameter's backward passes; start ready buckets in order.
+        self._sq_synchronized = False
+        key = id(p)
+        if self._sq_delay[key] <= 0:
+            raise ValueError(f"parameter '{self._sq_names[key]}' got more than "
+                             f"backward_passes_per_step={self._sq_bpps} gradients before step(): "
+                             "increase backward_passes_per_step or call step() in between")
+        self._sq_delay[key] -= 1
+        if self._sq_delay[key] == 0:
+            bucket, _ = self._sq_slot[key]
+            bucket.ready += 1
+            while (self._sq_next < len(self._sq_buckets) and
+                   self._sq_buckets[self._sq_next].ready == len(self._sq_buckets[self._sq_next].params)):
+                self._sq_start(self._sq_buckets[self._sq_next])
+                self._sq_next += 1
+        # Step 3: progress the buckets in flight while backward continues.
+        self._sq_queue.progress()
+
+    def _sq_start(self, b: _Bucket):
+        """Copy the bucket's gradients into its buffer and start its allreduce."""
+        with torch.no_grad():
+            if b.buffer is None:
+                b.buffer = torch.empty(b.numel, dtype=b.dtype, device=b.device)
+            for p, off in zip(b.params, b.offsets):
+                g = p.grad
+                n = p.numel()
+                if g is None:  # unused on this rank: contribute zeros (all ranks stay in step)
+                    b.buffer[off:off + n].zero_()
+                    continue
+                if g.is_sparse:
+                    if not self._sq_sparse_as_dense:
+                        raise ValueError(f"parameter '{self._sq_names[id(p)]}' has a sparse "
+                                         "gradient: pass sparse_as_dense=True")
+                    g = g.to_dense()
+                b.buffer[off:off + n].copy_(g.reshape(-1))
+            # Queued, not started directly: collectives must start in the same order on
+            # every rank, whatever the timing of each rank's polls (see _ops._Queue).
+            b.op = self._sq_queue.submit(_ops._Op(functools.partial(
+                self._sq_comm.allreduce_async, b.buffer, out=b.buffer, op=self._sq_op,
+                compression=self._sq_compression.name, name=b.name,
+                error_feedback=self._sq_compression.error_feedback,
+                prescale=self._sq_prescale, postscale=self._sq_postscale), b.buffer))
+
+    # ------------------------------------------------------------ public API
+    def synchronize(self):
+        """Finish the gradient allreduce now: ``p.grad`` holds the reduced
+        gradients afterwards (e.g. to clip them), then call ``step()`` inside
+        :meth:`skip_synchronize`.
+
+        Example:
+            >>> loss.backward()                                    # doctest: +SKIP
+            >>> optimizer.synchronize()
+            >>> torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            >>> with optimizer.skip_synchronize():
+            ...     optimizer.step()
+        """
+        # Step 4: start the rest in index order, wait for all, copy back.
+        while self._sq_next < len(self._sq_buckets):
+            self._sq_start(self._sq_buckets[self._sq_next])
+            self._sq_next += 1
+        with torch.no_grad():
+            for b in self._sq_buckets:
+                self._sq_queue.wait(b.op)
+                b.op = None
+                for p, off in zip(b.params, b.offsets):
+                    reduced = b.buffer[off:off + p.numel()].view_as(p)
+                    if p.grad is None or p.grad.is_sparse:
+                        p.grad = reduced.clone()
+                    else:
+                        p.grad.copy_(reduced)
+                b.ready = 0
+        for key in self._sq_delay:
+            self._sq_delay[key] = self._sq_bpps
+        self._sq_next = 0
+        self._sq_synchronized = True
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        """Within this context ``step()`` does not synchronize (call
+        :meth:`synchronize` yourself first)."""
+        self._sq_should_synchronize = False
+        try:
+            yield
+        finally:
+            self._sq_should_synchronize = True
+
+    def step(self, closure=None):
+        """Reduce the gradients (unless already synchronized) and take the
+        wrapped optimizer's step."""
+        if self._sq_should_synchronize:
+            if self._sq_synchronized:
+                # Horovod reduces again here; the gradients are already reduced
+                # (identical on every rank), so we skip the second, lossy round.
+                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
+                              "after optimizer.synchronize(): wrap step() in "
+                              "`with optimizer.skip_synchronize():`", stacklevel=2)
+            else:
+                self.synchronize()
+        self._sq_synchronized = False
+        return super().step(closure)
+
+    def zero_grad(self, set_to_none: bool = True):
+        """Clear the gradients; ValueError while gradients await their allreduce."""
+        pending = any(b.op is not None for b in self._sq_buckets) or any(
+            d != self._sq_bpps for d in self._sq_delay.values())
+        if pending:
+            raise ValueError("optimizer.zero_grad() was called after loss.backward() but before "
+                             "optimizer.step() or optimizer.synchronize(): call zero_grad() "
+                             "before backward (or synchronize() first)")
+        return super().zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        """The wrapped optimizer's state plus this rank's error-feedback
+        residuals under ``"squinchcomm"`` (save one file per rank to resume
+        bit-exactly; a rank-0-only checkpoint resumes with fresh residuals)."""
+        sd = super().state_dict()
+        ef = self._sq_comm.error_feedback.state_dict()
+        sd["squinchcomm"] = {
+            "rank": self._sq_comm.rank, "size": self._sq_comm.size,
+            # torch tensors, not NumPy arrays: torch.load(weights_only=True) accepts them.
+            "error_feedback": {k: {**e, "residual": torch.from_numpy(e["residual"]),
+                                   "shard_residual": torch.from_numpy(e["shard_residual"])}
+                               for k, e in ef.items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Restore the wrapped optimizer's state and, when saved by this rank
+        at this world size, the error-feedback residuals (else they restart
+        from zero, with a warning)."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("squinchcomm", None)
+        super().load_state_dict(state_dict)
+        if extra is None:
+            return  # e.g. from broadcast_optimizer_state: keep this rank's residuals
+        ef = self._sq_comm.error_feedback
+        ef.reset()
+        if extra["rank"] != self._sq_comm.rank or extra["size"] != self._sq_comm.size:
+            warnings.warn(f"error-feedback residuals were saved by rank {extra['rank']} of "
+                          f"{extra['size']}, this is rank {self._sq_comm.rank} of "
+                          f"{self._sq_comm.size}: they restart from zero (save one optimizer "
+                          "state per rank to resume exactly)", stacklevel=2)
+            return
+        ef.load_state_dict({k: {**e, "residual": _numpy(e["residual"]),
+                                "shard_residual": _numpy(e["shard_residual"])}
+                            for k, e in extra["error_feedback"].items()},
+                           world=self._sq_comm.size)
+
+    @property
+    def error_feedback(self):
+        """This optimizer's :class:`~squinchcomm.collectives.ErrorFeedback` state."""
+        return self._sq_comm.error_feedback
+
+    def remove_hooks(self):
+        """Unregister the gradient hooks (the optimizer stops reducing)."""
+        for h in self._sq_hooks:
+            h.remove()
+        self._sq_hooks = []
+
+
+def _numpy(t):
+    return t.detach().cpu().numpy() if torch.is_tensor(t) else t
+
+
+def DistributedOptimizer(optimizer, named_parameters=None, compression=Compression.none,
+                         backward_passes_per_step=1, op=_ops.Average,
+                         gradient_predivide_factor=1.0, fusion_threshold=None, num_groups=0,
+                         groups=None, sparse_as_dense=False, process_set=None,
+                         communicator=None):
+    """Wrap ``optimizer`` so that ``step()`` uses gradients averaged over all ranks.
+
+    The result is an instance of a subclass of ``optimizer``'s class sharing
+    its param_groups, state and hooks (isinstance checks, LR schedulers and
+    GradScaler keep working); the original object should not be used again.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer``.
+        named_parameters: ``model.named_parameters()``; names must be unique
+            and cover every parameter of the optimizer (None: generated names).
+        compression: ``hvd.Compression.none | fp16 | bf16 | squinch`` or
+            ``hvd.Compression.squinch_with(error_feedback=..., rounding=...,
+            hierarchical=...)``.
+        backward_passes_per_step: backward passes accumulated locally before
+            each reduction (gradients are summed over the passes).
+        op: ``hvd.Average`` or ``hvd.Sum`` (Adasum: ValueError).
+        gradient_predivide_factor: divide by f before the sum and by size/f
+            after (Average only).
+        fusion_threshold: bucket size cap in bytes (default
+            ``SQUINCHCOMM_FUSION_THRESHOLD`` or 64 MiB; 0: one per parameter).
+        num_groups, groups: Horovod's explicit grouping; not supported (use
+            fusion_threshold); must be left at their defaults.
+        sparse_as_dense: densify sparse gradients instead of raising.
+        process_set: not supported (None).
+        communicator: the Communicator to use (default: the one from hvd.init()).
+
+    Returns:
+        The wrapped optimizer.
+
+    Example:
+        >>> opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                                named_parameters=model.named_parameters(),
+        ...                                compression=hvd.Compression.squinch)  # doctest: +SKIP
+    """
+    if isinstance(optimizer, _DistributedOptimizer):
+        raise ValueError("this optimizer is already a DistributedOptimizer: wrap the plain one once")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if num_groups or groups is not None:
+        raise ValueError("num_groups/groups are not supported: buckets are built by size; "
+                         "set fusion_threshold (bytes) instead")
+    _ops._check_process_set(process_set)
+    cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__),
+               {"__module__": optimizer.__class__.__module__})
+    wrapped = cls.__new__(cls)
+    # Share the original's param_groups, state, defaults and hooks (no re-construction:
+    # works for optimizers whose __init__ needs arguments, and keeps loaded state).
+    wrapped.__dict__.update(optimizer.__dict__)
+    wrapped._sq_setup(named_parameters, compression, backward_passes_per_step, op,
+                      gradient_predivide_factor, fusion_threshold, communicator, sparse_as_dense)
+    return wrapped

@@ -1,0 +1,485 @@
+"""``squinchcomm.torch`` (the Horovod-compatible API) across real ranks.
+
+Run: ``mpirun -n N python -m mpi4py -m pytest --with-mpi tests/mpi`` (N = 1..4,
+tests/test_mpi_suites.py does it), over MPI or, with
+``SQUINCHCOMM_TEST_TRANSPORT=torch``, over a torch.distributed gloo group.
+Inputs derive from (seed, rank), so every rank computes every other rank's
+gradient locally and checks the reduced result against the exact average
+within the Squinch bound (nearest rounding errs by < 0.0762 of the block
+maximum, once per quantization, two quantizations per allreduce).
+"""
+
+import copy
+import hashlib
+import io
+import math
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.mpi
+MPI = pytest.importorskip("mpi4py.MPI")
+torch = pytest.importorskip("torch")
+
+import squinchcomm.torch as hvd  # noqa: E402
+
+Q = 0.0762  # worst-case nearest-rounding error / block max
+
+
+@pytest.fixture(scope="module")
+def world():
+    """hvd initialized over MPI, or over torch.distributed gloo when
+    SQUINCHCOMM_TEST_TRANSPORT=torch (mpirun only launches the ranks then).
+    min_compress_bytes=0 so the tiny test tensors really are compressed."""
+    if os.environ.get("SQUINCHCOMM_TEST_TRANSPORT", "mpi") == "torch":
+        from squinchcomm.transport.torch_dist import init_process_group_from_env
+
+        init_process_group_from_env(backend="gloo")
+        hvd.init("torch", min_compress_bytes=0, timeout=60)
+    else:
+        hvd.init(MPI.COMM_WORLD.Dup(), min_compress_bytes=0, timeout=60)
+    yield hvd.communicator()
+    hvd.shutdown()
+
+
+# ----------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------
+def block_max(x):
+    x = np.asarray(x, np.float64)
+    pad = np.zeros(-x.size % 8)
+    return np.repeat(np.abs(np.concatenate([x, pad])).reshape(-1, 8).max(axis=1), 8)[: x.size]
+
+
+def squinch_bound(xs, scale):
+    """Per-element bound of a two-stage Squinch allreduce of the flat inputs ``xs``."""
+    mag = sum(np.abs(v) for v in xs) * scale
+    first = Q * sum(block_max(v) for v in xs) * scale
+    return first + Q * block_max(mag + first) + 1e-7 * mag + 1e-30
+
+
+def digest(*tensors):
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def assert_same_everywhere(*tensors):
+    assert len(set(hvd.allgather_object(digest(*tensors)))) == 1, "ranks differ"
+
+
+def batch(seed, r, n=6):
+    g = torch.Generator().manual_seed(1000 * seed + r)
+    return torch.randn(n, 12, generator=g), torch.randn(n, 4, generator=g)
+
+
+class Net(torch.nn.Module):
+    def __init__(self, unused=False):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(),
+                                       torch.nn.Linear(16, 4))
+        if unused:
+            self.unused = torch.nn.Linear(3, 3)        # never used anywhere
+            self.rank0_only = torch.nn.Linear(12, 4)   # used on rank 0 only
+            self.frozen = torch.nn.Linear(2, 2)
+            self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def make_model(seed=0, unused=False):
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    return Net(unused)
+
+
+def loss_fn(m, x, y):
+    return ((m(x) - y) ** 2).sum()
+
+
+def local_grads(model, seed, r, passes=1):
+    """Rank r's gradient (summed over ``passes`` batches), computed here."""
+    m = copy.deepcopy(model)
+    m.zero_grad()
+    for k in range(passes):
+        loss_fn(m, *batch(seed + k, r)).backward()
+    return {n: p.grad.detach().clone() for n, p in m.named_parameters()}
+
+
+def bucket_flats(opt, names, grads_by_name):
+    """The flat fp64 vector of every bucket, built from per-name gradients."""
+    return [np.concatenate([grads_by_name[names[id(p)]].double().reshape(-1).numpy()
+                            for p in b.params]) for b in opt._sq_buckets]
+
+
+def check_reduced_grads(world, model, opt, ref_per_rank, compression):
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {n: p.grad for n, p in model.named_parameters()}
+    got_flat = bucket_flats(opt, names, got)
+    per_rank = [bucket_flats(opt, names, g) for g in ref_per_rank]
+    for i, y in enumerate(got_flat):
+        xs = [pr[i] for pr in per_rank]
+        ref = sum(xs) / world.size
+        if compression == "none":
+            bound = 1e-6 * sum(np.abs(v) for v in xs) / world.size + 1e-30
+        else:
+            bound = squinch_bound(xs, 1 / world.size)
+        assert np.all(np.abs(y - ref) <= bound), f"bucket {i}: max err {np.abs(y - ref).max()}"
+
+
+# ----------------------------------------------------------------------------
+# DistributedOptimizer
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("compression", ["none", "squinch"])
+def test_gradients_match_exact_average(world, compression):
+    model = make_model()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(),
+                                   compression=getattr(hvd.Compression, compression),
+                                   fusion_threshold=300)  # several buckets
+    assert len(opt._sq_buckets) > 1 and isinstance(opt, torch.optim.SGD)
+    refs = [local_grads(model, 1, r) for r in range(world.size)]
+    opt.zero_grad()
+    loss_fn(model, *batch(1, world.rank)).backward()
+    opt.synchronize()
+    check_reduced_grads(world, model, opt, refs, compression)
+    assert_same_everywhere(*[p.grad for p in model.parameters()])
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.skip_synchronize():
+        opt.step()
+    for b, p in zip(before, model.parameters()):
+        assert torch.allclose(p.detach(), b - 0.1 * p.grad, rtol=1e-6, atol=1e-8)
+    opt.remove_hooks()
+
+
+def test_parameters_bit_identical_after_many_steps(world):
+    model = make_model(seed=3)
+    comp = hvd.Compression.squinch_with(error_feedback=True, rounding="stochastic")
+    opt = hvd.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2),
+                                   named_parameters=model.named_parameters(), compression=comp,
+                                   fusion_threshold=512)
+    for step in range(8):
+        opt.zero_grad()
+        loss_fn(model, *batch(10 + step, world.rank)).backward()
+        opt.step()
+    assert_same_everywhere(*model.parameters())
+    assert opt.error_feedback.state  # residuals exist, one entry per bucket
+    assert len(opt.error_feedback.state) == len(opt._sq_buckets)
+    opt.remove_hooks()
+
+
+def test_backward_passes_per_step_equals_concatenated_batch(world):
+    model = make_model(seed=4)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(),
+                                   compression=hvd.Compression.squinch,
+                                   backward_passes_per_step=2)
+    opt.zero_grad()
+    for k in range(2):
+        loss_fn(model, *batch(20 + k, world.rank)).backward()
+    opt.synchronize()
+    # Reference: one pass over the two batches concatenated (sum loss: gradients add).
+    refs = []
+    for r in range(world.size):
+        m = copy.deepcopy(model)
+        m.zero_grad()
+        xs, ys = zip(*(batch(20 + k, r) for k in range(2)))
+        loss_fn(m, torch.cat(xs), torch.cat(ys)).backward()
+        refs.append({n: p.grad.detach().clone() for n, p in m.named_parameters()})
+    check_reduced_grads(world, model, opt, refs, "squinch")
+    with opt.skip_synchronize():
+        opt.step()
+    # A third pass before step() is a misuse Horovod also rejects.
+    opt.zero_grad()
+    for k in range(2):
+        loss_fn(model, *batch(30 + k, world.rank)).backward()
+    with pytest.raises(ValueError, match="backward_passes_per_step"):
+        loss_fn(model, *batch(32, world.rank)).backward()
+    opt.remove_hooks()
+
+
+def test_skip_synchronize_with_clipping(world):
+    model = make_model(seed=5)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
+                                   named_parameters=model.named_parameters())
+    opt.zero_grad()
+    loss_fn(model, *batch(40, world.rank)).backward()
+    opt.synchronize()
+    with pytest.raises(ValueError, match="zero_grad"):
+        opt._sq_buckets[0].op = object()  # a bucket still in flight
+        opt.zero_grad()
+    opt._sq_buckets[0].op = None
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.01)
+    assert total > 0.01  # clipping really happened
+    clipped = [p.grad.clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.skip_synchronize():
+        opt.step()
+    for b, g, p in zip(before, clipped, model.parameters()):
+        assert torch.allclose(p.detach(), b - 0.5 * g, rtol=1e-6, atol=1e-8)  # clipped gradients, not re-reduced
+    assert_same_everywhere(*model.parameters())
+    # step() right after synchronize() without the context warns (Horovod's warning).
+    opt.zero_grad()
+    loss_fn(model, *batch(41, world.rank)).backward()
+    opt.synchronize()
+    with pytest.warns(UserWarning, match="skip_synchronize"):
+        opt.step()
+    opt.remove_hooks()
+
+
+def test_unused_and_frozen_parameters(world):
+    model = make_model(seed=6, unused=True)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(), fusion_threshold=0)
+    x, y = batch(50, world.rank)
+    opt.zero_grad()
+    loss = loss_fn(model, x, y)
+    if world.rank == 0:
+        loss = loss + model.rank0_only(x).square().sum()
+    loss.backward()
+    opt.synchronize()
+    assert torch.equal(model.unused.weight.grad, torch.zeros(3, 3))
+    assert model.frozen.weight.grad is None  # requires_grad=False: never reduced
+    m0 = copy.deepcopy(model)
+    m0.rank0_only(batch(50, 0)[0]).square().sum().backward()
+    ref = m0.rank0_only.weight.grad / world.size
+    assert torch.allclose(model.rank0_only.weight.grad, ref, rtol=1e-5, atol=1e-7)
+    with opt.skip_synchronize():
+        opt.step()
+    assert_same_everywhere(*[p for p in model.parameters() if p.requires_grad])
+    opt.remove_hooks()
+
+
+def test_state_dict_restores_residuals_bit_identically(world):
+    comp = hvd.Compression.squinch_with(error_feedback=True)
+
+    def build():
+        model = make_model(seed=7)
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                       named_parameters=model.named_parameters(),
+                                       compression=comp, fusion_threshold=400)
+        return model, opt
+
+    def train(model, opt, steps):
+        for s in steps:
+            opt.zero_grad()
+            loss_fn(model, *batch(60 + s, world.rank)).backward()
+            opt.step()
+
+    model, opt = build()
+    train(model, opt, range(3))
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    assert any(float(e["residual"].abs().sum()) > 0
+               for e in opt.state_dict()["squinchcomm"]["error_feedback"].values())
+    train(model, opt, [3])
+    expected = digest(*model.parameters())
+    opt.remove_hooks()
+
+    for restore_residuals in (True, False):
+        model2, opt2 = build()
+        buf.seek(0)
+        ckpt = torch.load(buf, weights_only=True)
+        model2.load_state_dict(ckpt["model"])
+        if not restore_residuals:
+            del ckpt["opt"]["squinchcomm"]
+        opt2.load_state_dict(ckpt["opt"])
+        train(model2, opt2, [3])
+        same = digest(*model2.parameters()) == expected
+        assert same == restore_residuals  # without the residuals the step differs
+        opt2.remove_hooks()
+
+
+def test_non_finite_gradients_reach_every_rank(world):
+    """AMP: an inf/NaN gradient on one rank must make every rank's reduced
+    gradient non-finite, so GradScaler skips the step everywhere."""
+    model = make_model(seed=9)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(),
+                                   compression=hvd.Compression.squinch)
+    x, y = batch(80, world.rank)
+    if world.rank == 0:
+        x[0, 0] = float("inf")
+    loss_fn(model, x, y).backward()
+    opt.synchronize()
+    assert not torch.isfinite(model.net[0].weight.grad).all()
+    assert_same_everywhere(torch.isfinite(model.net[0].weight.grad))
+    opt.remove_hooks()
+
+
+def test_misuse_errors(world):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    named = list(model.named_parameters())
+    dup = [("w", named[0][1]), ("w", named[1][1])] + named[2:]
+    with pytest.raises(ValueError, match="duplicated: w"):
+        hvd.DistributedOptimizer(opt, named_parameters=dup)
+    with pytest.raises(ValueError, match="does not name 1 of"):
+        hvd.DistributedOptimizer(opt, named_parameters=named[:-1])
+    with pytest.raises(ValueError, match="Adasum"):
+        hvd.DistributedOptimizer(opt, named_parameters=named, op=hvd.Adasum)
+    with pytest.raises(ValueError, match="gradient_predivide_factor"):
+        hvd.DistributedOptimizer(opt, named_parameters=named, op=hvd.Sum,
+                                 gradient_predivide_factor=2.0)
+    with pytest.raises(ValueError, match="Adasum"):
+        hvd.allreduce(torch.ones(3), op=hvd.Adasum)
+    with pytest.raises(ValueError, match="Compression"):
+        hvd.allreduce(torch.ones(3), compression=object())
+    with pytest.raises(NotImplementedError, match="join"):
+        hvd.join()
+    # None of the failed constructions left hooks behind.
+    loss_fn(model, *batch(0, world.rank)).backward()
+
+
+def test_gradient_predivide_and_sum(world):
+    model = make_model(seed=8)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(),
+                                   gradient_predivide_factor=2.0)
+    refs = [local_grads(model, 70, r) for r in range(world.size)]
+    loss_fn(model, *batch(70, world.rank)).backward()
+    opt.synchronize()
+    check_reduced_grads(world, model, opt, refs, "none")
+    opt.remove_hooks()
+
+
+# ----------------------------------------------------------------------------
+# Functional API
+# ----------------------------------------------------------------------------
+def rdata(seed, r, n, dtype=torch.float32):
+    g = torch.Generator().manual_seed(7919 * seed + r)
+    return (torch.randn(n, generator=g) * 0.01).to(dtype)
+
+
+def test_allreduce_variants(world):
+    n = 1001
+    xs = [rdata(1, r, n).double().numpy() for r in range(world.size)]
+    x = rdata(1, world.rank, n)
+    avg = hvd.allreduce(x, name="x")
+    assert np.allclose(avg.numpy(), sum(xs) / world.size, rtol=1e-5, atol=1e-9)
+    s = hvd.allreduce(x, op=hvd.Sum, prescale_factor=2.0, postscale_factor=0.5)
+    assert np.allclose(s.numpy(), sum(xs), rtol=1e-5, atol=1e-9)
+    q = hvd.allreduce(x, compression=hvd.Compression.squinch)
+    assert np.all(np.abs(q.numpy() - sum(xs) / world.size) <= squinch_bound(xs, 1 / world.size))
+    assert_same_everywhere(q)
+    assert torch.equal(x, rdata(1, world.rank, n))  # out of place: input untouched
+    y = x.clone()
+    assert hvd.allreduce_(y, op=hvd.Sum) is y and np.allclose(y.numpy(), sum(xs), rtol=1e-5)
+    # Horovod accepts integer and float64 tensors: exact sums.
+    i = hvd.allreduce(torch.tensor([world.rank, 1]), op=hvd.Sum)
+    assert i.dtype == torch.int64 and i.tolist() == [world.size * (world.size - 1) // 2, world.size]
+    d = hvd.allreduce(torch.tensor([float(world.rank)], dtype=torch.float64))
+    assert d.dtype == torch.float64 and d.item() == (world.size - 1) / 2
+    h = hvd.allreduce(rdata(2, world.rank, 64, torch.bfloat16),
+                      compression=hvd.Compression.bf16)
+    assert h.dtype == torch.bfloat16
+
+
+def test_async_synchronize_and_poll(world):
+    n = 5000
+    xs = [rdata(3, r, n).double().numpy() for r in range(world.size)]
+    handles = [hvd.allreduce_async(rdata(3, world.rank, n), op=hvd.Sum,
+                                   compression=hvd.Compression.squinch_with(error_feedback=True),
+                                   name="async"),
+               hvd.allreduce_async_(rdata(3, world.rank, n), op=hvd.Sum)]
+    while not all([hvd.poll(h) for h in handles]):
+        pass
+    q, exact = [hvd.synchronize(h) for h in handles]
+    assert np.allclose(exact.numpy(), sum(xs), rtol=1e-5, atol=1e-9)
+    assert np.all(np.abs(q.numpy() - sum(xs)) <= squinch_bound(xs, 1.0))
+    assert hvd.poll(handles[0]) and hvd.synchronize(handles[0]) is q
+
+
+def test_grouped_allreduce(world):
+    shapes = [(3, 5), (7,), (2, 2, 2)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32]
+    mine = [rdata(4 + k, world.rank, math.prod(s), dt).reshape(s)
+            for k, (s, dt) in enumerate(zip(shapes, dtypes))]
+    out = hvd.grouped_allreduce(mine, op=hvd.Sum)
+    for k, (o, s, dt) in enumerate(zip(out, shapes, dtypes)):
+        ref = sum(rdata(4 + k, r, math.prod(s), dt).double() for r in range(world.size))
+        assert o.shape == s and o.dtype == dt
+        tol = 1e-5 if dt == torch.float32 else 1e-2
+        assert torch.allclose(o.double().reshape(-1), ref, rtol=tol, atol=1e-6)
+    inplace = [t.clone() for t in mine]
+    hvd.grouped_allreduce_(inplace, op=hvd.Sum)
+    assert all(torch.equal(a, b) for a, b in zip(inplace, out))
+
+
+def test_allgather_broadcast_and_objects(world):
+    rows = world.rank + 1
+    x = torch.arange(rows * 3, dtype=torch.int32).reshape(rows, 3) + 100 * world.rank
+    g = hvd.allgather(x)
+    ref = torch.cat([torch.arange((r + 1) * 3, dtype=torch.int32).reshape(r + 1, 3) + 100 * r
+                     for r in range(world.size)])
+    assert torch.equal(g, ref)
+    root = world.size - 1
+    for dtype in (torch.float32, torch.bfloat16, torch.int64, torch.bool):
+        t = (rdata(5, world.rank, 17) > 0 if dtype == torch.bool
+             else (rdata(5, world.rank, 17) * 1000).to(dtype))
+        expect = (rdata(5, root, 17) > 0 if dtype == torch.bool
+                  else (rdata(5, root, 17) * 1000).to(dtype))
+        b = hvd.broadcast(t, root_rank=root)
+        assert torch.equal(b, expect)
+        assert hvd.broadcast_(t, root) is t and torch.equal(t, expect)
+    nc = torch.zeros(4, 6)[:, ::2]  # non-contiguous, in place
+    if world.rank == 0:
+        nc += 7
+    hvd.broadcast_(nc, 0)
+    assert torch.equal(nc, torch.full((4, 3), 7.0))
+    obj = {"epoch": 3, "rank": world.rank, "blob": b"x" * 1000}
+    got = hvd.broadcast_object(obj, root_rank=root)
+    assert got == {"epoch": 3, "rank": root, "blob": b"x" * 1000}
+    assert hvd.allgather_object(world.rank) == list(range(world.size))
+
+
+def test_broadcast_parameters_and_optimizer_state(world):
+    torch.manual_seed(100 + world.rank)  # different weights on every rank
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01 * (world.rank + 1))
+    if world.rank == 0:  # only the root has taken a step: others have empty state
+        model(torch.randn(8, 5)).sum().backward()
+        opt.step()
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    sd = model.state_dict()
+    assert_same_everywhere(*[sd[k] for k in sorted(sd)])  # incl. num_batches_tracked (int64)
+    assert opt.param_groups[0]["lr"] == 0.01
+    state = [opt.state[p] for p in model.parameters()]
+    assert all(s for s in state)
+    assert_same_everywhere(*[s[k] for s in state for k in ("exp_avg", "exp_avg_sq", "step")])
+    # named_parameters form (a generator) is accepted too.
+    torch.manual_seed(200 + world.rank)
+    m2 = torch.nn.Linear(3, 2)
+    hvd.broadcast_parameters(m2.named_parameters(), root_rank=world.size - 1)
+    assert_same_everywhere(*m2.parameters())
+
+
+def test_reducescatter_and_alltoall(world):
+    rows = 2 * world.size + 1  # uneven: the first rank gets an extra row
+    xs = [rdata(6, r, rows * 3).reshape(rows, 3) for r in range(world.size)]
+    total = sum(x.double() for x in xs)
+    counts = [rows // world.size + (1 if r < rows % world.size else 0) for r in range(world.size)]
+    lo = sum(counts[: world.rank])
+    mine = total[lo: lo + counts[world.rank]]
+    rs = hvd.reducescatter(xs[world.rank], op=hvd.Sum)
+    assert rs.shape == (counts[world.rank], 3) and torch.allclose(rs.double(), mine, rtol=1e-5)
+    avg = hvd.reducescatter(xs[world.rank], compression=hvd.Compression.squinch)
+    chunks = [x[lo: lo + counts[world.rank]].double().reshape(-1).numpy() for x in xs]
+    bound = Q * sum(block_max(c) for c in chunks) / world.size + 1e-7  # one quantization
+    assert np.all(np.abs(avg.double().reshape(-1).numpy() - mine.reshape(-1).numpy() / world.size)
+                  <= bound)
+    # alltoall: rank r sends (d + 1) rows to rank d, rows tagged with their source.
+    splits = [d + 1 for d in range(world.size)]
+    x = torch.cat([torch.full((d + 1, 2), float(10 * world.rank + d)) for d in range(world.size)])
+    out, received = hvd.alltoall(x, splits=splits)
+    assert received.tolist() == [world.rank + 1] * world.size
+    ref = torch.cat([torch.full((world.rank + 1, 2), float(10 * s + world.rank))
+                     for s in range(world.size)])
+    assert torch.equal(out, ref)
+    eq = hvd.alltoall(torch.arange(world.size * 2, dtype=torch.int64) + 100 * world.rank)
+    assert eq.tolist() == [v for s in range(world.size)
+                           for v in (100 * s + 2 * world.rank, 100 * s + 2 * world.rank + 1)]
+    hvd.barrier()
