@@ -26,6 +26,7 @@ Example (under ``mpirun -n 4``):
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import time
@@ -249,33 +250,62 @@ def _host(a):
 class Handle:
     """A collective in flight: ``wait()`` returns its result, ``test()`` polls.
 
-    The operation advances whenever ``test()`` or ``wait()`` is called; the
-    handle keeps every buffer it uses alive until it completes.
+    Operations of one communicator run strictly in the order they were
+    submitted, which is the same on every rank; a later operation starts only
+    when every earlier one has finished. Without that, ranks that poll at
+    different moments would start the exchanges of different operations in
+    different orders and the engine would pair the wrong messages. Progress
+    happens inside ``test()`` and ``wait()`` (of any handle of the
+    communicator); the handle keeps every buffer it uses alive until done.
     """
 
-    def __init__(self, gen: Generator[Work, None, Any], timeout: float):
-        self._gen, self._timeout = gen, timeout
+    def __init__(self, comm: "Communicator", gen: Generator[Work, None, Any]):
+        self._comm, self._gen = comm, gen
         self._work: Work | None = None
-        self._done, self._result = False, None
-        self._advance()
+        self._started = self._done = False
+        self._result, self._error = None, None
 
-    def _advance(self):
+    def _step(self):
         try:
-            self._work = next(self._gen) if self._work is None else self._gen.send(None)
+            self._work = self._gen.send(None) if self._started else next(self._gen)
+            self._started = True
         except StopIteration as stop:
             self._done, self._result, self._work = True, stop.value, None
+        except BaseException as exc:  # kept for wait(); later operations may still run
+            self._done, self._error, self._work = True, exc, None
+
+    def _poll(self) -> bool:
+        """Advance without blocking (only ever called on the oldest operation)."""
+        if not self._started:
+            self._step()
+        while not self._done and self._work.test():
+            self._step()
+        return self._done
+
+    def _block(self):
+        """Run to completion (only ever called on the oldest operation)."""
+        if not self._started:
+            self._step()
+        while not self._done:
+            try:
+                self._work.wait(self._comm.timeout)
+            except BaseException as exc:
+                self._done, self._error, self._work = True, exc, None
+                return
+            self._step()
 
     def test(self) -> bool:
         """Advance without blocking; True when the result is ready."""
-        while not self._done and self._work.test():
-            self._advance()
+        if not self._done:
+            self._comm._progress()
         return self._done
 
     def wait(self):
         """Block until done (TransportError after the timeout); return the result."""
-        while not self._done:
-            self._work.wait(self._timeout)
-            self._advance()
+        if not self._done:
+            self._comm._progress(until=self)
+        if self._error is not None:
+            raise self._error
         return self._result
 
 
@@ -331,6 +361,7 @@ class Communicator:
         self.timeout = config.timeout() if timeout is None else float(timeout)
         self.seed = int(seed)
         self.error_feedback = ErrorFeedback()
+        self._queue: collections.deque[Handle] = collections.deque()  # in flight, in order
         #: Set to a dict to accumulate seconds per stage of the compressed
         #: allreduce (encode, alltoall, reduce_encode, allgather, decode).
         self.timings: dict | None = None
@@ -405,17 +436,25 @@ class Communicator:
     def allreduce_async(self, x, *, op: str = "average", compression: str | None = None,
                         name: str | None = None, out=None, error_feedback: bool | None = None,
                         prescale: float = 1.0, postscale: float = 1.0) -> Handle:
-        """Start :meth:`allreduce`; returns a :class:`Handle` (``wait()`` gives the result)."""
+        """Start :meth:`allreduce`; returns a :class:`Handle` (``wait()`` gives the result).
+        Arguments are validated now; the cross-rank metadata check runs when the
+        operation starts, so a mismatch is raised by ``wait()``."""
         call = self._input(x)
         op = _choice("op", op, OPS)
         comp = self._compression(compression, call)
         ef_name = self._ef_name(error_feedback, name, comp)
-        self._check("allreduce", call, name=name, op=op, compression=comp, ef=ef_name is not None)
         dst = self._output(out, call)
         scale = (1.0 / self.size if op == "average" else 1.0) * float(postscale)
-        gen = self._allreduce(call, _arrays.internal(dst), comp, scale, float(prescale), ef_name,
-                              self._next_call())
-        return Handle(self._finish(gen, dst, call.shape, out), self.timeout)
+        cid = self._next_call()
+
+        def run():
+            self._check("allreduce", call, name=name, op=op, compression=comp,
+                        ef=ef_name is not None)
+            yield from self._allreduce(call, _arrays.internal(dst), comp, scale,
+                                       float(prescale), ef_name, cid)
+            return out if out is not None else _reshape(_arrays.wrap(dst), call.shape)
+
+        return self.submit(run())
 
     def reduce_scatter(self, x, *, op: str = "average", compression: str | None = None,
                        name: str | None = None, error_feedback: bool | None = None):
@@ -426,14 +465,18 @@ class Communicator:
         op = _choice("op", op, OPS)
         comp = self._compression(compression, call)
         ef_name = self._ef_name(error_feedback, name, comp)
-        self._check("reduce_scatter", call, name=name, op=op, compression=comp,
-                    ef=ef_name is not None)
         scale = 1.0 / self.size if op == "average" else 1.0
-        gen = self._reduce_scatter(_arrays.internal(call.flat), call.n, comp, scale, ef_name,
-                                   self._next_call())
-        shard, bounds = Handle(gen, self.timeout).wait()
-        return _arrays.wrap(_arrays.Flat(shard, "float32", call.flat.family, call.flat.device,
-                                         None)), bounds
+        cid = self._next_call()
+
+        def run():
+            self._check("reduce_scatter", call, name=name, op=op, compression=comp,
+                        ef=ef_name is not None)
+            shard, bounds = yield from self._reduce_scatter(_arrays.internal(call.flat), call.n,
+                                                            comp, scale, ef_name, cid)
+            return _arrays.wrap(_arrays.Flat(shard, "float32", call.flat.family,
+                                             call.flat.device, None)), bounds
+
+        return self.submit(run()).wait()
 
     def allgather(self, x, *, compression: str | None = None):
         """Concatenate every rank's ``x`` along the first axis (sizes may differ
@@ -442,14 +485,18 @@ class Communicator:
         comp = _choice("compression", compression or "none", COMPRESSIONS)
         rows = call.shape[0] if call.shape else 1
         tail = tuple(call.shape[1:])
-        metas = self._check("allgather", call, compression=comp, rows=rows, tail=tail,
-                            ignore=("shape", "rows"), exchange=True)
-        per_row = int(np.prod(tail, dtype=np.int64))
-        counts = [m["rows"] * per_row for m in metas]
-        gen = self._allgather(_arrays.internal(call.flat), counts, comp, self._next_call())
-        flat = Handle(gen, self.timeout).wait()
-        out = _arrays.Flat(flat, call.flat.kind, call.flat.family, call.flat.device, None)
-        return _reshape(_arrays.wrap(out), (sum(m["rows"] for m in metas),) + tail)
+        cid = self._next_call()
+
+        def run():
+            metas = self._check("allgather", call, compression=comp, rows=rows, tail=tail,
+                                ignore=("shape", "rows"), exchange=True)
+            per_row = int(np.prod(tail, dtype=np.int64))
+            counts = [m["rows"] * per_row for m in metas]
+            flat = yield from self._allgather(_arrays.internal(call.flat), counts, comp, cid)
+            out = _arrays.Flat(flat, call.flat.kind, call.flat.family, call.flat.device, None)
+            return _reshape(_arrays.wrap(out), (sum(m["rows"] for m in metas),) + tail)
+
+        return self.submit(run()).wait()
 
     def broadcast(self, x, root: int = 0, *, compression: str = "none"):
         """Copy ``x`` from ``root`` to every rank, in place. Uncompressed by
@@ -460,21 +507,24 @@ class Communicator:
         if not isinstance(root, int) or not 0 <= root < self.size:
             raise ValueError(f"root={root!r} is not a rank of this {self.size}-rank communicator")
         comp = _choice("compression", compression, COMPRESSIONS)
-        self._check("broadcast", call, root=root, compression=comp)
-        if comp == "none":
-            self.transport.broadcast(call.flat.data, root).wait(self.timeout)
+        cid = self._next_call()
+
+        def run():
+            self._check("broadcast", call, root=root, compression=comp)
+            if comp == "none":
+                yield self.transport.broadcast(call.flat.data, root)
+                return x
+            wire = self._wire(comp)
+            xp = _xp(call.flat.data)
+            payload = xp.empty(wire.nbytes(call.n), xp.uint8)
+            if self.rank == root:
+                wire.encode(_arrays.internal(call.flat), payload, None,
+                            self._seed(None, cid, root, 4))
+            yield self.transport.broadcast(payload, root)
+            wire.decode(payload, call.n, _arrays.internal(call.flat))
             return x
-        wire = self._wire(comp)
-        xp = _xp(call.flat.data)
-        payload = xp.empty(wire.nbytes(call.n), xp.uint8)
-        if self.rank == root:
-            wire.encode(_arrays.internal(call.flat), payload, None,
-                        self._seed(None, self._next_call(), root, 4))
-        else:
-            self._next_call()
-        self.transport.broadcast(payload, root).wait(self.timeout)
-        wire.decode(payload, call.n, _arrays.internal(call.flat))
-        return x
+
+        return self.submit(run()).wait()
 
     def alltoall(self, x, splits=None, *, compression: str = "none"):
         """Send ``splits[r]`` consecutive elements of flat ``x`` to rank r (equal
@@ -491,34 +541,67 @@ class Communicator:
             raise ValueError(f"splits={splits} must have {self.size} non-negative entries "
                              f"summing to {call.n}")
         comp = _choice("compression", compression, COMPRESSIONS)
-        metas = self._check("alltoall", call, splits=splits, compression=comp,
-                            ignore=("shape", "splits"), exchange=True)
-        recv_splits = [m["splits"][self.rank] for m in metas]
-        xp = _xp(call.flat.data)
-        recv = xp.empty(sum(recv_splits), call.flat.data.dtype)
-        if comp == "none":
-            self.transport.alltoallv(call.flat.data, splits, recv, recv_splits).wait(self.timeout)
-        else:
-            wire, x = self._wire(comp), _arrays.internal(call.flat)
-            cid = self._next_call()
-            send_b, recv_b = [wire.nbytes(c) for c in splits], [wire.nbytes(c) for c in recv_splits]
-            payload = xp.empty(sum(send_b), xp.uint8)
-            el, pos = np.cumsum([0] + splits), np.cumsum([0] + send_b)
-            for r in range(self.size):  # each split on its own: block boundaries differ
-                part = _arrays.Flat(x.data[el[r]:el[r + 1]], x.kind, x.family, x.device, None)
-                wire.encode(part, payload[pos[r]:pos[r + 1]], None, self._seed(None, cid, r, 5))
-            got = xp.empty(sum(recv_b), xp.uint8)
-            self.transport.alltoallv(payload, send_b, got, recv_b).wait(self.timeout)
-            el, pos = np.cumsum([0] + recv_splits), np.cumsum([0] + recv_b)
-            for r in range(self.size):
-                part = _arrays.Flat(recv[el[r]:el[r + 1]], x.kind, x.family, x.device, None)
-                wire.decode(got[pos[r]:pos[r + 1]], recv_splits[r], part)
-        return _arrays.wrap(_arrays.Flat(recv, call.flat.kind, call.flat.family,
-                                         call.flat.device, None)), recv_splits
+        cid = self._next_call()
+
+        def run():
+            metas = self._check("alltoall", call, splits=splits, compression=comp,
+                                ignore=("shape", "splits"), exchange=True)
+            recv_splits = [m["splits"][self.rank] for m in metas]
+            xp = _xp(call.flat.data)
+            recv = xp.empty(sum(recv_splits), call.flat.data.dtype)
+            if comp == "none":
+                yield self.transport.alltoallv(call.flat.data, splits, recv, recv_splits)
+            else:
+                wire, x = self._wire(comp), _arrays.internal(call.flat)
+                send_b = [wire.nbytes(c) for c in splits]
+                recv_b = [wire.nbytes(c) for c in recv_splits]
+                payload = xp.empty(sum(send_b), xp.uint8)
+                el, pos = np.cumsum([0] + splits), np.cumsum([0] + send_b)
+                for r in range(self.size):  # each split on its own: block boundaries differ
+                    part = _arrays.Flat(x.data[el[r]:el[r + 1]], x.kind, x.family, x.device, None)
+                    wire.encode(part, payload[pos[r]:pos[r + 1]], None, self._seed(None, cid, r, 5))
+                got = xp.empty(sum(recv_b), xp.uint8)
+                yield self.transport.alltoallv(payload, send_b, got, recv_b)
+                el, pos = np.cumsum([0] + recv_splits), np.cumsum([0] + recv_b)
+                for r in range(self.size):
+                    part = _arrays.Flat(recv[el[r]:el[r + 1]], x.kind, x.family, x.device, None)
+                    wire.decode(got[pos[r]:pos[r + 1]], recv_splits[r], part)
+            return _arrays.wrap(_arrays.Flat(recv, call.flat.kind, call.flat.family,
+                                             call.flat.device, None)), recv_splits
+
+        return self.submit(run()).wait()
 
     def barrier(self):
         """Wait for every rank (TransportError after the timeout)."""
-        self.transport.barrier().wait(self.timeout)
+        def run():
+            yield self.transport.barrier()
+
+        self.submit(run()).wait()
+
+    # ------------------------------------------------------------ ordering
+    def submit(self, gen) -> Handle:
+        """Queue an operation (a generator yielding transport Works, returning
+        its result) behind the ones already in flight and start whatever can
+        start without blocking. Layers built on the communicator (the torch
+        integration) use it so their operations keep the same global order."""
+        handle = Handle(self, gen)
+        self._queue.append(handle)
+        self._progress()
+        return handle
+
+    def _progress(self, until: Handle | None = None):
+        """Advance the queued operations oldest first: without blocking, or
+        blocking until ``until`` has finished."""
+        while self._queue:
+            head = self._queue[0]
+            if until is None:
+                if not head._poll():
+                    return
+            else:
+                head._block()
+            self._queue.popleft()
+            if head is until:
+                return
 
     # ------------------------------------------------------------ algorithms
     # Generators: each ``yield`` hands a transport Work to the Handle; the
@@ -694,11 +777,6 @@ class Communicator:
         if out is None:
             return _arrays.new_buffer(call.flat, call.flat.kind, call.n)
         return _arrays.flat_buffer(out, "out", call.flat.kind, call.n, call.flat)
-
-    @staticmethod
-    def _finish(gen, dst: _arrays.Flat, shape, out):
-        yield from gen
-        return out if out is not None else _reshape(_arrays.wrap(dst), shape)
 
     def _check(self, what: str, call: _Call, ignore=(), exchange=False, **extra):
         """Gather every rank's call description and raise the same ValueError on

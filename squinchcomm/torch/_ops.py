@@ -360,7 +360,7 @@ def _work_handle(work, comm: Communicator) -> Handle:
     def gen():
         yield work
 
-    return Handle(gen(), comm.timeout)
+    return comm.submit(gen())
 
 
 def _blocking(comm: Communicator) -> Communicator:
@@ -409,7 +409,7 @@ def _allreduce_into(comm: Communicator, src: torch.Tensor, out: torch.Tensor, op
         out.detach().reshape(-1).copy_(res.to(out.device, out.dtype))
         return out
 
-    return Handle(gen(), comm.timeout)
+    return comm.submit(gen())
 
 
 def _start_allreduce(tensor, out, average, name, op, prescale_factor, postscale_factor,
