@@ -12,6 +12,7 @@ exact table comparisons, so the result never depends on the estimate.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from llvmlite import ir
@@ -25,6 +26,13 @@ from squinchcomm.codec import format as fmt
 __all__ = ["encode", "decode", "decode_accumulate", "reduce_encode", "set_threads"]
 
 _CHUNK = 2048  # blocks per parallel task (12 KiB of payload, 64 KiB of fp32)
+
+# Numba picks the OpenMP layer when it can; its workers spin after every
+# parallel region, taking cores from the other ranks of a node (and from
+# torch's own threads). The workqueue layer's workers sleep. A layer the user
+# chose (NUMBA_THREADING_LAYER) wins. Must be set before the first launch.
+if not os.environ.get("NUMBA_THREADING_LAYER"):
+    numba.config.THREADING_LAYER = "workqueue"
 _SCALE = fmt.SCALE
 _INV = fmt.INV_SCALE
 _T = fmt.THRESHOLD
