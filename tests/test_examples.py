@@ -30,3 +30,57 @@ def test_codec_allreduce_demo_under_mpirun():
     assert 0 < per_step < 0.2
     assert summed < per_step  # error feedback: the running sum is more accurate than a step
     assert "(5.33x less)" in out  # 2(N-1)/N * 4 B vs 2(N-1)/N * 0.75 B per element
+
+
+def _run(cmd, timeout=300):
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return proc.stdout
+
+
+def _losses(out):
+    return [float(line.split("train loss")[1].split()[0]) for line in out.splitlines()
+            if "train loss" in line]
+
+
+SMALL = ["--layers", "1", "--width", "64", "--heads", "2", "--seq", "64", "--batch", "4"]
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (extra: mpi)")
+def test_gpt_training_example_under_mpirun():
+    out = _run(["mpirun", "-n", "2", "--oversubscribe", "-x", "PYTHONPATH", sys.executable,
+                str(ROOT / "examples" / "gpt_train.py"), "--steps", "30", "--eval-every", "15",
+                "--lr", "1e-2", *SMALL])
+    assert "ranks 2" in out and "compression squinch" in out and "tokens/s" in out
+    losses = _losses(out)
+    assert len(losses) == 2 and all(0 < v < 6 for v in losses)
+    assert losses[-1] < 5.0  # below the uniform-bytes entropy ln(256) = 5.55: it learns
+
+
+def test_gpt_training_example_under_torchrun():
+    pytest.importorskip("torch")
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", str(ROOT / "examples" / "gpt_train.py"),
+                "--steps", "4", "--eval-every", "2", *SMALL])
+    assert "ranks 2" in out and len(_losses(out)) == 2
+
+
+def test_ddp_example_with_the_hook():
+    pytest.importorskip("torch")
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", str(ROOT / "examples" / "ddp_squinch.py"),
+                "--steps", "3", "--hook", "squinch"])
+    assert "loss" in out
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (extra: mpi)")
+def test_synthetic_benchmark_runs_every_compression():
+    out = _run(["mpirun", "-n", "2", "--oversubscribe", "-x", "PYTHONPATH", sys.executable,
+                str(ROOT / "examples" / "synthetic_benchmark.py"), "--num-iters", "1",
+                "--num-batches-per-iter", "1", "--num-warmup-batches", "1",
+                "--layers", "1", "--width", "64", "--seq", "64", "--batch", "2"])
+    for name in ("none", "fp16", "bf16", "squinch"):
+        assert f"{name:>8}:" in out and "tokens/s per rank" in out
