@@ -27,17 +27,13 @@ import hashlib
 import math
 import os
 import pickle
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
+from workers import base_env, free_port, run_workers
 
 torch = pytest.importorskip("torch")
 
@@ -314,59 +310,13 @@ def worker_main(scenario: str) -> None:
 # Harness (the pytest side)
 # ---------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(scenario: str, size: int, seed: int, deadline: float = 45.0) -> str:
     """Run ``scenario`` on ``size`` workers; return rank 0's output, or fail with everyone's."""
-    with tempfile.TemporaryDirectory() as tmp:
-        port = _free_port()
-        procs, logs = [], []
-        for rank in range(size):
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")}
-            env.update(RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port), TEST_SEED=str(seed), OMP_NUM_THREADS="1",
-                       NUMBA_NUM_THREADS="1",
-                       PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
-            if sys.platform.startswith("linux"):
-                env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-            log = open(Path(tmp) / f"rank{rank}.log", "w+")
-            logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), scenario],
-                                          env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-        end = time.monotonic() + deadline
-        timed_out = False
-        try:
-            for p in procs:
-                try:
-                    p.wait(timeout=max(end - time.monotonic(), 0.1))
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                    break
-        finally:
-            for p in procs:  # only the processes (and their sessions) started here
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
-        outputs = []
-        for log in logs:
-            log.seek(0)
-            outputs.append(log.read())
-            log.close()
-        report = "\n".join(f"--- rank {r} exit {p.returncode} ---\n{out[-4000:]}"
-                           for r, (p, out) in enumerate(zip(procs, outputs)))
-        if timed_out:
-            pytest.fail(f"{scenario} on {size} ranks did not finish within {deadline:g} s "
-                        f"(deadlock?)\n{report}")
-        if any(p.returncode != 0 for p in procs):
-            pytest.fail(f"{scenario} on {size} ranks failed\n{report}")
-        return outputs[0]
+    port = free_port()
+    envs = [base_env(RANK=rank, WORLD_SIZE=size, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                     TEST_SEED=seed) for rank in range(size)]
+    return run_workers(Path(__file__).resolve(), [scenario], envs, deadline,
+                       f"{scenario} on {size} ranks")[0]
 
 
 @pytest.mark.parametrize("size", [2, 3])

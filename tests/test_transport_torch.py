@@ -12,8 +12,6 @@ job past a deadline, so a deadlock fails the test instead of hanging it.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from workers import base_env, free_port, run_workers
 from conftest import no_gpu
 
 torch = pytest.importorskip("torch")
@@ -235,12 +234,6 @@ def worker_main(scenario: str) -> None:
 # Harness (the pytest side)
 # ---------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(scenario: str, size: int, seed: int, deadline: float = 50.0, launcher: str = "torchrun",
            extra_env=None) -> None:
     """Run ``scenario`` on ``size`` worker processes; fail with their output if any fails.
@@ -252,55 +245,20 @@ def launch(scenario: str, size: int, seed: int, deadline: float = 50.0, launcher
         extra_env: a function rank -> dict of more variables.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        port = _free_port()
+        port = free_port()
         flags = Path(tmp) / "flags"  # workers signal each other through empty files here
         flags.mkdir()
-        procs, logs = [], []
+        envs = []
         for rank in range(size):
-            env = dict(os.environ)
-            for name in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-                         "MASTER_PORT", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
-                         "PMI_RANK", "PMI_SIZE"):
-                env.pop(name, None)
-            env.update(TEST_SEED=str(seed), TEST_FLAG_DIR=str(flags), MASTER_PORT=str(port),
-                       OMP_NUM_THREADS="1",
-                       PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
-            if sys.platform.startswith("linux"):
-                env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # never a host name that resolves elsewhere
+            env = base_env(TEST_SEED=seed, TEST_FLAG_DIR=flags, MASTER_PORT=port)
             if launcher == "torchrun":
                 env.update(RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1")
             else:
                 env.update(OMPI_COMM_WORLD_RANK=str(rank), OMPI_COMM_WORLD_SIZE=str(size))
             env.update((extra_env or (lambda r: {}))(rank))
-            log = open(Path(tmp) / f"rank{rank}.log", "w+")
-            logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), scenario],
-                                          env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-        end = time.monotonic() + deadline
-        timed_out = False
-        try:
-            for p in procs:
-                try:
-                    p.wait(timeout=max(end - time.monotonic(), 0.1))
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                    break
-        finally:
-            for p in procs:  # only the processes (and their sessions) started here
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
-        report = []
-        for rank, (p, log) in enumerate(zip(procs, logs)):
-            log.seek(0)
-            report.append(f"--- rank {rank} exit {p.returncode} ---\n{log.read()[-4000:]}")
-            log.close()
-        if timed_out:
-            pytest.fail(f"{scenario} on {size} ranks did not finish within {deadline:g} s (deadlock?)\n"
-                        + "\n".join(report))
-        if any(p.returncode != 0 for p in procs):
-            pytest.fail(f"{scenario} on {size} ranks failed\n" + "\n".join(report))
+            envs.append(env)
+        run_workers(Path(__file__).resolve(), [scenario], envs, deadline,
+                    f"{scenario} on {size} ranks")
 
 
 def _node_env(ranks_per_node: int):
