@@ -185,7 +185,7 @@ class _Clock:
 class ErrorFeedback:
     """Per-rank error-feedback residuals, keyed by tensor name.
 
-    ``residuals[name]`` holds the first-stage residual (the whole tensor) and
+    ``state[name]`` holds the first-stage residual (the whole tensor) and
     the second-stage residual (this rank's shard), plus the step count that
     seeds stochastic rounding. Save it with the model: without it a restored
     run loses the error it still owed.

@@ -278,6 +278,7 @@ def _header(args, comm, transport_desc) -> str:
         f"# sizes {args.minbytes}..{args.maxbytes} x{args.stepfactor} (fp32 bytes)  iters "
         f"{args.iters}  warmup {args.warmup}  seed {args.seed}  op average",
         f"# methods {args.methods}",
+        f"# network {os.environ.get('SQUINCHCOMM_BENCH_NETWORK') or 'this machine (shared memory / loopback)'}",
         f"# transport {transport_desc}  world {comm.size}  rounding {comm.rounding}  "
         f"min_compress_bytes 0  hierarchical off  check_metadata {comm.check_metadata}",
         f"# codec backend {config.codec_backend()}  NUMBA_NUM_THREADS {numba_threads}  "
@@ -330,8 +331,10 @@ def _footer(rows, methods) -> str:
     bad = [f"{r['method']}@{r['size']}" for r in rows if not r["bit_identical"]]
     lines.append("# bit-identical results on every rank: "
                  + ("all rows" if not bad else "NOT for " + ", ".join(bad)))
-    lines.append("# one machine: the exchange runs through shared memory/loopback, so "
-                 "compression cannot win on time here; see the stage table for where time goes")
+    if not os.environ.get("SQUINCHCOMM_BENCH_NETWORK"):  # set by bench/shaped_cluster.py
+        lines.append("# one machine: the exchange runs through shared memory/loopback, so "
+                     "compression cannot win on time here; see the stage table for where time "
+                     "goes")
     return "\n".join(lines)
 
 
