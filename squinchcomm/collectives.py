@@ -897,7 +897,8 @@ def is_initialized() -> bool:
 def default() -> Communicator:
     """The communicator made by :func:`init`; ValueError before it."""
     if _DEFAULT is None:
-        raise ValueError("squinchcomm is not initialized: call squinchcomm.init() first")
+        raise ValueError("squinchcomm is not initialized: call squinchcomm.init() "
+                         "(or squinchcomm.torch.init()) first")
     return _DEFAULT
 
 

@@ -105,34 +105,10 @@ def communicator() -> Communicator:
     return collectives.default()
 
 
-def rank() -> int:
-    """Return this process's rank."""
-    return communicator().rank
-
-
-def size() -> int:
-    """Return the number of ranks."""
-    return communicator().size
-
-
-def local_rank() -> int:
-    """Return this process's rank inside its node."""
-    return communicator().local_rank
-
-
-def local_size() -> int:
-    """Return the number of ranks on this node."""
-    return communicator().local_size
-
-
-def cross_rank() -> int:
-    """Return this node's index (the rank among processes of equal local rank)."""
-    return communicator().cross_rank
-
-
-def cross_size() -> int:
-    """Return the number of nodes."""
-    return communicator().cross_size
+# The topology queries are the library's own, over the same default communicator.
+rank, size = collectives.rank, collectives.size
+local_rank, local_size = collectives.local_rank, collectives.local_size
+cross_rank, cross_size = collectives.cross_rank, collectives.cross_size
 
 
 def mpi_built() -> bool:

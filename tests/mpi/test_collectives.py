@@ -249,7 +249,7 @@ def test_default_communicator_api(comm):
     import squinchcomm
 
     squinchcomm.shutdown()
-    with pytest.raises(ValueError, match=r"call squinchcomm.init\(\) first"):
+    with pytest.raises(ValueError, match=r"is not initialized: call squinchcomm.init\(\)"):
         squinchcomm.rank()
     c = squinchcomm.init(comm.transport, compression="bf16")
     assert squinchcomm.is_initialized() and c.compression == "bf16"
