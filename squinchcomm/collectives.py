@@ -338,6 +338,11 @@ class Communicator:
         node_size: ranks per node (consecutive ranks); default: detect.
         timeout: seconds to wait for peers before TransportError.
         seed: base seed of stochastic rounding.
+
+    Operations run in submission order (see :class:`Handle`). That order is
+    per communicator: two communicators over one transport must not have
+    operations in flight at the same time (give each its own transport, e.g.
+    ``transport.split(0, rank)``, or finish one's handles first).
     """
 
     def __init__(self, transport=None, *, compression: str | None = None,
