@@ -40,6 +40,7 @@ from squinchcomm.codec import _arrays, oracle
 from squinchcomm.transport.base import Transport, Work
 
 __all__ = ["Communicator", "Handle", "ErrorFeedback", "COMPRESSIONS", "OPS", "shard_bounds",
+           "check_agreement",
            "init", "shutdown", "is_initialized", "default", "rank", "size", "local_rank",
            "local_size", "cross_rank", "cross_size"]
 
@@ -795,17 +796,25 @@ class Communicator:
         metas = self.transport.allgather_object(meta, self.timeout)
         if not self.check_metadata:
             return metas
-        diff = {k: [m.get(k) for m in metas] for k in meta
-                if k not in ignore and len({repr(m.get(k)) for m in metas}) > 1}
-        if diff:
-            detail = "; ".join(f"{k}: " + ", ".join(f"rank {r}={v!r}" for r, v in enumerate(vals))
-                               for k, vals in diff.items())
-            raise ValueError(f"{what}: ranks disagree ({detail}). Every rank must call the same "
-                             "collective with the same shape, dtype, compression and name")
+        check_agreement(what, metas, [k for k in meta if k not in ignore],
+                        ". Every rank must call the same collective with the same shape, "
+                        "dtype, compression and name")
         return metas
 
 
 # ----------------------------------------------------------------------------
+def check_agreement(what: str, metas: list[dict], keys, hint: str):
+    """Raise the same ValueError on every rank when any of ``keys`` differs
+    between the ranks' descriptions ``metas`` (from allgather_object); the
+    message names each rank's value, then ``hint``."""
+    diff = {k: [m.get(k) for m in metas] for k in keys
+            if len({repr(m.get(k)) for m in metas}) > 1}
+    if diff:
+        detail = "; ".join(f"{k}: " + ", ".join(f"rank {r}={v!r}" for r, v in enumerate(vals))
+                           for k, vals in diff.items())
+        raise ValueError(f"{what}: ranks disagree ({detail}){hint}")
+
+
 def _share_cores(local_size: int):
     """Give each of the ``local_size`` ranks on this node its share of the cores
     for the CPU codec: Numba's default (every core in every rank) oversubscribes

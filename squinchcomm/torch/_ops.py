@@ -539,12 +539,8 @@ def _metas(comm: Communicator, what: str, meta: dict, same: tuple[str, ...]) -> 
     """Gather every rank's ``meta``; raise the same ValueError everywhere if
     the keys in ``same`` differ between ranks."""
     metas = _blocking(comm).transport.allgather_object(meta, comm.timeout)
-    diff = {k: [m[k] for m in metas] for k in same if len({repr(m[k]) for m in metas}) > 1}
-    if diff:
-        detail = "; ".join(f"{k}: " + ", ".join(f"rank {r}={v!r}" for r, v in enumerate(vals))
-                           for k, vals in diff.items())
-        raise ValueError(f"{what}: ranks disagree ({detail}); pass tensors of the same dtype "
-                         "(and the same shape where the operation needs it) on every rank")
+    collectives.check_agreement(what, metas, same, "; pass tensors of the same dtype (and the "
+                                "same shape where the operation needs it) on every rank")
     return metas
 
 
