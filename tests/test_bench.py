@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from squinchcomm.bench import codec as codec_bench
-from squinchcomm.bench.common import parse_size
+from squinchcomm.bench.common import parse_size, size_sweep
 from squinchcomm.bench.corpus import load_corpus, sample_windows
 
 
@@ -28,6 +28,15 @@ def test_parse_size():
         1024, 64 << 10, 16 << 20, 1 << 30, 8 << 20]
     with pytest.raises(ValueError, match="use a byte count"):
         parse_size("lots")
+
+
+def test_size_sweep():
+    assert size_sweep("1K", "16K", 4) == [1024, 4096, 16384]
+    assert size_sweep("64M", "64M", 2) == [64 << 20]
+    with pytest.raises(ValueError, match="step factor must be >= 2"):
+        size_sweep("1K", "4K", 1)
+    with pytest.raises(ValueError, match="pass 4 <= -b <= -e"):
+        size_sweep("8K", "4K", 2)
 
 
 def test_codec_benchmark_rows(capsys):

@@ -57,7 +57,7 @@ import time
 import numpy as np
 
 from squinchcomm import __version__, config
-from squinchcomm.bench.common import parse_size, versions
+from squinchcomm.bench.common import size_sweep, versions
 
 __all__ = ["main", "run", "METHODS", "STAGES"]
 
@@ -101,19 +101,6 @@ def _errors(y: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
     diff = y.astype(np.float64) - exact
     norm = float(np.sqrt(np.dot(exact, exact)))
     return float(np.sqrt(np.dot(diff, diff))) / (norm or 1.0), float(np.abs(diff).max())
-
-
-def _sizes(minbytes, maxbytes, factor) -> list[int]:
-    lo, hi = parse_size(minbytes), parse_size(maxbytes)
-    if lo < 4 or lo > hi:
-        raise ValueError(f"sizes -b {minbytes} -e {maxbytes}: pass 4 <= -b <= -e (fp32 bytes)")
-    if factor < 2:
-        raise ValueError(f"-f {factor}: the size step factor must be >= 2")
-    out, s = [], lo
-    while s <= hi:
-        out.append(s)
-        s *= factor
-    return out
 
 
 def _methods(spec: str) -> list[str]:
@@ -358,7 +345,7 @@ def main(argv=None):
     p.add_argument("--json", metavar="FILE", help="rank 0 writes rows and parameters as JSON")
     args = p.parse_args(argv)
     # Validate before any collective, so every rank fails the same way.
-    sizes = _sizes(args.minbytes, args.maxbytes, args.stepfactor)
+    sizes = size_sweep(args.minbytes, args.maxbytes, args.stepfactor)
     methods = _methods(args.methods)
     if args.transport not in ("mpi", "torch"):
         raise ValueError(f"--transport {args.transport!r}: choose mpi or torch")

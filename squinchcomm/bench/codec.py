@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from squinchcomm import __version__, codec
-from squinchcomm.bench.common import parse_size, versions
+from squinchcomm.bench.common import size_sweep, versions
 
 __all__ = ["main", "run"]
 
@@ -137,17 +137,15 @@ def main(argv=None):
     p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {', '.join(OPS)}")
     p.add_argument("--json", metavar="FILE", help="also write the rows and parameters as JSON")
     args = p.parse_args(argv)
-    if args.stepfactor < 2:
-        p.error("-f/--stepfactor must be >= 2")
     backends = _backends(args.backends)
     ops = [o for o in args.ops.split(",") if o]
     unknown = set(ops) - set(OPS)
     if unknown:
         p.error(f"unknown ops {sorted(unknown)}; choose from {', '.join(OPS)}")
-    sizes, s = [], parse_size(args.minbytes)
-    while s <= parse_size(args.maxbytes):
-        sizes.append(s)
-        s *= args.stepfactor
+    try:
+        sizes = size_sweep(args.minbytes, args.maxbytes, args.stepfactor)
+    except ValueError as exc:
+        p.error(str(exc))
     print(_header(args, backends), flush=True)
     rows = []
     for size in sizes:

@@ -6,7 +6,7 @@ import importlib.metadata
 import platform
 import re
 
-__all__ = ["parse_size", "versions", "cpu_model"]
+__all__ = ["parse_size", "size_sweep", "versions", "cpu_model"]
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -17,6 +17,20 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise ValueError(f"size {text!r}: use a byte count like 1024, 64K, 16M or 1G")
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def size_sweep(minbytes, maxbytes, factor: int) -> list[int]:
+    """Sizes ``-b, -b*f, -b*f^2, ... <= -e`` (nccl-tests' -b/-e/-f), validated."""
+    lo, hi = parse_size(minbytes), parse_size(maxbytes)
+    if lo < 4 or lo > hi:
+        raise ValueError(f"sizes -b {minbytes} -e {maxbytes}: pass 4 <= -b <= -e (fp32 bytes)")
+    if factor < 2:
+        raise ValueError(f"-f {factor}: the size step factor must be >= 2")
+    out, s = [], lo
+    while s <= hi:
+        out.append(s)
+        s *= factor
+    return out
 
 
 def cpu_model() -> str:
