@@ -359,6 +359,7 @@ def main(argv=None):
 
     rows, stage_rows = run(comm, sizes, methods, args.iters, args.warmup, args.seed, emit)
     doc = {"args": vars(args), "versions": versions(), "transport": desc,
+           "network": os.environ.get("SQUINCHCOMM_BENCH_NETWORK") or "this machine",
            "world_size": comm.size, "numba_num_threads": os.environ.get("NUMBA_NUM_THREADS"),
            "check_metadata": comm.check_metadata, "rows": rows, "stages": stage_rows}
     if root:
