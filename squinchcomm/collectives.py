@@ -12,6 +12,9 @@ The Squinch allreduce (ARCHITECTURE.md section 4) in six steps:
 6. all-gather the encoded shards; every rank decodes the same bytes, so the
    results are bit-identical on every rank.
 
+Large tensors run these steps in chunks (``pipeline_bytes``, 16 MiB of fp32 by
+default) so that one chunk's exchange overlaps the codec work on the next.
+
 fp16/bf16 compression runs the same algorithm with a cast codec (Horovod's
 fp16 compression on the wire, fp32 accumulation); ``none`` uses the engine's
 own allreduce. Every operation is a generator of transport ``Work`` driven by
@@ -36,7 +39,7 @@ from typing import Any, Generator
 import numpy as np
 
 from squinchcomm import codec, config
-from squinchcomm.codec import _arrays, oracle
+from squinchcomm.codec import _arrays, baselines
 from squinchcomm.transport.base import Transport, Work
 
 __all__ = ["Communicator", "Handle", "ErrorFeedback", "COMPRESSIONS", "OPS", "shard_bounds",
@@ -59,6 +62,16 @@ def shard_bounds(n: int, world: int) -> list[int]:
     return [min(n, r * per * codec.BLOCK) for r in range(world + 1)]
 
 
+def _chunk_bounds(n: int, per: int) -> list[int]:
+    """Boundaries of the pipelined allreduce's chunks: ``per`` elements each
+    (rounded up to whole 8-blocks), the last one shorter; one chunk when
+    ``per`` is 0 or covers ``n``."""
+    if per <= 0 or n <= per:
+        return [0, n]
+    per = -(-per // codec.BLOCK) * codec.BLOCK
+    return list(range(0, n, per)) + [n]
+
+
 # ----------------------------------------------------------------------------
 # Codecs on the wire: Squinch, and fp16/bf16 casts with fp32 accumulation.
 # Inputs and outputs are internal Flats (NumPy/CuPy data + kind); payloads
@@ -72,8 +85,9 @@ class _SquinchWire:
 
     nbytes = staticmethod(codec.encoded_nbytes)
 
-    def encode(self, x: _arrays.Flat, out, residual, seed):
-        codec.encode(x, out=out, residual=residual, rounding=self.rounding, seed=seed)
+    def encode(self, x: _arrays.Flat, out, residual, seed, offset=0):
+        codec.encode(x, out=out, residual=residual, rounding=self.rounding, seed=seed,
+                     offset=offset)
 
     def reduce_encode(self, stack, n, scale, out, residual, seed, offset):
         codec.reduce_encode(stack, n, scale=scale, out=out, residual=residual,
@@ -87,7 +101,13 @@ class _SquinchWire:
 
 
 class _CastWire:
-    """fp16/bf16 on the wire (2 bytes per element), sums in fp32."""
+    """fp16/bf16 on the wire (2 bytes per element, uint16 bits), sums in fp32.
+
+    Host arrays run the fused, parallel Numba kernels of ``codec.cpu``; CuPy
+    arrays, and host arrays under ``SQUINCHCOMM_CODEC_BACKEND=oracle``, run
+    the array-module code below, which is the reference the kernels are
+    tested against bit for bit (tests/test_cast_wire.py).
+    """
 
     def __init__(self, kind: str):
         self.name, self.kind = kind, kind
@@ -96,11 +116,28 @@ class _CastWire:
     def nbytes(n):
         return 2 * n
 
+    @staticmethod
+    def _kernels(xp):
+        """``codec.cpu`` when the Numba kernels serve this call, else None."""
+        if xp is not np or config.codec_backend() != "numba":
+            return None
+        from squinchcomm.errors import require
+
+        require("numba", "cpu", "fp16/bf16 compression on the CPU (or set "
+                "SQUINCHCOMM_CODEC_BACKEND=oracle)")
+        from squinchcomm.codec import cpu
+
+        return cpu
+
     def _values(self, payload, xp):
         return _as_f32(payload.view(xp.uint16), xp, self.kind)
 
-    def encode(self, x: _arrays.Flat, out, residual, seed):
+    def encode(self, x: _arrays.Flat, out, residual, seed, offset=0):
         xp = _xp(x.data)
+        kernels = self._kernels(xp)
+        if kernels is not None:
+            kernels.cast_encode(x.data, x.kind, self.kind, out.view(np.uint16), residual)
+            return
         v = _as_f32(x.data, xp, x.kind)
         if residual is not None:
             v = v + residual
@@ -110,20 +147,34 @@ class _CastWire:
 
     def _sum(self, stack, n, scale, xp):
         total = xp.zeros(n, xp.float32)
-        for row in stack:
+        for row in stack:  # in rank order from +0: the same sum on every rank
             total += self._values(row, xp)
         return total * xp.float32(scale)
 
     def reduce_encode(self, stack, n, scale, out, residual, seed, offset):
         xp = _xp(stack)
+        kernels = self._kernels(xp)
+        if kernels is not None:
+            kernels.cast_reduce_encode(stack.view(np.uint16), out.view(np.uint16), scale,
+                                       self.kind, residual)
+            return
         self.encode(_arrays.Flat(self._sum(stack, n, scale, xp), "float32",
                                  "numpy" if xp is np else "cupy", None, None), out, residual, seed)
 
     def decode_accumulate(self, stack, n, out, scale):
-        out += self._sum(stack, n, scale, _xp(stack))
+        xp = _xp(stack)
+        kernels = self._kernels(xp)
+        if kernels is not None:
+            kernels.cast_decode_accumulate(stack.view(np.uint16), out, scale, self.kind)
+            return
+        out += self._sum(stack, n, scale, xp)
 
     def decode(self, payload, n, out: _arrays.Flat):
         xp = _xp(payload)
+        kernels = self._kernels(xp)
+        if kernels is not None:
+            kernels.cast_decode(payload.view(np.uint16), out.data, out.kind, self.kind)
+            return
         _store(self._values(payload, xp), out, xp)
 
 
@@ -146,11 +197,8 @@ def _as_f32(data, xp, kind: str):
 
 
 def _from_f32(v, kind: str, xp):
-    """float32 -> ``kind`` bits (uint16), rounded to nearest even."""
-    if xp is np:
-        return oracle.from_float32(v, kind)
-    from squinchcomm.codec import baselines
-
+    """float32 -> ``kind`` bits (uint16), rounded to nearest even (the casts
+    of :mod:`squinchcomm.codec.baselines`, for NumPy and CuPy alike)."""
     enc = baselines.encode_fp16 if kind == "float16" else baselines.encode_bf16
     return enc(v).view(xp.uint16)
 
@@ -339,6 +387,10 @@ class Communicator:
         node_size: ranks per node (consecutive ranks); default: detect.
         timeout: seconds to wait for peers before TransportError.
         seed: base seed of stochastic rounding.
+        pipeline_bytes: a compressed allreduce of more than this many fp32
+            bytes runs in chunks of this size, the exchange of one chunk
+            overlapping the codec work of the next; 0 turns it off. The
+            result does not depend on it (chunks are block-aligned).
 
     Operations run in submission order (see :class:`Handle`). That order is
     per communicator: two communicators over one transport must not have
@@ -350,7 +402,8 @@ class Communicator:
                  rounding: str | None = None, error_feedback: bool | None = None,
                  min_compress_bytes: int | None = None, check_metadata: bool | None = None,
                  hierarchical: bool | None = None, node_size: int | None = None,
-                 timeout: float | None = None, seed: int = 0):
+                 timeout: float | None = None, seed: int = 0,
+                 pipeline_bytes: int | None = None):
         self.transport = _as_transport(transport)
         self.compression = _choice("compression", compression if compression is not None else
                                    config.env_choice("COMPRESSION", COMPRESSIONS, "squinch"),
@@ -364,6 +417,11 @@ class Communicator:
                                    if min_compress_bytes is None else int(min_compress_bytes))
         self.check_metadata = (config.env_bool("CHECK_METADATA", True)
                                if check_metadata is None else bool(check_metadata))
+        self.pipeline_bytes = (config.env_int("PIPELINE_BYTES", 16 << 20)
+                               if pipeline_bytes is None else int(pipeline_bytes))
+        if self.pipeline_bytes < 0:
+            raise ValueError(f"pipeline_bytes={pipeline_bytes!r}: pass 0 (no pipelining) or a "
+                             "positive chunk size in bytes of fp32")
         self.timeout = config.timeout() if timeout is None else float(timeout)
         self.seed = int(seed)
         self.error_feedback = ErrorFeedback()
@@ -634,35 +692,78 @@ class Communicator:
 
     def _compressed(self, t: Transport, x: _arrays.Flat, n: int, dst: _arrays.Flat, comp,
                     scale, ef_name, cid):
-        """Steps 1-6 of the module docstring over transport ``t``."""
+        """Steps 1-6 of the module docstring over transport ``t``, pipelined.
+
+        The tensor is cut into block-aligned chunks of ``pipeline_bytes``; the
+        exchanges of a chunk are started without waiting, so chunk k's
+        all-to-all is on the wire while chunk k+1 is encoded and chunk k-1 is
+        reduced and decoded. Every transport starts its operations in the same
+        order on every rank (all-to-all k+1, then all-gather k). Chunk and shard
+        boundaries are multiples of 8 and rounding draws from global indices,
+        so every block and every sum is the same as in one piece: the result
+        does not depend on the chunk size.
+        """
         wire = self._wire(comp)
         xp = _xp(x.data)
         world, rank = t.size, t.rank
-        bounds = shard_bounds(n, world)
-        nbytes = [wire.nbytes(bounds[r + 1] - bounds[r]) for r in range(world)]
-        mine = bounds[rank + 1] - bounds[rank]
-        res1, res2, step = self._residuals(ef_name, f"allreduce/{world}", n, mine, x.data, world,
-                                           cid)
+        chunks = []  # (start, stop, shard bounds inside the chunk, payload bytes per shard)
+        edges = _chunk_bounds(n, self.pipeline_bytes // 4)
+        for lo, hi in zip(edges, edges[1:]):
+            b = shard_bounds(hi - lo, world)
+            chunks.append((lo, hi, b, [wire.nbytes(b[r + 1] - b[r]) for r in range(world)]))
+        mine = [b[rank + 1] - b[rank] for _, _, b, _ in chunks]  # this rank's shard per chunk
+        at = np.cumsum([0] + mine)  # where each chunk's shard sits in the shard residual
+        res1, res2, step = self._residuals(ef_name, f"allreduce/{world}", n, int(at[-1]),
+                                           x.data, world, cid)
+        # Stage 2 reduces every element exactly once, wherever its shard lies: one
+        # seed for all ranks keeps its rounding independent of the partition.
+        seed1, seed2 = self._seed(ef_name, step, rank, 1), self._seed(ef_name, step, "all", 2)
         clock = _Clock(self.timings, xp)
-        # Step 1-2: encode the whole tensor; shard r is bytes [sum(nbytes[:r]), ...).
-        payload = xp.empty(sum(nbytes), xp.uint8)
-        wire.encode(x, payload, res1, self._seed(ef_name, step, rank, 1))
-        clock.lap("encode")
-        # Step 3: all-to-all of encoded shards.
-        recv = xp.empty(world * nbytes[rank], xp.uint8)
-        yield t.alltoallv(payload, nbytes, recv, [nbytes[rank]] * world)
-        clock.lap("alltoall")
-        # Step 4-5: decode-accumulate this shard in fp32 and re-encode it, fused.
-        reduced = xp.empty(nbytes[rank], xp.uint8)
-        wire.reduce_encode(recv.reshape(world, nbytes[rank]), mine, scale, reduced, res2,
-                           self._seed(ef_name, step, rank, 2), bounds[rank])
-        clock.lap("reduce_encode")
-        # Step 6: all-gather the encoded shards; every rank decodes the same bytes.
-        gathered = xp.empty(sum(nbytes), xp.uint8)
-        yield t.allgatherv(reduced, gathered, nbytes)
-        clock.lap("allgather")
-        wire.decode(gathered, n, dst)
-        clock.lap("decode")
+        exchanges = {}  # chunk -> (Work, the buffers it reads and writes)
+
+        def part(flat, lo, hi):
+            return _arrays.Flat(flat.data[lo:hi], flat.kind, flat.family, flat.device, None)
+
+        def send(k):
+            """Steps 1-3: encode chunk k, start the all-to-all of its shards."""
+            lo, hi, _, nb = chunks[k]
+            payload = xp.empty(sum(nb), xp.uint8)
+            wire.encode(part(x, lo, hi), payload, None if res1 is None else res1[lo:hi], seed1,
+                        offset=lo)
+            clock.lap("encode")
+            recv = xp.empty(world * nb[rank], xp.uint8)
+            exchanges[k] = (t.alltoallv(payload, nb, recv, [nb[rank]] * world), payload, recv)
+
+        def reduce(k):
+            """Steps 4-5 for chunk k's shard, then start the all-gather of step 6."""
+            lo, _, b, nb = chunks[k]
+            work, _, recv = exchanges.pop(k)
+            yield work
+            clock.lap("alltoall")
+            reduced = xp.empty(nb[rank], xp.uint8)
+            wire.reduce_encode(recv.reshape(world, nb[rank]), mine[k], scale, reduced,
+                               None if res2 is None else res2[at[k]:at[k + 1]], seed2,
+                               lo + b[rank])
+            clock.lap("reduce_encode")
+            gathered = xp.empty(sum(nb), xp.uint8)
+            exchanges[-1 - k] = (t.allgatherv(reduced, gathered, nb), reduced, gathered)
+
+        def finish(k):
+            """Step 6: decode chunk k; every rank decodes the same bytes."""
+            lo, hi, _, _ = chunks[k]
+            work, _, gathered = exchanges.pop(-1 - k)
+            yield work
+            clock.lap("allgather")
+            wire.decode(gathered, hi - lo, part(dst, lo, hi))
+            clock.lap("decode")
+
+        for k in range(len(chunks) + 2):
+            if k < len(chunks):
+                send(k)
+            if 0 <= k - 1 < len(chunks):
+                yield from reduce(k - 1)
+            if 0 <= k - 2 < len(chunks):
+                yield from finish(k - 2)
         return dst
 
     def _hierarchical(self, x: _arrays.Flat, n: int, dst: _arrays.Flat, comp, scale, ef_name,

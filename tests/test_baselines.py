@@ -114,13 +114,15 @@ def test_bf16_ties_go_to_even():
 
 def test_bf16_nan_stays_nan_and_inf_stays_inf():
     # 0x7F800001: a NaN whose payload is only in the low bits (truncation -> Inf)
-    bits = np.array([0x7F800001, 0xFF800001, 0x7FC00000, 0x7F800000, 0xFF800000,
+    bits = np.array([0x7F800001, 0xFF800001, 0x7FC00000, 0x7FA5A5A5, 0x7F800000, 0xFF800000,
                      0x7F7FFFFF], np.uint32)
     y = bl.decode_bf16(bl.encode_bf16(bits.view(np.float32)))
-    assert np.all(np.isnan(y[:3]))
-    assert y[3] == np.inf and y[4] == -np.inf
-    assert y[5] == np.inf  # float32 max rounds past the bf16 max
-    assert np.all(bl.encode_bf16(bits.view(np.float32))[:3] == 0x7FC0)
+    assert np.all(np.isnan(y[:4]))
+    assert y[4] == np.inf and y[5] == -np.inf
+    assert y[6] == np.inf  # float32 max rounds past the bf16 max
+    # NaN: sign and top payload bits kept, quiet bit (0x0040) set
+    np.testing.assert_array_equal(bl.encode_bf16(bits.view(np.float32))[:4],
+                                  [0x7FC0, 0xFFC0, 0x7FC0, 0x7FE5])
 
 
 # ----------------------------------------------------------------------------

@@ -5,6 +5,11 @@ quality table, the bandwidth runs). They are deliberately plain and readable,
 written once over NumPy *or* CuPy: the array module is picked from the input,
 and CuPy is imported only when a CuPy array arrives.
 
+The fp16 / bf16 casts here are also the reference of the collectives'
+``compression="fp16"|"bf16"`` wire: CuPy arrays use them directly, host arrays
+use the fused Numba kernels ``codec.cpu.cast_*``, which are tested against
+them (and NumPy's ``astype``) bit for bit in tests/test_cast_wire.py.
+
 Methods (bits per element include the per-block scales):
 
 ==========  ==================================================  =====================
@@ -48,11 +53,14 @@ Non-finite input (documented behaviour, tested):
 
 - ``fp16``: element-wise IEEE cast: NaN stays NaN, +-Inf stays +-Inf, finite
   values of magnitude >= 65520 overflow to +-Inf.
-- ``bf16``: NaN becomes the canonical quiet NaN ``0x7FC0`` (what PyTorch's
-  scalar ``c10::BFloat16`` conversion writes; its vectorised CPU cast writes
-  ``0xFFFF``, also a NaN), +-Inf stays +-Inf, finite values that round past
-  the bfloat16 maximum become +-Inf (IEEE round to nearest even). Every
-  non-NaN input gives the same bits as ``torch.Tensor.to(torch.bfloat16)``.
+- ``bf16``: NaN keeps its sign and top 7 payload bits and is made quiet,
+  ``(bits >> 16) | 0x0040`` (so the common NaN ``0x7FC00000`` gives
+  ``0x7FC0``), as the x86 ``vcvtneps2bf16`` instruction and the Squinch
+  decoders (``codec.oracle``, ``codec.cpu``, ``native/squinch.cuh``) do;
+  PyTorch writes ``0x7FC0`` (scalar) or ``0xFFFF`` (vectorised), also NaNs.
+  +-Inf stays +-Inf, finite values that round past the bfloat16 maximum
+  become +-Inf (IEEE round to nearest even). Every non-NaN input gives the
+  same bits as ``torch.Tensor.to(torch.bfloat16)``.
 - ``int8`` / ``int4``: a block holding any NaN or +-Inf gets a NaN scale and
   zero codes, so the whole block decodes to NaN (the same policy as Squinch's
   ``q_max = 255`` blocks); other blocks are unaffected.
@@ -100,7 +108,7 @@ __all__ = [
 
 DEFAULT_BLOCK = 128  # elements per block for int8 / int4 when none is given
 _QMAX = {8: 127, 4: 7}  # symmetric code range per bit width
-_BF16_NAN = 0x7FC0  # canonical quiet NaN (c10::BFloat16 scalar conversion)
+_BF16_QUIET = 0x0040  # the quiet bit of a bfloat16 NaN
 _FP16_MAX = 65504.0
 _SCALE_DTYPES = {"float32": 32, "fp32": 32, "float16": 16, "fp16": 16}
 
@@ -205,7 +213,7 @@ def encode_bf16(x: Any):
     the lowest kept bit, so exact halves go to the even neighbour. A carry out
     of the mantissa bumps the exponent, which is the correct next binade (and
     Inf past the maximum). NaN is special-cased: truncating a NaN whose
-    payload sits in the low 16 bits would give Inf.
+    payload sits in the low 16 bits would give Inf, so the quiet bit is set.
 
     Args:
         x: NumPy or CuPy array (any real dtype, any shape; flattened).
@@ -223,8 +231,8 @@ def encode_bf16(x: Any):
     # largest non-NaN pattern 0xFF800000 + 0x8000 fits in 32 bits).
     lsb = (u >> xp.uint32(16)) & xp.uint32(1)
     rounded = (u + (xp.uint32(0x7FFF) + lsb)) >> xp.uint32(16)
-    # Step 2: every NaN becomes the canonical quiet NaN.
-    rounded = xp.where(xp.isnan(x), xp.uint32(_BF16_NAN), rounded)
+    # Step 2: a NaN keeps its sign and top payload bits, made quiet.
+    rounded = xp.where(xp.isnan(x), (u >> xp.uint32(16)) | xp.uint32(_BF16_QUIET), rounded)
     return rounded.astype(xp.uint16)
 
 

@@ -7,6 +7,11 @@ decode-accumulate-encode. Decisions use the shared float32 tables of
 :mod:`squinchcomm.codec.format` (frozen into the compiled code as constants);
 ``q_max`` and the code start from cheap estimates that are then corrected by
 exact table comparisons, so the result never depends on the estimate.
+
+The fp16/bf16 cast wire of the collectives (``compression="fp16"|"bf16"``)
+has its kernels here too (``cast_*``): the same chunked, fused style, with the
+float32 <-> float16/bfloat16 conversions done on the bits, since Numba has no
+float16 on the CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from numba.extending import intrinsic
 
 from squinchcomm.codec import format as fmt
 
-__all__ = ["encode", "decode", "decode_accumulate", "reduce_encode", "set_threads"]
+__all__ = ["encode", "decode", "decode_accumulate", "reduce_encode", "set_threads",
+           "cast_encode", "cast_decode", "cast_decode_accumulate", "cast_reduce_encode"]
 
 _CHUNK = 2048  # blocks per parallel task (12 KiB of payload, 64 KiB of fp32)
 
@@ -130,6 +136,31 @@ def _store_bf16(out, i, bits):
     else:
         lsb = (bits >> np.uint32(16)) & np.uint32(1)
         out[i] = np.uint16((bits + np.uint32(0x7FFF) + lsb) >> np.uint32(16))
+
+
+@njit(inline="always")
+def _f16_bits(bits):
+    """float32 bits to IEEE half bits, as NumPy's ``astype(np.float16)``: round
+    to nearest even, subnormals, overflow to Inf; NaN keeps its sign and top 10
+    payload bits (a quiet NaN stays quiet), or payload 1 when those are all 0
+    (NumPy's ``npy_floatbits_to_halfbits``). Selects, not branches, so loops
+    over it vectorize."""
+    sign = (bits >> np.uint32(16)) & np.uint32(0x8000)
+    a = bits & np.uint32(0x7FFFFFFF)
+    # Normal half range: rebias the exponent (127 -> 15) and round the 13
+    # dropped bits to nearest even; a carry out of the mantissa is the next
+    # binade, and past 65504 it reaches 0x7C00 (Inf), where it is held.
+    odd = (a >> np.uint32(13)) & np.uint32(1)
+    normal = min((a - np.uint32(0x38000000) + np.uint32(0xFFF) + odd) >> np.uint32(13),
+                 np.uint32(0x7C00))
+    # Below 2^-14 (half subnormals): in 0.5 + |x| the float32 ulp is 2^-24, the
+    # half subnormal step, so the FPU's own nearest-even rounding of the sum
+    # leaves |x| / 2^-24, rounded, in the low bits (1024 = the smallest normal).
+    sub = _f32_bits(_bits_f32(a) + np.float32(0.5)) - np.uint32(0x3F000000)
+    nan = np.uint32(0x7C00) | max((a >> np.uint32(13)) & np.uint32(0x3FF), np.uint32(1))
+    h = sub if a < np.uint32(0x38800000) else normal
+    h = nan if a > np.uint32(0x7F800000) else h
+    return np.uint16(h | sign)
 
 
 # ---------------------------------------------------------------- format core
@@ -359,6 +390,108 @@ def _reduce_encode_kernel(P, n, out, res, has_res, scale, stochastic, key, offse
         _encode_chunk(val, nvalid, b0, out, res, has_res, stochastic, key, offset)
 
 
+# ---------------------------------------------------------------- fp16 / bf16 cast wire
+# Payloads are uint16 bits; ``wire`` and ``kind`` are _KIND_CODES (1 float16,
+# 2 bfloat16; kind 0 is float32 data). Every element is independent, so each
+# task converts one chunk through a chunk-sized float32 buffer: no temporaries
+# of the tensor's size, and one flat loop per kind. The helpers take the
+# chunk's slices and index them from 0: loops indexing ``base + i`` inside a
+# prange did not vectorize (5x slower), presumably because Numba must allow
+# for negative, wrap-around indices there.
+_CAST_CHUNK = 1 << 14  # elements per parallel task (64 KiB of float32)
+
+
+@njit(inline="always")
+def _emit_bits(val, out, wire):
+    """out[i] = the ``wire`` bits (1 f16, 2 bf16) of val[i], for all of ``out``."""
+    if wire == 1:
+        for i in range(out.size):
+            out[i] = _f16_bits(_f32_bits(val[i]))
+    else:
+        for i in range(out.size):
+            _store_bf16(out, i, _f32_bits(val[i]))
+
+
+@njit(inline="always")
+def _cast_finish(val, out, wire, res, has_res):
+    """Round val to the wire bits ``out``; with error feedback, first add the
+    residual, then keep what the rounding lost: res = val - wire value."""
+    if has_res:
+        for i in range(out.size):
+            val[i] += res[i]
+    _emit_bits(val, out, wire)
+    if has_res:
+        if wire == 1:
+            for i in range(out.size):
+                res[i] = val[i] - _load_f16(out, i)
+        else:
+            for i in range(out.size):
+                res[i] = val[i] - _load_bf16(out, i)
+
+
+@njit(inline="always")
+def _cast_sum(P, wire, base, acc):
+    """acc = ((0 + P[0]) + P[1]) + ... in float32, in row order, over the
+    elements base..base+acc.size of the wire rows P (k, n)."""
+    for i in range(acc.size):
+        acc[i] = np.float32(0.0)
+    for k in range(P.shape[0]):
+        row = P[k, base:base + acc.size]
+        if wire == 1:
+            for i in range(acc.size):
+                acc[i] += _load_f16(row, i)
+        else:
+            for i in range(acc.size):
+                acc[i] += _load_bf16(row, i)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _cast_encode_kernel(x, kind, wire, n, out, res, has_res):
+    for chunk in prange((n + _CAST_CHUNK - 1) // _CAST_CHUNK):
+        lo, hi = chunk * _CAST_CHUNK, min(n, (chunk + 1) * _CAST_CHUNK)
+        val = np.empty(hi - lo, np.float32)
+        _fill(val, x[lo:hi], 0, hi - lo, kind)
+        _cast_finish(val, out[lo:hi], wire, res[lo:hi], has_res)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _cast_decode_f32_kernel(p, wire, n, out):
+    for chunk in prange((n + _CAST_CHUNK - 1) // _CAST_CHUNK):
+        lo, hi = chunk * _CAST_CHUNK, min(n, (chunk + 1) * _CAST_CHUNK)
+        _fill(out[lo:hi], p[lo:hi], 0, hi - lo, wire)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _cast_decode_bits_kernel(p, wire, n, out, kind):
+    for chunk in prange((n + _CAST_CHUNK - 1) // _CAST_CHUNK):
+        lo, hi = chunk * _CAST_CHUNK, min(n, (chunk + 1) * _CAST_CHUNK)
+        val = np.empty(hi - lo, np.float32)
+        _fill(val, p[lo:hi], 0, hi - lo, wire)
+        _emit_bits(val, out[lo:hi], kind)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _cast_decode_accumulate_kernel(P, wire, n, out, scale):
+    for chunk in prange((n + _CAST_CHUNK - 1) // _CAST_CHUNK):
+        lo, hi = chunk * _CAST_CHUNK, min(n, (chunk + 1) * _CAST_CHUNK)
+        acc = np.empty(hi - lo, np.float32)
+        _cast_sum(P, wire, lo, acc)
+        dst = out[lo:hi]
+        for i in range(acc.size):
+            dst[i] += acc[i] * scale
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _cast_reduce_encode_kernel(P, wire, n, out, scale, res, has_res):
+    for chunk in prange((n + _CAST_CHUNK - 1) // _CAST_CHUNK):
+        lo, hi = chunk * _CAST_CHUNK, min(n, (chunk + 1) * _CAST_CHUNK)
+        val = np.empty(hi - lo, np.float32)
+        _cast_sum(P, wire, lo, val)
+        for i in range(val.size):
+            val[i] *= scale
+        _cast_finish(val, out[lo:hi], wire, res[lo:hi], has_res)
+
+
 # ---------------------------------------------------------------- entry points
 _THREADS = [None]  # codec threads per process; None = Numba's default (all cores)
 
@@ -418,4 +551,50 @@ def reduce_encode(payloads, n, out, scale, stochastic, seed, offset, residual):
     _reduce_encode_kernel(payloads, n, out, residual if has_res else _EMPTY_RES, has_res,
                           np.float32(scale), stochastic, fmt.stream_key(seed),
                           np.uint64(offset))
+    return out
+
+
+# ---------------------------------------------------------------- cast wire entry points
+# Arrays are flat and contiguous; wire payloads and fp16/bf16 data are uint16
+# bits; ``kind`` / ``wire`` are "float32", "float16" or "bfloat16" (see
+# collectives._CastWire, whose NumPy/CuPy code is the reference for these).
+def cast_encode(x, kind, wire, out, residual):
+    """Round ``x`` (float32, or uint16 bits of ``kind``) to ``wire`` bits in ``out``.
+
+    With ``residual`` (float32, ``x.size``): round ``x + residual`` instead and
+    overwrite ``residual`` with ``(x + residual) - wire value``.
+    """
+    _threads()
+    has_res = residual is not None
+    _cast_encode_kernel(x, _KIND_CODES[kind], _KIND_CODES[wire], x.size, out,
+                        residual if has_res else _EMPTY_RES, has_res)
+    return out
+
+
+def cast_decode(payload, out, kind, wire):
+    """Widen ``wire`` bits to float32 ``out``, or convert them to ``kind`` bits."""
+    _threads()
+    if kind == "float32":
+        _cast_decode_f32_kernel(payload, _KIND_CODES[wire], payload.size, out)
+    else:
+        _cast_decode_bits_kernel(payload, _KIND_CODES[wire], payload.size, out,
+                                 _KIND_CODES[kind])
+    return out
+
+
+def cast_decode_accumulate(payloads, out, scale, wire):
+    """``out += fl(sum_k payloads[k]) * scale`` in float32, rows summed in order from +0."""
+    _threads()
+    _cast_decode_accumulate_kernel(payloads, _KIND_CODES[wire], payloads.shape[1], out,
+                                   np.float32(scale))
+    return out
+
+
+def cast_reduce_encode(payloads, out, scale, wire, residual):
+    """Round ``fl(sum_k payloads[k]) * scale`` (the sum of :func:`cast_decode_accumulate`),
+    plus ``residual`` when given (error feedback as in :func:`cast_encode`), to ``wire`` bits."""
+    _threads()
+    has_res = residual is not None
+    _cast_reduce_encode_kernel(payloads, _KIND_CODES[wire], payloads.shape[1], out,
+                               np.float32(scale), residual if has_res else _EMPTY_RES, has_res)
     return out
