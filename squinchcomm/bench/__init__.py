@@ -1,10 +1,16 @@
-"""Benchmarks: ``python -m squinchcomm.bench <codec|quality> [options]``."""
+"""Benchmarks: ``python -m squinchcomm.bench <command> [options]`` (``--help`` per command)."""
 
 __all__ = ["COMMANDS"]
 
-# Subcommand -> module with a main(argv); imported on demand.
+# Subcommand -> "module" (its main(argv) runs) or "module:function"; imported on
+# demand, so a command's heavy imports (torch, mpi4py) cost only that command.
 COMMANDS = {
+    "allreduce": "squinchcomm.bench.collective:allreduce_main",
+    "reduce_scatter": "squinchcomm.bench.collective:reduce_scatter_main",
+    "allgather": "squinchcomm.bench.collective:allgather_main",
     "codec": "squinchcomm.bench.codec",
     "quality": "squinchcomm.bench.quality",
-    "allreduce": "squinchcomm.bench.allreduce",
+    "train": "squinchcomm.bench.train",
+    "pipeline": "squinchcomm.bench.pipeline",
+    "model": "squinchcomm.bench.model",
 }

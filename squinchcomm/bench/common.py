@@ -23,7 +23,7 @@ def size_sweep(minbytes, maxbytes, factor: int) -> list[int]:
     """Sizes ``-b, -b*f, -b*f^2, ... <= -e`` (nccl-tests' -b/-e/-f), validated."""
     lo, hi = parse_size(minbytes), parse_size(maxbytes)
     if lo < 4 or lo > hi:
-        raise ValueError(f"sizes -b {minbytes} -e {maxbytes}: pass 4 <= -b <= -e (fp32 bytes)")
+        raise ValueError(f"sizes -b {minbytes} -e {maxbytes}: pass 4 <= -b <= -e (bytes)")
     if factor < 2:
         raise ValueError(f"-f {factor}: the size step factor must be >= 2")
     out, s = [], lo
