@@ -1,0 +1,393 @@
+"""Training-step benchmark: tokens/s of the GPT example per gradient-compression method.
+
+    torchrun --standalone --nproc-per-node 4 -m squinchcomm.bench train --steps 10
+    mpirun -n 4 python -m squinchcomm.bench train --methods hvd_fp32,squinch,ddp_squinch
+    sudo python bench/shaped_cluster.py --ranks 4 --rate 1gbit -- train --steps 10
+
+Trains the model of ``examples/gpt_train.py`` (:class:`~squinchcomm.bench.tinygpt.TinyGPT`
+on the stdlib byte corpus, AdamW, the same batches: ``sample_windows(corpus.train,
+batch, seq, seed, step=, rank=)``) data-parallel over one torch.distributed gloo
+process group, once per method, one method after another in the same job. Every
+method starts from the same initial weights and sees the same batches:
+
+- ``hvd_fp32``, ``hvd_fp16``, ``hvd_bf16``, ``squinch``, ``squinch_ef``:
+  ``squinchcomm.torch.DistributedOptimizer`` with ``Compression.none``, ``fp16``,
+  ``bf16``, ``squinch`` and ``squinch_with(error_feedback=True)``; the gradients
+  are fused into one buffer (the 64 MiB fusion threshold) and averaged by the
+  library's allreduce (fp32: gloo's own ``all_reduce``);
+- ``ddp_fp32``: ``DistributedDataParallel`` with its default allreduce;
+- ``ddp_fp16``: DDP with PyTorch's ``default_hooks.fp16_compress_hook``;
+- ``ddp_powersgd4``: DDP with PyTorch's ``powerSGD_hook`` (rank 4, error
+  feedback, warm start), compressing from the third step on
+  (``start_powerSGD_iter=2``, the earliest PyTorch allows), so ``--warmup``
+  must be at least 2;
+- ``ddp_squinch``: DDP with ``squinchcomm.torch.ddp_hooks.squinch_hook``
+  (error feedback on, as in ``examples/ddp_squinch.py``).
+
+Each method runs ``--warmup`` untimed steps, then ``--steps`` timed ones. A step
+is timed from ``zero_grad`` through ``optimizer.step`` after an untimed
+barrier; its time is that of the slowest rank. Columns (rank 0 prints):
+
+- ``time(ms)``: median step time over the timed steps;
+- ``tokens/s``: global tokens per step (world x batch x seq) / median step time;
+- ``speedup``: time of ``hvd_fp32`` / time of the method (``-`` without it);
+- ``loss``: training loss averaged over ranks and the last 5 timed steps
+  (same data and initial weights, so a lossy method shows here);
+- ``wire(MB/rank)``: gradient bytes each rank sends per step, 1e6 B per MB, in
+  the ring model 2(N-1)/N * payload: 4 B per gradient element for fp32, 2 for
+  fp16/bf16, Squinch's encoded size (0.75 B); squinchcomm sends buffers under
+  ``SQUINCHCOMM_MIN_COMPRESS_BYTES`` (64 KiB) as fp32 (none in the default
+  model: the hvd methods fuse all gradients, DDP buckets are 1 MB or more); and
+  for PowerSGD the P and Q factors of the compressed matrices plus the
+  uncompressed tensors, as counted by PowerSGD's own state;
+- ``ident``: the parameters hash to the same bytes on every rank at the end
+  (data parallelism's invariant; a method that breaks it is wrong, not fast).
+
+The header also records the layout squinchcomm detects (nodes x ranks per
+node); ``--hierarchical`` makes the squinchcomm methods (hvd_* and
+ddp_squinch) sum inside a node uncompressed and compress only across nodes.
+
+Default model: 2 layers, width 512, 8 heads, 128-byte context, 4 sequences per
+rank: 6.5 M parameters, so 26 MB of fp32 gradients per step, whose ring
+allreduce over 4 ranks at 1 Gbit/s moves 39 MB per rank (about 0.3 s), while a
+step on 4 ranks sharing 2 cores over shared memory takes about 0.85 s: the
+exchange matters at that rate without a step taking many seconds. Torch uses
+cores / ranks-on-this-machine threads per rank unless OMP_NUM_THREADS is set
+(examples/gpt_train.py shares the cores of a node the same way; here the ranks
+are counted per machine, since the shaped cluster's network-namespace "hosts"
+share one machine's cores).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import squinchcomm.torch as hvd
+from squinchcomm import __version__, codec
+from squinchcomm.bench.common import versions
+from squinchcomm.bench.corpus import load_corpus, sample_windows
+from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors
+from squinchcomm.bench.torch_methods import START_POWERSGD_ITER, share_cores
+from squinchcomm.torch import ddp_hooks
+from squinchcomm.transport.torch_dist import init_process_group_from_env
+
+__all__ = ["main", "run_method", "METHODS", "LOSS_STEPS", "wire_bytes_per_rank"]
+
+METHODS = ("hvd_fp32", "hvd_fp16", "hvd_bf16", "squinch", "squinch_ef",
+           "ddp_fp32", "ddp_fp16", "ddp_powersgd4", "ddp_squinch")
+LOSS_STEPS = 5  # the loss column averages this many final timed steps
+POWERSGD_RANK = 4
+_BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2}
+# method -> (wire format of a gradient element, sent by squinchcomm: whose small
+# buffers go fp32). PowerSGD is counted by its own state instead.
+_WIRE = {"hvd_fp32": ("fp32", True), "hvd_fp16": ("fp16", True), "hvd_bf16": ("bf16", True),
+         "squinch": ("squinch", True), "squinch_ef": ("squinch", True),
+         "ddp_fp32": ("fp32", False), "ddp_fp16": ("fp16", False),
+         "ddp_squinch": ("squinch", True)}
+
+
+def _methods(spec: str, warmup: int) -> list[str]:
+    chosen = [m.strip() for m in spec.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in METHODS]
+    if bad or not chosen:
+        raise ValueError(f"--methods {spec!r}: unknown {', '.join(bad) or '(empty)'}; choose a "
+                         f"comma list of {', '.join(METHODS)}")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"--methods {spec!r} names a method twice: list each once")
+    if "ddp_powersgd4" in chosen and warmup < START_POWERSGD_ITER:
+        raise ValueError(f"--warmup {warmup}: ddp_powersgd4 compresses from step "
+                         f"{START_POWERSGD_ITER + 1} on (start_powerSGD_iter="
+                         f"{START_POWERSGD_ITER}), so pass --warmup >= {START_POWERSGD_ITER} "
+                         "to time compressed steps only")
+    return chosen
+
+
+def wire_bytes_per_rank(method: str, buffers: list[int], world: int,
+                        min_compress_bytes: int) -> float:
+    """Bytes one rank sends per step in the ring model, 2(N-1)/N * payload.
+
+    Args:
+        method: a name from :data:`METHODS` other than ``ddp_powersgd4``.
+        buffers: element counts of the gradient buffers exchanged in one step.
+        world: number of ranks N.
+        min_compress_bytes: squinchcomm sends buffers smaller than this (fp32
+            bytes) uncompressed; PyTorch's hooks compress every buffer.
+
+    Returns:
+        Bytes per rank per step.
+
+    Example:
+        >>> wire_bytes_per_rank("hvd_fp16", [1000], world=4, min_compress_bytes=0)
+        3000.0
+    """
+    kind, library = _WIRE[method]
+    payload = 0
+    for n in buffers:
+        if library and 4 * n < min_compress_bytes:
+            payload += 4 * n
+        elif kind == "squinch":
+            payload += codec.encoded_nbytes(n)
+        else:
+            payload += _BYTES_PER_ELEMENT[kind] * n
+    return 2 * (world - 1) / world * payload
+
+
+def _recording(hook, sizes: list):
+    """Wrap a DDP comm hook so it appends each bucket's element count to ``sizes``."""
+    def recorded(state, bucket):
+        sizes.append(bucket.buffer().numel())
+        return hook(state, bucket)
+
+    recorded.__name__ = recorded.__qualname__ = hook.__name__
+    return recorded
+
+
+class _Run:
+    """One method's model, optimizer and the bookkeeping for its wire bytes."""
+
+    def __init__(self, method: str, config: GPTConfig, args):
+        self.method = method
+        self.model = TinyGPT(config)  # seeded init: the same weights for every method
+        self.buckets: list[int] = []  # DDP hook methods: bucket sizes seen
+        self.powersgd = None
+
+        def adamw(params):
+            return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+        if method.startswith("ddp_"):
+            self.net = DDP(self.model)  # broadcasts rank 0's weights
+            if method == "ddp_fp16":
+                self.net.register_comm_hook(None, _recording(default_hooks.fp16_compress_hook,
+                                                             self.buckets))
+            elif method == "ddp_powersgd4":
+                self.powersgd = powersgd.PowerSGDState(
+                    process_group=None, matrix_approximation_rank=POWERSGD_RANK,
+                    start_powerSGD_iter=START_POWERSGD_ITER, use_error_feedback=True,
+                    warm_start=True)
+                self.net.register_comm_hook(self.powersgd, powersgd.powerSGD_hook)
+            elif method == "ddp_squinch":
+                state = ddp_hooks.SquinchHookState(error_feedback=True,
+                                                   hierarchical=args.hierarchical)
+                self.net.register_comm_hook(state, _recording(ddp_hooks.squinch_hook,
+                                                              self.buckets))
+            self.optimizer = adamw(self.net.parameters())
+        else:
+            compression = {"hvd_fp32": hvd.Compression.none, "hvd_fp16": hvd.Compression.fp16,
+                           "hvd_bf16": hvd.Compression.bf16,
+                           "squinch": hvd.Compression.squinch_with(error_feedback=False),
+                           "squinch_ef": hvd.Compression.squinch_with(error_feedback=True)}
+            hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+            self.net = self.model
+            self.optimizer = hvd.DistributedOptimizer(
+                adamw(self.model.parameters()), named_parameters=self.model.named_parameters(),
+                compression=compression[method], op=hvd.Average)
+
+    def step(self, x, y):
+        """One training step (zero_grad, forward, backward, step); returns the loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        _, loss = self.net(x, y)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def wire_counter(self) -> int:
+        """A running count whose growth over the timed steps gives their wire volume."""
+        if self.powersgd is not None:
+            return self.powersgd.total_numel_after_compression
+        return len(self.buckets)
+
+    def wire_bytes(self, start: int, steps: int, world: int, min_compress_bytes: int) -> float:
+        """Bytes per rank per step over the timed steps (``start``: wire_counter() before)."""
+        if self.powersgd is not None:  # fp32 P, Q and uncompressed tensors, allreduced
+            elements = (self.powersgd.total_numel_after_compression - start) / steps
+            return 2 * (world - 1) / world * 4 * elements
+        if self.buckets:  # a recording hook: the buckets of the timed steps
+            timed = self.buckets[start:]
+            return wire_bytes_per_rank(self.method, timed, world, min_compress_bytes) / steps
+        # hvd_* (one fused buffer) and ddp_fp32 (every element, fp32)
+        return wire_bytes_per_rank(self.method, [self.model.num_params()], world,
+                                   min_compress_bytes)
+
+    def close(self):
+        if hasattr(self.optimizer, "remove_hooks"):
+            self.optimizer.remove_hooks()
+
+
+def _ranks_on_this_machine() -> int:
+    names = [None] * dist.get_world_size()
+    dist.all_gather_object(names, socket.gethostname())
+    return names.count(socket.gethostname())
+
+
+def _params_digest(model) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for p in model.parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_method(method: str, config, args, data, min_compress_bytes: int) -> dict:
+    """Train with one method; collective. Returns its row (the same on every rank)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    run = _Run(method, config, args)
+    times, losses, wire_start = [], [], 0
+    for step in range(1, args.warmup + args.steps + 1):
+        x, y = batch_tensors(sample_windows(data.train, args.batch, args.seq, args.seed,
+                                            step=step, rank=rank))
+        if step == args.warmup + 1:
+            wire_start = run.wire_counter()
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = run.step(x, y)
+        dt = time.perf_counter() - t0
+        if step > args.warmup:
+            times.append(dt)
+            losses.append(loss.item())
+    mine = dict(times=times, losses=losses, digest=_params_digest(run.model),
+                wire=run.wire_bytes(wire_start, args.steps, world, min_compress_bytes))
+    run.close()
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    # A step ends when its slowest rank does: max over ranks, then the median.
+    slowest = [max(e["times"][i] for e in everyone) for i in range(args.steps)]
+    mean_losses = [statistics.fmean(e["losses"][i] for e in everyone) for i in range(args.steps)]
+    t = statistics.median(slowest)
+    return dict(method=method, time_ms=t * 1e3,
+                tokens_per_s=world * args.batch * args.seq / t,
+                loss=statistics.fmean(mean_losses[-LOSS_STEPS:]),
+                wire_mb=everyone[0]["wire"] / 1e6,
+                params_identical=len({e["digest"] for e in everyone}) == 1,
+                step_times_ms=[v * 1e3 for v in slowest], losses=mean_losses)
+
+
+# ---------------------------------------------------------------------------- output
+def _header(args, info) -> str:
+    hier = "on" if info["hierarchical"] else (
+        "off" if not args.hierarchical else "off (requested, but needs >1 node and >1 rank/node)")
+    return "\n".join([
+        f"# squinchcomm {__version__} training-step benchmark (tokens/s of the GPT example)",
+        f"# model TinyGPT layers {args.layers} width {args.width} heads {args.heads} "
+        f"seq {args.seq}  params {info['params']:,}  fp32 gradients {info['grad_mb']:.2f} MB",
+        f"# batch {args.batch}x{args.seq} per rank  tokens/step {info['tokens_per_step']:,}  "
+        f"steps {args.steps} timed + {args.warmup} warm-up per method  lr {args.lr}  "
+        f"seed {args.seed}  AdamW",
+        f"# methods {','.join(info['methods'])}",
+        f"# network {info['network']}",
+        f"# transport torch.distributed gloo  world {info['world_size']}  nodes "
+        f"{info['nodes']} x {info['ranks_per_node']} ranks (squinchcomm's node detection)  "
+        f"hierarchical {hier}",
+        f"# torch threads {info['torch_threads']} per rank ({info['ranks_on_machine']} ranks "
+        f"on this machine, {os.cpu_count()} cores; OMP_NUM_THREADS "
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')})  NUMBA_NUM_THREADS "
+        f"{os.environ.get('NUMBA_NUM_THREADS', 'unset')}  min_compress_bytes "
+        f"{info['min_compress_bytes']}  host {platform.node()}",
+        f"# {info['corpus']}",
+        "# " + "  ".join(f"{k} {val}" for k, val in versions().items()),
+        "# time = median over timed steps of the slowest rank, zero_grad..optimizer.step "
+        "(barrier before each step, not timed)",
+        "# tokens/s = world*batch*seq / time; speedup = time(hvd_fp32) / time; loss = mean "
+        f"over ranks and the last {LOSS_STEPS} timed steps",
+        "# wire = MB (1e6 B) of gradients each rank sends per step, ring model 2(N-1)/N * "
+        "payload; ident: parameters bit-identical on every rank at the end",
+        *(["# wire counts the flat algorithm: hierarchical squinchcomm methods send "
+           "2(C-1)/C * payload / ranks-per-node across C nodes, the rest inside the node"]
+          if info["hierarchical"] else []),
+        f"# {'method':>13} {'time(ms)':>10} {'tokens/s':>10} {'speedup':>8} {'loss':>8} "
+        f"{'wire(MB/rank)':>13} {'ident':>5}",
+    ])
+
+
+def _row(r) -> str:
+    speedup = f"{r['speedup']:.2f}" if r["speedup"] is not None else "-"
+    return (f"  {r['method']:>13} {r['time_ms']:>10.1f} {r['tokens_per_s']:>10,.0f} "
+            f"{speedup:>8} {r['loss']:>8.4f} {r['wire_mb']:>13.3f} "
+            f"{'yes' if r['params_identical'] else 'NO':>5}")
+
+
+def _footer(rows) -> str:
+    bad = [r["method"] for r in rows if not r["params_identical"]]
+    lines = ["#", "# parameters bit-identical on every rank: "
+             + ("all methods" if not bad else "NOT for " + ", ".join(bad))]
+    if not os.environ.get("SQUINCHCOMM_BENCH_NETWORK"):  # set by bench/shaped_cluster.py
+        lines.append("# one machine: gradients move through shared memory/loopback, so "
+                     "compression cannot win on time here; run it on a shaped cluster")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """Run the benchmark (collective: every rank calls it); returns the result dict."""
+    p = argparse.ArgumentParser(prog="python -m squinchcomm.bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma list of {', '.join(METHODS)} (default all; hvd_fp32, the "
+                        "baseline of the speedup column, runs first)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per method (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per method (default 3)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per rank per step")
+    p.add_argument("--seq", type=int, default=128, help="context length in bytes")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+    p.add_argument("--hierarchical", action="store_true",
+                   help="squinchcomm methods sum inside a node uncompressed, compress across")
+    p.add_argument("--json", metavar="FILE", help="rank 0 writes rows and parameters as JSON")
+    args = p.parse_args(argv)
+    # Validate before any collective, so every rank fails the same way at once.
+    methods = _methods(args.methods, args.warmup)
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError(f"--steps {args.steps} --warmup {args.warmup}: pass at least one timed "
+                         "step and a non-negative warm-up count")
+    config = GPTConfig(block_size=args.seq, n_layer=args.layers, n_head=args.heads,
+                       n_embd=args.width, init_seed=args.seed)
+    methods.sort(key=lambda m: m != "hvd_fp32")  # the baseline first: rows print as they come
+
+    # The engines are left to process exit: destroy_process_group() with gloo in
+    # torch 2.13 sometimes aborts a rank after all the work is done.
+    init_process_group_from_env(backend="gloo")
+    comm = hvd.init("torch", hierarchical=args.hierarchical)
+    on_machine = _ranks_on_this_machine()
+    threads = share_cores(on_machine)
+    data = load_corpus()
+    params = TinyGPT(config).num_params()
+    info = dict(methods=methods, params=params, grad_mb=4 * params / 1e6,
+                tokens_per_step=comm.size * args.batch * args.seq,
+                network=os.environ.get("SQUINCHCOMM_BENCH_NETWORK")
+                or "this machine (shared memory / loopback)",
+                world_size=comm.size, nodes=comm.cross_size, ranks_per_node=comm.local_size,
+                hierarchical=comm.hierarchical, ranks_on_machine=on_machine,
+                torch_threads=threads, min_compress_bytes=comm.min_compress_bytes,
+                corpus=data.describe())
+    root = comm.rank == 0
+    if root:
+        print(_header(args, info), flush=True)
+    rows, base = [], None
+    for method in methods:
+        row = run_method(method, config, args, data, comm.min_compress_bytes)
+        if method == "hvd_fp32":
+            base = row["time_ms"]
+        row["speedup"] = base / row["time_ms"] if base is not None else None
+        rows.append(row)
+        if root:
+            print(_row(row), flush=True)
+    doc = {"args": vars(args), "versions": versions(), **info, "rows": rows}
+    if root:
+        print(_footer(rows), flush=True)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(doc, fh, indent=1)
+    dist.barrier()  # nobody exits while rank 0 still writes
+    return doc
+
