@@ -183,21 +183,3 @@ def test_needs_root_message():
     proc = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "needs root" in proc.stderr
 
-
-def test_plot_reads_the_committed_results():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import plot_shaped
-    finally:
-        sys.path.pop(0)
-    assert plot_shaped.rate_gbit("every link 200mbit each way") == 0.2
-    assert plot_shaped.rate_gbit("# network ... every link 10gbit each way") == 10.0
-    with pytest.raises(ValueError, match="no link rate"):
-        plot_shaped.rate_gbit("loopback")
-    paths = sorted((ROOT / "bench" / "results").glob("shaped_4rank_*_64M.json"))
-    if not paths:
-        pytest.skip("no shaped-cluster results committed")
-    series = plot_shaped.load(paths)
-    rates = [r for r, _ in series["engine_fp32"]]
-    assert rates == sorted(rates) and len(rates) == len(paths)
-    assert all(t > 0 for pts in series.values() for _, t in pts)

@@ -658,7 +658,8 @@ def _header(args, collective, bench, desc, methods, unavailable, layout, threads
     lines += [
         f"# network {_network()}",
         f"# transport {desc}  world {bench.world}  {layout}",
-        f"# rounding {bench.comm.rounding}  min_compress_bytes 0  check_metadata "
+        f"# rounding {bench.comm.rounding}  min_compress_bytes 0  pipeline_bytes "
+        f"{bench.comm.pipeline_bytes}  check_metadata "
         f"{bench.comm.check_metadata}  codec backend {config.codec_backend()}  NUMBA_NUM_THREADS "
         f"{numba_threads}" + (f"  torch threads {threads}" if threads else ""),
         f"# device host memory (CPU {v['cpu']}, {os.cpu_count()} cores)  host {platform.node()} "
@@ -871,7 +872,8 @@ def main(argv=None, collective: str = "allreduce") -> dict:
            "methods": methods,
            "not_run": {", ".join(v): k for k, v in unavailable.items()},
            "numba_num_threads": os.environ.get("NUMBA_NUM_THREADS"), "torch_threads": threads,
-           "check_metadata": comm.check_metadata, "peak_rss_mb": rss_mb, "rows": rows,
+           "check_metadata": comm.check_metadata, "pipeline_bytes": comm.pipeline_bytes,
+           "peak_rss_mb": rss_mb, "rows": rows,
            "stages": stage_rows}
     if root:
         if stage_rows:

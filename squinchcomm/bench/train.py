@@ -20,7 +20,9 @@ method starts from the same initial weights and sees the same batches:
 - ``ddp_powersgd4``: DDP with PyTorch's ``powerSGD_hook`` (rank 4, error
   feedback, warm start), compressing from the third step on
   (``start_powerSGD_iter=2``, the earliest PyTorch allows), so ``--warmup``
-  must be at least 2;
+  must be at least 2; one bucket's collectives at a time (see
+  ``_one_bucket_at_a_time``: unwrapped, the hook's callback-issued collectives
+  reached gloo in different orders on different ranks and aborted the job);
 - ``ddp_squinch``: DDP with ``squinchcomm.torch.ddp_hooks.squinch_hook``
   (error feedback on, as in ``examples/ddp_squinch.py``).
 
@@ -153,6 +155,31 @@ def _recording(hook, sizes: list):
     return recorded
 
 
+def _one_bucket_at_a_time(hook):
+    """Wrap PowerSGD's hook so a bucket's collectives are all issued before the
+    next bucket's start.
+
+    PyTorch's ``powerSGD_hook`` issues its P and Q allreduces from future
+    callbacks, so with several buckets in flight the order in which the
+    collectives reach the process group differs between ranks; gloo matches
+    collectives by order and aborted ("Received data size doesn't match
+    expected size") at 4 ranks with this model's two buckets. Waiting for the
+    previous bucket's future first restores one order everywhere, at the cost
+    of overlap between buckets.
+    """
+    pending = []
+
+    def serialized(state, bucket):
+        if pending:
+            pending.pop().wait()
+        fut = hook(state, bucket)
+        pending.append(fut)
+        return fut
+
+    serialized.__name__ = serialized.__qualname__ = hook.__name__
+    return serialized
+
+
 class _Run:
     """One method's model, optimizer and the bookkeeping for its wire bytes."""
 
@@ -175,7 +202,8 @@ class _Run:
                     process_group=None, matrix_approximation_rank=POWERSGD_RANK,
                     start_powerSGD_iter=START_POWERSGD_ITER, use_error_feedback=True,
                     warm_start=True)
-                self.net.register_comm_hook(self.powersgd, powersgd.powerSGD_hook)
+                self.net.register_comm_hook(self.powersgd,
+                                            _one_bucket_at_a_time(powersgd.powerSGD_hook))
             elif method == "ddp_squinch":
                 state = ddp_hooks.SquinchHookState(error_feedback=True,
                                                    hierarchical=args.hierarchical)
