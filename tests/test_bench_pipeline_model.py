@@ -30,6 +30,26 @@ def t_model(n, ranks, rate_bps, eff, alpha, bytes_per_el, codec_s=0.0, overhead=
             + 2 * (ranks - 1) * alpha + overhead)
 
 
+def squinch_wire_s(n, ranks, rate_bps, eff):
+    """W: Squinch's 0.75 B per element, 2(N-1)/N of the tensor, at eff * B."""
+    return 2 * (ranks - 1) / ranks * SQUINCH_B * n / (eff * rate_bps / 8)
+
+
+def t_pipelined(n, ranks, rate_bps, eff, alpha, codec_s, overhead, chunks):
+    """Codec and wire as two stages over K chunks: max(C, W) + min(C, W) / K + latency."""
+    wire = squinch_wire_s(n, ranks, rate_bps, eff)
+    return (max(codec_s, wire) + min(codec_s, wire) / chunks + 2 * (ranks - 1) * alpha
+            + overhead)
+
+
+def expected_chunks(n, pipeline_bytes):
+    """ceil(n / chunk) with chunks of pipeline_bytes / 4 elements rounded up to whole
+    8-blocks; one chunk when pipelining is off."""
+    if pipeline_bytes == 0:
+        return 1
+    return math.ceil(n / (math.ceil(pipeline_bytes / 4 / 8) * 8))
+
+
 def expected_shard(n, ranks):
     """Shard 0 of collectives.shard_bounds: ceil(blocks / N) whole blocks, at most n."""
     blocks = math.ceil(n / 8)
@@ -123,10 +143,12 @@ def run_model(capsys, *argv):
     return doc, capsys.readouterr().out
 
 
-def test_free_codec_reaches_the_wire_byte_ratio(capsys):
+@pytest.mark.parametrize("pipeline_bytes, chunks", [("16M", 1), ("1M", 16)])
+def test_free_codec_reaches_the_wire_byte_ratio(capsys, pipeline_bytes, chunks):
     doc, text = run_model(capsys, "--codec-gbps", "inf", "--alpha", "0", "--ranks", "8",
-                          "--size", "16M", "--rates", "100mbit,1gbit,400gbit")
-    assert len(doc["rows"]) == 3
+                          "--size", "16M", "--rates", "100mbit,1gbit,400gbit",
+                          "--pipeline-bytes", pipeline_bytes)
+    assert len(doc["rows"]) == 3 and doc["chunks"] == chunks
     for r in doc["rows"]:
         assert r["speedup_fp32"] == pytest.approx(4 / SQUINCH_B)
         assert r["speedup_bf16"] == pytest.approx(2 / SQUINCH_B)
@@ -134,28 +156,63 @@ def test_free_codec_reaches_the_wire_byte_ratio(capsys):
     assert f"{4 / SQUINCH_B:.2f}x over fp32, {2 / SQUINCH_B:.2f}x over bf16" in text
 
 
+@pytest.mark.parametrize("pipeline_bytes", [16 << 20, 0, 4 << 20])
 @pytest.mark.parametrize("ranks", [2, 4, 16])
-def test_crossover_is_where_the_times_meet(capsys, ranks):
+def test_crossover_is_where_the_times_meet(capsys, ranks, pipeline_bytes):
     eff, alpha, overhead, gbps, n = 0.8, 20e-6, 3e-4, 5.0, 4 << 20
     doc, text = run_model(capsys, "--codec-gbps", str(gbps), "--alpha", "20us", "--overhead",
                           "0.3ms", "--efficiency", str(eff), "--ranks", str(ranks),
-                          "--size", str(4 * n))
-    codec_s = 4 * n / (gbps * 1e9)
+                          "--size", str(4 * n), "--pipeline-bytes", str(pipeline_bytes))
+    codec_s, chunks = 4 * n / (gbps * 1e9), expected_chunks(n, pipeline_bytes)
+    assert doc["chunks"] == chunks and f"K = {chunks} pipeline chunk" in text
+
+    def t_sq(rate):
+        if chunks == 1:  # unpipelined: the stages back to back, the issue's formula
+            return t_model(n, ranks, rate, eff, alpha, SQUINCH_B, codec_s, overhead)
+        return t_pipelined(n, ranks, rate, eff, alpha, codec_s, overhead, chunks)
+
     for base, width in (("fp32", 4.0), ("bf16", 2.0)):
         rate = doc[f"crossover_{base}_bps"]
-        t_sq = t_model(n, ranks, rate, eff, alpha, SQUINCH_B, codec_s, overhead)
-        t_base = t_model(n, ranks, rate, eff, alpha, width)
-        assert t_sq == pytest.approx(t_base, rel=1e-9)
+        assert t_sq(rate) == pytest.approx(t_model(n, ranks, rate, eff, alpha, width), rel=1e-9)
         # Below the crossover Squinch wins, above it loses.
-        assert t_model(n, ranks, rate / 2, eff, alpha, SQUINCH_B, codec_s, overhead) < \
-            t_model(n, ranks, rate / 2, eff, alpha, width)
-        assert t_model(n, ranks, rate * 2, eff, alpha, SQUINCH_B, codec_s, overhead) > \
-            t_model(n, ranks, rate * 2, eff, alpha, width)
+        assert t_sq(rate / 2) < t_model(n, ranks, rate / 2, eff, alpha, width)
+        assert t_sq(rate * 2) > t_model(n, ranks, rate * 2, eff, alpha, width)
         assert f"{rate / 1e9:.3g} Gbit/s" in text
     for r in doc["rows"]:
-        assert r["squinch_s"] == pytest.approx(
-            t_model(n, ranks, r["rate_bps"], eff, alpha, SQUINCH_B, codec_s, overhead))
+        assert r["squinch_s"] == pytest.approx(t_sq(r["rate_bps"]))
         assert r["fp32_s"] == pytest.approx(t_model(n, ranks, r["rate_bps"], eff, alpha, 4.0))
+    # The default rates cover both regimes: the codec and the wire each the longer stage.
+    longer = {squinch_wire_s(n, ranks, r["rate_bps"], eff) > codec_s for r in doc["rows"]}
+    assert longer == {True, False}
+
+
+@pytest.mark.parametrize("codec_s, overhead, wire_longer", [
+    (0.05, 0.0, False),  # the codec is the longer stage at the crossover
+    (0.01, 0.2, True),   # a large overhead pushes the crossover to slow links
+    (0.0, 0.01, True),   # no codec cost: only the overhead against the saved bytes
+])
+@pytest.mark.parametrize("chunks", [1, 4])
+@pytest.mark.parametrize("ranks", [2, 4, 16])
+def test_crossover_solves_the_pipelined_model(ranks, chunks, codec_s, overhead, wire_longer):
+    n, eff, alpha = 1 << 22, 0.7, 1e-5
+    for base, width in (("fp32", 4.0), ("bf16", 2.0)):
+        rate = model.crossover_bps(n, ranks, eff, codec_s, overhead, base, chunks)
+        assert (squinch_wire_s(n, ranks, rate, eff) > codec_s) == wire_longer
+        assert t_pipelined(n, ranks, rate, eff, alpha, codec_s, overhead, chunks) == \
+            pytest.approx(t_model(n, ranks, rate, eff, alpha, width), rel=1e-9)
+        for slower, wins in ((0.9, True), (1.1, False)):
+            t_sq = t_pipelined(n, ranks, rate * slower, eff, alpha, codec_s, overhead, chunks)
+            assert (t_sq < t_model(n, ranks, rate * slower, eff, alpha, width)) == wins
+
+
+@pytest.mark.parametrize("n, pipeline_bytes", [
+    (4 << 20, 16 << 20), (4 << 20, 4 << 20), (4 << 20, 3 << 20), ((4 << 20) + 1, 16 << 20),
+    (4 << 20, 0), (100, 40),  # 10 elements per chunk round up to 16: 7 chunks, not 10
+])
+def test_pipeline_chunks_follow_the_allreduce(n, pipeline_bytes):
+    assert model.pipeline_chunks(n, pipeline_bytes) == expected_chunks(n, pipeline_bytes)
+    with pytest.raises(ValueError, match="pass 0"):
+        model.pipeline_chunks(n, -1)
 
 
 def test_model_is_monotonic_in_rate(capsys):
@@ -189,9 +246,11 @@ def test_codec_time_from_a_pipeline_json(tmp_path, capsys):
     assert "--ranks 8" in capsys.readouterr().err
 
 
-def shaped_json(tmp_path, name, rate, eff, alpha, codec_ms, network_in_json=True):
+def shaped_json(tmp_path, name, rate, eff, alpha, codec_ms, network_in_json=True,
+                pipeline_bytes=None):
     """A synthetic shaped-cluster result at 4 ranks, 16 MiB, whose engine_fp32
-    time follows the model at ``eff``; squinch measured 10% over its model."""
+    time follows the model at ``eff``; squinch measured 10% over its unpipelined
+    model. ``pipeline_bytes`` is recorded in the JSON when given."""
     n, ranks = 4 << 20, 4
     t_fp32 = t_model(n, ranks, rate, eff, alpha, 4.0)
     t_sq = 1.1 * t_model(n, ranks, rate, eff, alpha, SQUINCH_B, codec_ms * 1e-3)
@@ -202,6 +261,8 @@ def shaped_json(tmp_path, name, rate, eff, alpha, codec_ms, network_in_json=True
                rows=[dict(method="engine_fp32", size=4 * n, count=n, time_us=t_fp32 * 1e6),
                      dict(method="squinch", size=4 * n, count=n, time_us=t_sq * 1e6)],
                stages=[dict(method="squinch", size=4 * n, rank0_ms=stage_ms)])
+    if pipeline_bytes is not None:
+        doc["pipeline_bytes"] = pipeline_bytes
     path = tmp_path / f"shaped_{name}.json"
     if network_in_json:
         doc["network"] = network
@@ -235,6 +296,23 @@ def test_validate_fits_the_efficiency_and_predicts_squinch(tmp_path, capsys):
     assert "--codec-gbps 1" in text
 
 
+def test_validate_takes_the_chunk_size_from_the_file(tmp_path, capsys):
+    alpha, eff, n = 50e-6, 0.8, 4 << 20
+    recorded, _ = shaped_json(tmp_path, "1gbit", 1e9, eff, alpha, codec_ms=80.0,
+                              pipeline_bytes=4 << 20)
+    plain, _ = shaped_json(tmp_path, "200mbit", 2e8, eff, alpha, codec_ms=80.0)
+    doc, text = run_model(capsys, "--alpha", "50us", "--pipeline-bytes", "1M",
+                          "--validate", str(recorded), str(plain))
+    rows = {r["file"]: r for r in doc["validation"]}
+    for path, rate, pipeline_bytes in ((recorded, 1e9, 4 << 20), (plain, 2e8, 1 << 20)):
+        r, chunks = rows[str(path)], math.ceil(4 * n / pipeline_bytes)
+        assert r["pipeline_bytes"] == pipeline_bytes and r["chunks"] == chunks
+        assert r["squinch_model_s"] == pytest.approx(
+            t_pipelined(n, 4, rate, eff, alpha, 80e-3, 0.0, chunks))
+    assert f"K for {recorded}: the file's pipeline_bytes {4 << 20}" in text
+    assert f"K for {plain}: --pipeline-bytes {1 << 20}, assumed" in text
+
+
 def test_validate_the_committed_shaped_results(capsys):
     from pathlib import Path
 
@@ -262,6 +340,8 @@ def test_validate_the_committed_shaped_results(capsys):
     (["--size", "64M"], "pass --pipeline FILE"),
     (["--pipeline", "/nonexistent/pipe.json"], "No such file"),
     (["--codec-gbps", "1", "--pipeline", "x.json"], "not allowed with"),
+    (["--codec-gbps", "1", "--pipeline-bytes", "-1"], "use a byte count like"),
+    (["--codec-gbps", "1", "--pipeline-bytes", "lots"], "use a byte count like"),
 ])
 def test_model_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -282,3 +362,7 @@ def test_validate_bad_files(tmp_path, capsys):
     with pytest.raises(SystemExit):
         model.main(["--validate", str(path)])
     assert "every link <rate>" in capsys.readouterr().err
+    path, _ = shaped_json(tmp_path, "1gbit", 1e9, 0.8, 0.0, codec_ms=40.0, pipeline_bytes="16M")
+    with pytest.raises(SystemExit):
+        model.main(["--validate", str(path)])
+    assert "'pipeline_bytes' is '16M'" in capsys.readouterr().err

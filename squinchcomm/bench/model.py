@@ -3,14 +3,15 @@
     python -m squinchcomm.bench model --ranks 4 --size 64M --pipeline pipeline_cpu.json
     python -m squinchcomm.bench model --ranks 64 --size 256M --codec-gbps 400 \\
         --rates 10gbit,100gbit,400gbit --efficiency 0.9 --alpha 10us
-    python -m squinchcomm.bench model --validate bench/results/shaped_4rank_*_64M.json
+    python -m squinchcomm.bench model --validate bench/results/shaped_4rank_*bit.json
 
 This is a stated model, not a measurement. For N ranks, an allreduce of n
 float32 elements and links of rate B bytes/s per direction:
 
     T_fp32    = 2(N-1)/N * 4 n    / (eff B) + 2(N-1) alpha
     T_bf16    = 2(N-1)/N * 2 n    / (eff B) + 2(N-1) alpha
-    T_squinch = C_codec(n, N) + 2(N-1)/N * 0.75 n / (eff B) + 2(N-1) alpha + overhead
+    T_squinch = max(C, W) + min(C, W) / K + 2(N-1) alpha + overhead
+    W         = 2(N-1)/N * 0.75 n / (eff B),   C = C_codec(n, N)
 
 - the wire terms are the bytes each rank sends in a ring allreduce (fp32,
   bf16) or in Squinch's all-to-all + all-gather of 6-byte blocks of 8 values
@@ -23,15 +24,33 @@ float32 elements and links of rate B bytes/s per direction:
   and read with ``--pipeline FILE`` (interpolated per size), or stated as a
   throughput with ``--codec-gbps`` (GB/s of fp32, the pipeline's ``codecGB/s``
   column); ``overhead`` is a fixed cost per call of the compressed path
-  (kernel launches, the extra collective; ``--overhead``, default 0).
+  (kernel launches, the extra collective; ``--overhead``, default 0);
+- ``K`` is the number of chunks the compressed allreduce of
+  ``squinchcomm/collectives.py`` pipelines the tensor in: ceil(4n /
+  pipeline_bytes) block-aligned chunks (``--pipeline-bytes``, default 16M as
+  in the library; 0 = no pipelining, K = 1).
 
-Nothing overlaps: the stages run back to back, as in
-``squinchcomm/collectives.py``. The speedup is bounded by the wire-byte ratio,
-4 / 0.75 = 5.33x over fp32 and 2 / 0.75 = 2.67x over bf16, reached as the link
-gets slow. The crossover rate, above which compression stops paying, solves
-T_squinch = T_fp32 (or T_bf16); alpha cancels out of it:
+The pipeline is modelled as two stages, codec and wire, over K equal chunks:
+chunk k is on the wire while chunk k+1 is encoded and chunk k-1 reduced and
+decoded, so only the shorter stage of the first or last chunk is not hidden
+behind the longer stage. This is an idealisation: it assumes the codec and the
+wire overlap perfectly (no contention for cores or memory, equal chunks) and
+counts the latency once, not per chunk. K = 1 is the unpipelined algorithm,
+T_squinch = C + W + 2(N-1) alpha + overhead (stages back to back).
 
-    rate* = 8 * 2(N-1)/N * (4 - 0.75) n / (eff * (C_codec + overhead))   bits/s
+The speedup is bounded by the wire-byte ratio, 4 / 0.75 = 5.33x over fp32 and
+2 / 0.75 = 2.67x over bf16, reached as the link gets slow. The crossover rate,
+above which compression stops paying, solves T_squinch = T_fp32 (or T_bf16);
+alpha cancels out of it. Within each regime both sides are linear in 1/rate,
+and their difference falls as 1/rate grows, so there is one crossover, in
+closed form (``crossover_bps``):
+
+    codec the longer stage (C >= W):  1/rate* = (C + overhead)     / (w_b - w_sq / K)
+    wire the longer stage  (W >  C):  1/rate* = (C / K + overhead) / (w_b - w_sq)
+
+where w_sq and w_b = 8 * 2(N-1)/N * (0.75, 4 or 2) n / eff are Squinch's and the
+baseline's wire times multiplied by the rate in bits/s. K = 1 gives the
+unpipelined rate* = 8 * 2(N-1)/N * (4 - 0.75) n / (eff (C + overhead)) bits/s.
 
 For a GPU cluster pass a GPU pipeline JSON (``pipeline --device cuda``
 on one GPU of that cluster); without one the GPU numbers are unmeasured and
@@ -45,6 +64,8 @@ The efficiency is fitted per file from its ``engine_fp32`` row, so the fp32
 model equals the measurement by construction and the Squinch prediction is
 the test. C_codec comes from ``--pipeline`` / ``--codec-gbps`` when given, else
 from the file's own stage table (encode + reduce_encode + decode, rank 0).
+K comes from the file's ``pipeline_bytes`` entry when it records one, else
+from ``--pipeline-bytes`` (the output says which).
 """
 
 from __future__ import annotations
@@ -59,13 +80,15 @@ from pathlib import Path
 from squinchcomm import __version__
 from squinchcomm.bench.common import parse_size, versions
 from squinchcomm.codec.format import BLOCK, BLOCK_BYTES
+from squinchcomm.collectives import _chunk_bounds
 
-__all__ = ["main", "parse_rate", "parse_time", "ring_factor", "wire_bytes", "allreduce_times",
-           "crossover_bps", "codec_seconds", "validate", "BYTES_PER_ELEMENT"]
+__all__ = ["main", "parse_rate", "parse_time", "ring_factor", "wire_bytes", "pipeline_chunks",
+           "allreduce_times", "crossover_bps", "codec_seconds", "validate", "BYTES_PER_ELEMENT"]
 
 # Bytes per element on the wire, by method (Squinch: 6-byte blocks of 8 values).
 BYTES_PER_ELEMENT = {"fp32": 4.0, "bf16": 2.0, "squinch": BLOCK_BYTES / BLOCK}
 DEFAULT_RATES = "200mbit,1gbit,10gbit,25gbit,100gbit,400gbit"
+DEFAULT_PIPELINE_BYTES = 16 << 20  # Communicator's default pipeline_bytes
 _RATE_UNITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
 _TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 _NUMBER = r"(\d+(?:\.\d*)?(?:e[+-]?\d+)?)"
@@ -108,31 +131,53 @@ def wire_bytes(n: int, ranks: int, method: str = "squinch") -> float:
     return ring_factor(ranks) * n * BYTES_PER_ELEMENT[method]
 
 
+def pipeline_chunks(n: int, pipeline_bytes: int) -> int:
+    """K, the chunks the compressed allreduce pipelines ``n`` fp32 elements in:
+    ceil(4n / pipeline_bytes) block-aligned chunks, 1 when ``pipeline_bytes`` is 0."""
+    if pipeline_bytes < 0:
+        raise ValueError(f"pipeline_bytes={pipeline_bytes}: pass 0 (no pipelining) or a "
+                         "positive chunk size in fp32 bytes, like 16M")
+    return len(_chunk_bounds(n, pipeline_bytes // 4)) - 1
+
+
 def allreduce_times(n: int, ranks: int, rate_bps: float, efficiency: float, alpha: float,
-                    codec_s: float, overhead: float = 0.0) -> dict:
+                    codec_s: float, overhead: float = 0.0, chunks: int = 1) -> dict:
     """Modelled seconds per allreduce of ``n`` fp32 elements for fp32, bf16 and Squinch.
 
-    Returns ``{"fp32", "bf16", "squinch", "squinch_wire"}``; ``squinch_wire`` is
-    Squinch's exchange part (wire + latency), without codec and overhead.
+    Squinch's codec (``codec_s``) and wire time overlap over ``chunks`` (K)
+    pipeline chunks: max(C, W) + min(C, W) / K. Returns ``{"fp32", "bf16",
+    "squinch", "squinch_wire"}``; ``squinch_wire`` is Squinch's exchange part
+    (wire + latency), without codec and overhead.
     """
     bytes_per_s = efficiency * rate_bps / 8
     latency = 2 * (ranks - 1) * alpha
     t = {m: wire_bytes(n, ranks, m) / bytes_per_s + latency for m in ("fp32", "bf16")}
-    t["squinch_wire"] = wire_bytes(n, ranks, "squinch") / bytes_per_s + latency
-    t["squinch"] = codec_s + t["squinch_wire"] + overhead
+    wire_s = wire_bytes(n, ranks, "squinch") / bytes_per_s
+    t["squinch_wire"] = wire_s + latency
+    t["squinch"] = max(codec_s, wire_s) + min(codec_s, wire_s) / chunks + latency + overhead
     return t
 
 
 def crossover_bps(n: int, ranks: int, efficiency: float, codec_s: float, overhead: float = 0.0,
-                  baseline: str = "fp32") -> float:
+                  baseline: str = "fp32", chunks: int = 1) -> float:
     """The link rate (bits/s) where T_squinch = T_baseline; below it Squinch is faster.
 
-    The latency terms are the same on both sides and cancel. ``inf`` when the
-    codec and overhead cost nothing (Squinch pays at every rate).
+    The latency terms are the same on both sides and cancel. In x = 1/rate the
+    wire times are w_sq x and w_b x, and T_squinch - T_baseline =
+    max(C, w_sq x) + min(C, w_sq x) / K + overhead - w_b x falls strictly
+    with x (w_b > w_sq), from C + overhead at x = 0: one root, in the regime
+    where the codec is the longer stage if that regime's root lies in it,
+    else in the one where the wire is. ``inf`` when the codec and overhead
+    cost nothing (Squinch pays at every rate).
     """
-    cost = codec_s + overhead
-    saved_bytes = wire_bytes(n, ranks, baseline) - wire_bytes(n, ranks, "squinch")
-    return math.inf if cost <= 0 else 8 * saved_bytes / (efficiency * cost)
+    if codec_s + overhead <= 0:
+        return math.inf
+    w_sq = 8 * wire_bytes(n, ranks, "squinch") / efficiency
+    w_b = 8 * wire_bytes(n, ranks, baseline) / efficiency
+    x = (codec_s + overhead) / (w_b - w_sq / chunks)  # codec the longer stage: w_sq x <= C
+    if w_sq * x > codec_s:  # the root lies where the wire is the longer stage
+        x = (codec_s / chunks + overhead) / (w_b - w_sq)
+    return 1 / x
 
 
 def codec_seconds(doc: dict, n: int, ranks: int) -> tuple[float, str]:
@@ -187,18 +232,32 @@ def network_rate(network: str) -> float:
     return parse_rate(m.group(1))
 
 
+def _pipeline_bytes(path: Path, doc: dict, assumed: int) -> tuple[int, str]:
+    """The pipeline chunk size a benchmark JSON was measured with: (bytes, where from)."""
+    recorded = doc.get("pipeline_bytes")
+    if recorded is None:
+        return assumed, f"--pipeline-bytes {assumed}, assumed: the file records no pipeline_bytes"
+    if not isinstance(recorded, int) or recorded < 0:
+        raise ValueError(f"{path}: 'pipeline_bytes' is {recorded!r}; expected the integer "
+                         "chunk size in bytes the benchmark ran with (0: no pipelining)")
+    return recorded, f"the file's pipeline_bytes {recorded}"
+
+
 def validate(paths, alpha: float, overhead: float, pipeline: dict | None = None,
-             codec_gbps: float | None = None) -> list[dict]:
+             codec_gbps: float | None = None,
+             pipeline_bytes: int = DEFAULT_PIPELINE_BYTES) -> list[dict]:
     """Model vs measurement for every size of every shaped-cluster JSON in ``paths``.
 
     Per file and size: fit the efficiency from the ``engine_fp32`` time, take
     C_codec from ``pipeline`` / ``codec_gbps`` or else from the file's squinch
-    stage times, and predict the Squinch time. Returns one row per size.
+    stage times, K from the file's ``pipeline_bytes`` or else ``pipeline_bytes``,
+    and predict the Squinch time. Returns one row per size.
     """
     out = []
     for path in map(Path, paths):
         doc = json.loads(path.read_text())
         rate = network_rate(_network(path, doc))
+        chunk_bytes, chunk_source = _pipeline_bytes(path, doc, pipeline_bytes)
         ranks = doc.get("world_size")
         if not isinstance(ranks, int) or ranks < 2:
             raise ValueError(f"{path}: 'world_size' is {ranks!r}; a multi-rank allreduce "
@@ -234,10 +293,12 @@ def validate(paths, alpha: float, overhead: float, pipeline: dict | None = None,
             else:
                 raise ValueError(f"{path}: no squinch stage table at size {size} to take the "
                                  "codec time from: pass --pipeline FILE or --codec-gbps")
-            t = allreduce_times(n, ranks, rate, eff, alpha, codec_s, overhead)
+            chunks = pipeline_chunks(n, chunk_bytes)
+            t = allreduce_times(n, ranks, rate, eff, alpha, codec_s, overhead, chunks)
             t_sq = rows[("squinch", size)]["time_us"] * 1e-6
             out.append(dict(file=str(path), rate_bps=rate, ranks=ranks, size=size, count=n,
-                            efficiency=eff, codec_source=source,
+                            efficiency=eff, codec_source=source, pipeline_bytes=chunk_bytes,
+                            chunks=chunks, pipeline_source=chunk_source,
                             fp32_model_s=t["fp32"], fp32_measured_s=t_fp32,
                             squinch_model_s=t["squinch"], squinch_measured_s=t_sq,
                             codec_model_s=codec_s, codec_measured_s=measured_codec,
@@ -257,9 +318,12 @@ def _formula_lines() -> list[str]:
     return [
         "# T_fp32    = 2(N-1)/N * 4 n / (eff B) + 2(N-1) alpha",
         "# T_bf16    = 2(N-1)/N * 2 n / (eff B) + 2(N-1) alpha",
-        "# T_squinch = C_codec + 2(N-1)/N * 0.75 n / (eff B) + 2(N-1) alpha + overhead",
+        "# T_squinch = max(C, W) + min(C, W) / K + 2(N-1) alpha + overhead, "
+        "W = 2(N-1)/N * 0.75 n / (eff B), C = C_codec",
         "# n = fp32 elements, B = link rate per direction (bytes/s), eff = fraction of it the "
-        "engine reaches; stages back to back (no overlap)",
+        "engine reaches",
+        "# K = pipeline chunks, ceil(4n / pipeline_bytes): codec and wire ideally overlapped "
+        "but for one chunk (K = 1: back to back)",
     ]
 
 
@@ -277,16 +341,17 @@ def _gpu_note(on_gpu: bool) -> str:
 
 def _table(args, n, codec_s, codec_desc, rates, on_gpu: bool) -> dict:
     """Print the model table for the rate list; return it as a dict."""
+    chunks = pipeline_chunks(n, args.pipeline_bytes)
     rows = []
     for text in rates:
         rate = parse_rate(text)
         t = allreduce_times(n, args.ranks, rate, args.efficiency, args.alpha, codec_s,
-                            args.overhead)
+                            args.overhead, chunks)
         rows.append(dict(rate=text, rate_bps=rate, fp32_s=t["fp32"], bf16_s=t["bf16"],
                          squinch_s=t["squinch"], squinch_wire_s=t["squinch_wire"],
                          codec_s=codec_s, speedup_fp32=t["fp32"] / t["squinch"],
                          speedup_bf16=t["bf16"] / t["squinch"]))
-    cross = {b: crossover_bps(n, args.ranks, args.efficiency, codec_s, args.overhead, b)
+    cross = {b: crossover_bps(n, args.ranks, args.efficiency, codec_s, args.overhead, b, chunks)
              for b in ("fp32", "bf16")}
     limit = {b: BYTES_PER_ELEMENT[b] / BYTES_PER_ELEMENT["squinch"] for b in ("fp32", "bf16")}
     print("\n".join([
@@ -295,6 +360,8 @@ def _table(args, n, codec_s, codec_desc, rates, on_gpu: bool) -> dict:
         f"{args.efficiency:g}  alpha {args.alpha * 1e6:g} us per step  overhead "
         f"{args.overhead * 1e6:g} us per call",
         f"# C_codec {codec_s * 1e3:.3f} ms per call: {codec_desc}",
+        f"# K = {chunks} pipeline chunk(s) (--pipeline-bytes {args.pipeline_bytes}"
+        f"{', no pipelining' if args.pipeline_bytes == 0 else ''})",
         *_formula_lines(),
         f"# {'rate':>9} {'T_fp32(ms)':>11} {'T_bf16(ms)':>11} {'T_squinch(ms)':>13} "
         f"{'codec(ms)':>10} {'wire_sq(ms)':>11} {'x fp32':>7} {'x bf16':>7}",
@@ -313,7 +380,8 @@ def _table(args, n, codec_s, codec_desc, rates, on_gpu: bool) -> dict:
           f"{limit['fp32']:.2f}x over fp32, {limit['bf16']:.2f}x over bf16")
     print(_gpu_note(on_gpu))
     # JSON has no infinity: a crossover that does not exist is null.
-    return dict(rows=rows, crossover_fp32_bps=None if math.isinf(cross["fp32"]) else cross["fp32"],
+    return dict(rows=rows, pipeline_bytes=args.pipeline_bytes, chunks=chunks,
+                crossover_fp32_bps=None if math.isinf(cross["fp32"]) else cross["fp32"],
                 crossover_bf16_bps=None if math.isinf(cross["bf16"]) else cross["bf16"],
                 limit_fp32=limit["fp32"], limit_bf16=limit["bf16"])
 
@@ -325,14 +393,15 @@ def _print_validation(rows, on_gpu: bool):
         "# eff fitted per file from its engine_fp32 row (the fp32 model equals the measurement "
         "by construction); the squinch time is the prediction",
         "# exchange = Squinch's wire + latency terms (model) vs alltoall + allgather stages "
-        "(measured, rank 0, includes waiting for peers)",
-        f"# {'rate':>9} {'N':>3} {'size':>10} {'eff':>5} {'fp32(ms)':>9} "
+        "(measured, rank 0, includes waiting for peers, excludes wire time hidden behind the "
+        "codec)",
+        f"# {'rate':>9} {'N':>3} {'size':>10} {'K':>3} {'eff':>5} {'fp32(ms)':>9} "
         f"{'squinch model/meas(ms)':>23} {'ratio':>6} {'codec model/meas(ms)':>21} "
         f"{'exchange model/meas(ms)':>24} {'x fp32 model/meas':>18}",
     ]))
     for r in rows:
         print(f"  {format_rate(r['rate_bps']):>9} {r['ranks']:>3} {r['size']:>10} "
-              f"{r['efficiency']:>5.2f} {r['fp32_measured_s'] * 1e3:>9.1f} "
+              f"{r['chunks']:>3} {r['efficiency']:>5.2f} {r['fp32_measured_s'] * 1e3:>9.1f} "
               f"{_ms(r['squinch_model_s']) + ' / ' + _ms(r['squinch_measured_s']):>23} "
               f"{r['squinch_model_s'] / r['squinch_measured_s']:>6.2f} "
               f"{_ms(r['codec_model_s']) + ' / ' + _ms(r['codec_measured_s']):>21} "
@@ -340,6 +409,8 @@ def _print_validation(rows, on_gpu: bool):
               f"{r['speedup_model']:>9.2f} / {r['speedup_measured']:.2f}")
     for source in sorted({r["codec_source"] for r in rows}):
         print(f"# codec time from {source}")
+    for path, source in sorted({(r["file"], r["pipeline_source"]) for r in rows}):
+        print(f"# K for {path}: {source}")
     print(_gpu_note(on_gpu))
 
 
@@ -361,12 +432,17 @@ def main(argv=None):
     codec_src.add_argument("--codec-gbps", type=float,
                            help="C_codec = 4n / (GB/s * 1e9): codec throughput in GB/s of fp32 "
                                 "(inf: a free codec)")
+    p.add_argument("--pipeline-bytes", default=f"{DEFAULT_PIPELINE_BYTES >> 20}M",
+                   help="the compressed allreduce's pipeline chunk size in fp32 bytes, 0 = no "
+                        "pipelining (default 16M as in the library; --validate uses a file's "
+                        "own pipeline_bytes when it records one)")
     p.add_argument("--validate", nargs="+", metavar="FILE",
                    help="compare with shaped-cluster allreduce JSONs instead of the rate table")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
     try:
         args.alpha, args.overhead = parse_time(args.alpha), parse_time(args.overhead)
+        args.pipeline_bytes = parse_size(args.pipeline_bytes)
         rates = [r for r in args.rates.split(",") if r.strip()]
         for r in rates:
             parse_rate(r)
@@ -383,7 +459,7 @@ def main(argv=None):
         doc = dict(args=vars(args), versions=versions())
         if args.validate:
             doc["validation"] = validate(args.validate, args.alpha, args.overhead, pipeline,
-                                         args.codec_gbps)
+                                         args.codec_gbps, args.pipeline_bytes)
             _print_validation(doc["validation"], _on_gpu(pipeline))
         else:
             n = max(1, parse_size(args.size) // 4)
