@@ -308,7 +308,7 @@ def summary(results: Path, size: int) -> str:
                 continue
             speed = [rows[peer]["time_us"] / rows["squinch"]["time_us"] for _, rows in pairs]
             cross = crossover([r for r, _ in pairs], speed)
-            where = (f"about {rate_label(cross)}" if cross is not None else
+            where = (f"about {rate_label(float(f'{cross:.2g}'))}" if cross is not None else
                      ("above the fastest measured rate" if speed[-1] >= 1 else
                       "below the slowest measured rate"))
             out += ["", f"Crossover against {peer} (Squinch stops beating it; interpolated "
@@ -327,7 +327,10 @@ def summary(results: Path, size: int) -> str:
     if train:
         first = next(iter(train.values()))
         out += ["", "## Training step (GPT example) on the shaped cluster", "",
-                f"Model/parameters: {first.get('args')}.",
+                "Model and steps: " + ", ".join(
+                    f"{k} {first['args'][k]}" for k in ("layers", "width", "heads", "seq",
+                                                        "batch", "steps", "warmup")
+                    if k in first.get("args", {})) + " (per rank); loss: the last run's.",
                 "Files: " + ", ".join(_source(d) for d in train.values()), ""]
         out += training_table(train)
     return "\n".join(out) + "\n"
