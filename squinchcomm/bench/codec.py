@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from squinchcomm import __version__, codec
-from squinchcomm.bench.common import size_sweep, versions
+from squinchcomm.bench.common import add_sweep_args, size_sweep, versions
 
 __all__ = ["main", "run"]
 
@@ -126,11 +126,7 @@ def _row(r):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m squinchcomm.bench codec", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-b", "--minbytes", default="1M", help="smallest fp32 size (default 1M)")
-    p.add_argument("-e", "--maxbytes", default="64M", help="largest fp32 size (default 64M)")
-    p.add_argument("-f", "--stepfactor", type=int, default=4, help="size multiplier (default 4)")
-    p.add_argument("-n", "--iters", type=int, default=20)
-    p.add_argument("-w", "--warmup", type=int, default=3)
+    add_sweep_args(p, iters=20, warmup=3)
     p.add_argument("-k", type=int, default=4, help="payloads per decode-accumulate (ranks)")
     p.add_argument("--backends", default="auto",
                    help="comma list of numba, oracle, cuda (auto: numba, plus cuda with a GPU)")

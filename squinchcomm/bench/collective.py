@@ -126,7 +126,7 @@ from typing import Callable
 import numpy as np
 
 from squinchcomm import __version__, codec, config
-from squinchcomm.bench.common import size_sweep, versions
+from squinchcomm.bench.common import add_sweep_args, size_sweep, versions
 from squinchcomm.codec import oracle
 from squinchcomm.collectives import Communicator, shard_bounds
 
@@ -750,11 +750,7 @@ def _parser(collective: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m squinchcomm.bench {collective}",
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-b", "--minbytes", default="1M", help="smallest size in bytes (default 1M)")
-    p.add_argument("-e", "--maxbytes", default="64M", help="largest size in bytes (default 64M)")
-    p.add_argument("-f", "--stepfactor", type=int, default=4, help="size multiplier (default 4)")
-    p.add_argument("-n", "--iters", type=int, default=10, help="timed calls (default 10)")
-    p.add_argument("-w", "--warmup", type=int, default=2, help="untimed calls (default 2)")
+    add_sweep_args(p, unit="bytes of --dtype")
     p.add_argument("-d", "--dtype", default="float32", choices=list(DTYPES),
                    help="input dtype (default float32)")
     p.add_argument("--transport", default="mpi", choices=["mpi", "torch"],

@@ -6,7 +6,7 @@ import importlib.metadata
 import platform
 import re
 
-__all__ = ["parse_size", "size_sweep", "versions", "cpu_model"]
+__all__ = ["parse_size", "size_sweep", "add_sweep_args", "versions", "cpu_model"]
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -31,6 +31,20 @@ def size_sweep(minbytes, maxbytes, factor: int) -> list[int]:
         out.append(s)
         s *= factor
     return out
+
+
+def add_sweep_args(p, *, maxbytes: str = "64M", iters: int = 10, warmup: int = 2,
+                   unit: str = "fp32 bytes") -> None:
+    """Add nccl-tests' sweep options ``-b -e -f -n -w`` to an argument parser
+    (read them back with :func:`size_sweep`)."""
+    p.add_argument("-b", "--minbytes", default="1M", help=f"smallest size in {unit} (default 1M)")
+    p.add_argument("-e", "--maxbytes", default=maxbytes,
+                   help=f"largest size in {unit} (default {maxbytes})")
+    p.add_argument("-f", "--stepfactor", type=int, default=4, help="size multiplier (default 4)")
+    p.add_argument("-n", "--iters", type=int, default=iters,
+                   help=f"timed iterations (default {iters})")
+    p.add_argument("-w", "--warmup", type=int, default=warmup,
+                   help=f"untimed iterations (default {warmup})")
 
 
 def cpu_model() -> str:

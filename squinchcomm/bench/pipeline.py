@@ -50,7 +50,7 @@ import numpy as np
 
 from squinchcomm import __version__, codec
 from squinchcomm.bench.codec import _timer
-from squinchcomm.bench.common import cpu_model, size_sweep, versions
+from squinchcomm.bench.common import add_sweep_args, cpu_model, size_sweep, versions
 from squinchcomm.bench.model import wire_bytes
 from squinchcomm.collectives import shard_bounds
 
@@ -223,11 +223,7 @@ def _ranks(text: str) -> list[int]:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m squinchcomm.bench pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-b", "--minbytes", default="1M", help="smallest fp32 size (default 1M)")
-    p.add_argument("-e", "--maxbytes", default="256M", help="largest fp32 size (default 256M)")
-    p.add_argument("-f", "--stepfactor", type=int, default=4, help="size multiplier (default 4)")
-    p.add_argument("-n", "--iters", type=int, default=20, help="timed iterations (default 20)")
-    p.add_argument("-w", "--warmup", type=int, default=3, help="warm-up iterations (default 3)")
+    add_sweep_args(p, maxbytes="256M", iters=20, warmup=3)
     p.add_argument("--ranks", default="4", help="simulated world sizes, e.g. 4 or 4,8,16")
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="cpu (Numba codec) or cuda (CuPy kernels on the current GPU)")
