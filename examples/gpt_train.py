@@ -9,9 +9,37 @@ tagged ``# squinchcomm:``; with ``import horovod.torch as hvd`` it would run
 unchanged (apart from ``Compression.squinch``). Every rank draws its own batch
 from (seed, step, rank); rank 0 prints training loss, held-out loss and
 throughput.
+
+The companion techniques of ``squinchcomm.nn`` switch on with flags:
+
+    --zreg 1e-4                 Attention (and LM-head) Z-Reg; prints the mean
+                                |Z| of attention rows at eval steps
+                                (``--zreg 0`` prints it without Z-Reg)
+    --mlp-act relu2             ReLU^2 FFN instead of GELU
+    --clamp rms --clamp-bits 8  Dynamic Clamping: int8 QAT of the FFN hidden
+                                activation (modes rms, std, weight, constant;
+                                constant needs --clamp-limit)
+    --packed-docs               each window is cut at the corpus's file
+                                separators (a 0 byte ends every file) into
+                                documents that do not attend to each other
+                                (visibility-mask attention); val loss too
+    --dump-teacher DIR          after training, rank 0 stores this model's
+                                Gumbel top-k samples for the windows of a
+                                student run with the same --steps, --batch,
+                                --seq, --seed and number of ranks
+    --distill-dir DIR           train on loss = (1 - w) CE + w distill, w =
+                                --distill-weight (default 1), from such a dump
+
+Distillation, e.g. (the teacher's shard for (step, rank) holds its samples of
+exactly the windows that rank draws at that step; see
+``squinchcomm.bench.tinygpt.dump_teacher``):
+
+    mpirun -n 2 python examples/gpt_train.py --layers 4 --steps 200 --dump-teacher /tmp/t
+    mpirun -n 2 python examples/gpt_train.py --layers 1 --steps 200 --distill-dir /tmp/t
 """
 
 import argparse
+import json
 import os
 import time
 
@@ -19,7 +47,10 @@ import torch
 
 import squinchcomm.torch as hvd  # squinchcomm: the Horovod-compatible API
 from squinchcomm.bench.corpus import load_corpus, sample_windows
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors, estimate_loss
+from squinchcomm.bench.tinygpt import (TEACHER_META, GPTConfig, TinyGPT, attention_z,
+                                       batch_tensors, document_visibility, dump_teacher,
+                                       estimate_loss, separator_doc_ids)
+from squinchcomm.nn import distill  # squinchcomm: Gumbel top-k distillation
 
 COMPRESSIONS = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
                 "bf16": hvd.Compression.bf16, "squinch": hvd.Compression.squinch}
@@ -39,7 +70,37 @@ def parse_args():
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--transport", choices=["auto", "mpi", "torch"], default="auto",
                    help="auto: torch.distributed under torchrun, MPI otherwise")
-    return p.parse_args()
+    p.add_argument("--zreg", type=float, default=None, metavar="COEF",
+                   help="Z-Reg coefficient of attention and LM-head logits")
+    p.add_argument("--mlp-act", choices=["gelu", "relu2"], default="gelu")
+    p.add_argument("--clamp", choices=["rms", "std", "weight", "constant"], default=None,
+                   metavar="MODE", help="Dynamic Clamping of the FFN activation: rms, std, "
+                   "weight or constant")
+    p.add_argument("--clamp-bits", type=int, default=8)
+    p.add_argument("--clamp-limit", type=float, default=None, help="for --clamp constant")
+    p.add_argument("--packed-docs", action="store_true",
+                   help="mask attention at the corpus's file boundaries")
+    p.add_argument("--distill-dir", default=None, metavar="DIR")
+    p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--dump-teacher", default=None, metavar="DIR")
+    args = p.parse_args()
+    if not 0.0 <= args.distill_weight <= 1.0:
+        p.error(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
+    return args
+
+
+def open_teacher(args, rank, world):
+    """Return an iterator over this rank's teacher samples, one shard per step."""
+    with open(os.path.join(args.distill_dir, TEACHER_META)) as f:
+        meta = json.load(f)
+    mine = {"batch": args.batch, "seq": args.seq, "seed": args.seed, "world": world}
+    wrong = {key: (meta[key], value) for key, value in mine.items() if meta[key] != value}
+    if meta["steps"] < args.steps:
+        wrong["steps"] = (meta["steps"], args.steps)
+    if wrong:
+        raise ValueError(f"{args.distill_dir} was dumped for other windows: (dump, this run) "
+                         f"{wrong}; dump the teacher with this run's settings.")
+    return iter(distill.Reader(args.distill_dir, rank, world))
 
 
 def main():
@@ -52,7 +113,10 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() // hvd.local_size()))
     corpus = load_corpus()
     config = GPTConfig(block_size=args.seq, n_layer=args.layers, n_head=args.heads,
-                       n_embd=args.width, init_seed=args.seed)
+                       n_embd=args.width, init_seed=args.seed,
+                       zreg_coef=args.zreg or 0.0,  # squinchcomm: Z-Reg
+                       mlp_act=args.mlp_act, clamp=args.clamp,  # squinchcomm: Dynamic Clamping
+                       clamp_bits=args.clamp_bits, clamp_limit=args.clamp_limit)
     model = TinyGPT(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0)
@@ -65,23 +129,51 @@ def main():
         print(f"ranks {hvd.size()}  params {model.num_params():,}  compression "
               f"{args.compression}  batch {args.batch}x{args.seq} per rank  {corpus.describe()}",
               flush=True)
+    teacher = None
+    if args.distill_dir:
+        teacher = open_teacher(args, hvd.rank(), hvd.size())  # squinchcomm: distillation
     tokens = 0
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         x, y = batch_tensors(sample_windows(corpus.train, args.batch, args.seq, args.seed,
                                             step=step, rank=hvd.rank()))
+        visibility = None
+        if args.packed_docs:  # squinchcomm: visibility mask of the packed files
+            visibility = document_visibility(separator_doc_ids(x))
         optimizer.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
-        loss.backward()
+        logits, loss = model(x, y, visibility=visibility)
+        objective = loss
+        if teacher is not None:  # squinchcomm: teacher sample of exactly these windows
+            sample = distill.TopKSample(*(z.view(*x.shape, *z.shape[1:])
+                                          for z in next(teacher)))  # (B, T, k), (B, T)
+            distill_loss = distill.distill_loss(logits, sample)
+            objective = (1 - args.distill_weight) * loss + args.distill_weight * distill_loss
+        objective.backward()
         optimizer.step()
         tokens += args.batch * args.seq * hvd.size()
         if step % args.eval_every == 0 or step == args.steps:
             train_loss = hvd.allreduce(loss.detach(), op=hvd.Average).item()
-            val = estimate_loss(model, corpus.val, args.batch, args.seq, seed=args.seed + 1)
+            val = estimate_loss(model, corpus.val, args.batch, args.seq, seed=args.seed + 1,
+                                packed_docs=args.packed_docs)
+            extra = ""
+            if teacher is not None:
+                distill_avg = hvd.allreduce(distill_loss.detach(), op=hvd.Average).item()
+                extra += f"  distill {distill_avg:.4f}"
+            if args.zreg is not None:  # squinchcomm: mean |Z| of attention rows, one val batch
+                val_x, _ = batch_tensors(sample_windows(corpus.val, args.batch, args.seq,
+                                                        args.seed + 1))
+                val_vis = (document_visibility(separator_doc_ids(val_x))
+                           if args.packed_docs else None)
+                extra += f"  attn |Z| {attention_z(model, val_x, val_vis):.3f}"
             elapsed = time.perf_counter() - start
             if hvd.rank() == 0:
-                print(f"step {step:4d}  train loss {train_loss:.4f}  val loss {val:.4f}  "
+                print(f"step {step:4d}  train loss {train_loss:.4f}  val loss {val:.4f}{extra}  "
                       f"{tokens / elapsed:,.0f} tokens/s", flush=True)
+    if args.dump_teacher and hvd.rank() == 0:  # squinchcomm: store soft targets for a student
+        paths = dump_teacher(model, corpus.train, args.dump_teacher, args.steps, args.batch,
+                             args.seq, args.seed, world=hvd.size(),
+                             packed_docs=args.packed_docs)
+        print(f"teacher samples: {len(paths)} shards in {args.dump_teacher}", flush=True)
 
 
 if __name__ == "__main__":

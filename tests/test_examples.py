@@ -84,3 +84,36 @@ def test_synthetic_benchmark_runs_every_compression():
                 "--layers", "1", "--width", "64", "--seq", "64", "--batch", "2"])
     for name in ("none", "fp16", "bf16", "squinch"):
         assert f"{name:>8}:" in out and "tokens/s per rank" in out
+
+
+def _torchrun_one_rank(*args):
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node", "1", str(ROOT / "examples" / "gpt_train.py"), *SMALL, *args])
+
+
+def test_gpt_example_switches_on_zreg_relu2_clamping_and_packed_documents():
+    pytest.importorskip("torch")
+    out = _torchrun_one_rank("--steps", "4", "--eval-every", "2", "--zreg", "1e-3",
+                             "--mlp-act", "relu2", "--clamp", "weight", "--clamp-bits", "6",
+                             "--packed-docs")
+    losses = _losses(out)
+    assert len(losses) == 2 and all(0 < v < 6 for v in losses)
+    z = [float(line.split("attn |Z|")[1].split()[0]) for line in out.splitlines()
+         if "attn |Z|" in line]
+    assert len(z) == 2 and all(0 < v < 50 for v in z)
+
+
+def test_gpt_example_distills_from_a_dumped_teacher(tmp_path):
+    pytest.importorskip("torch")
+    teacher_dir = tmp_path / "teacher"
+    out = _torchrun_one_rank("--steps", "3", "--eval-every", "3",
+                             "--dump-teacher", str(teacher_dir))
+    assert "teacher samples: 3 shards" in out
+    assert len(list(teacher_dir.glob("*.sqdk"))) == 3
+    out = _torchrun_one_rank("--steps", "3", "--eval-every", "3", "--width", "32",
+                             "--distill-dir", str(teacher_dir), "--distill-weight", "0.5")
+    distill = [float(line.split("distill")[1].split()[0]) for line in out.splitlines()
+               if "distill" in line]
+    # Cross-entropy from the teacher to the student: at least the teacher's entropy, > 0.
+    assert len(distill) == 1 and 0 < distill[0] < 10
+    assert len(_losses(out)) == 1
