@@ -18,6 +18,7 @@ command this script ran. Steps:
     hier      2 hosts x 2 ranks at 1 Gbit/s, 64 MiB: flat vs hierarchical Squinch
     train     the GPT training step per compression method, 4 hosts at each rate
     model     the speedup model from the pipeline numbers, checked against the shaped runs
+    companions  Z-Reg, QAT, Dynamic Clamping, visibility attention, distillation
     report    plots and summary.md (bench/report.py)
 
 The shaped steps need root (network namespaces and tc); the others do not.
@@ -91,6 +92,9 @@ def steps(out: Path) -> dict[str, list[tuple[list[str], str | None]]]:
                   (_py("-m", "squinchcomm.bench", "model", "--ranks", "4", "--validate",
                        *[o(f"shaped_4rank_{r}.json") for r in RATES], "--json",
                        o("model_validate.json")), o("model_validate.txt"))],
+        # The companion techniques (squinchcomm.nn), one process each.
+        "companions": [(_py("-m", "squinchcomm.bench", name, "--out", str(out)), None)
+                       for name in ("zreg", "qat", "clamp", "visibility", "distill")],
         "report": [(_py("bench/report.py", "--results", str(out)), None)],
     }
 

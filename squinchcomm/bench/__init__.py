@@ -13,4 +13,10 @@ COMMANDS = {
     "train": "squinchcomm.bench.train",
     "pipeline": "squinchcomm.bench.pipeline",
     "model": "squinchcomm.bench.model",
+    # companion techniques (squinchcomm.nn), issue 6
+    "zreg": "squinchcomm.bench.zreg",
+    "clamp": "squinchcomm.bench.clamp",
+    "visibility": "squinchcomm.bench.visibility",
+    "distill": "squinchcomm.bench.distill",
+    "qat": "squinchcomm.bench.qat",
 }

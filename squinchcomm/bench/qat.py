@@ -1,0 +1,226 @@
+"""Dynamic Clamping: quantization-aware training (QAT) of the GPT FFN.
+
+Run from the repository root::
+
+    python -m squinchcomm.bench qat           # writes bench/results/qat.{json,md}
+    python -m squinchcomm.bench qat --quick   # seconds-long smoke run
+
+The same :class:`~squinchcomm.bench.tinygpt.TinyGPT` with a ReLU^2 FFN
+(``mlp_act="relu2"``; same init, same batches) is trained
+
+- without fake quantization (the float32 baseline), and, at each bit width,
+- with a constant clamp limit, calibrated as a user would on the initial
+  model: ``multiplier x rms`` of the FFN activations (all layers pooled) on
+  the first training batch, so at step 0 it equals the ``rms`` limit;
+- with the dynamic limits ``rms`` (``multiplier x rms`` of the current
+  activations) and ``weight`` (``multiplier x (rms(W) sqrt(fan_in))^2``).
+
+Reported per run: the held-out loss, the training loss of the last steps,
+and at the end, on one held-out batch, the SQNR of the fake-quantized FFN
+activations (all layers pooled), the fraction of nonzero activations
+quantized to 0, and the activation RMS (against its value at calibration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from squinchcomm.bench import corpus as corpus_mod
+from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors
+from squinchcomm.bench.zreg import QUICK_CORPUS_BYTES, TAIL, machine_info, train_run
+from squinchcomm.nn.clamp import DEFAULT_MULTIPLIER, sqnr_db
+
+__all__ = ["main", "ffn_activations", "LIMIT_MODES"]
+
+DEFAULT_PROG = "python -m squinchcomm.bench qat"
+LIMIT_MODES = ("constant", "rms", "weight")
+
+
+@torch.no_grad()
+def ffn_activations(model: TinyGPT, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the FFN hidden activations of every layer, flattened, before and after the clamp.
+
+    One eval-mode forward of ``idx``; the first tensor is the activation
+    (``act(c_fc(x))``), the second what the next layer receives (the
+    fake-quantized values, or the same values without a clamp).
+    """
+    before, after = [], []
+    handles = []
+    for block in model.h:
+        handles.append(block.mlp.act.register_forward_hook(
+            lambda module, inputs, output: before.append(output.reshape(-1).float())))
+        if block.mlp.clamp is not None:
+            handles.append(block.mlp.clamp.register_forward_hook(
+                lambda module, inputs, output: after.append(output.reshape(-1).float())))
+    was_training = model.training
+    model.eval()
+    try:
+        model(idx)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    if not after:  # no clamp: the next layer receives the activations themselves
+        after = before
+    return torch.cat(before), torch.cat(after)
+
+
+def _rms(x: torch.Tensor) -> float:
+    return x.double().pow(2).mean().sqrt().item()
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog=DEFAULT_PROG, description=__doc__.split("\n")[0])
+    p.add_argument("--bits", default="8,4", help="bit widths, comma-separated")
+    p.add_argument("--multiplier", type=float, default=DEFAULT_MULTIPLIER,
+                   help="limit in units of the measured scale (and of the calibration rms)")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--quick", action="store_true", help="a tiny model for 4 steps: a smoke run")
+    p.add_argument("--out", default="bench/results", help="directory for qat.{json,md}")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch, args.seq = 4, 4, 32
+        args.n_layer, args.n_embd, args.n_head = 1, 32, 2
+    try:
+        args.bit_list = [int(b) for b in args.bits.split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--bits must be comma-separated integers, got {args.bits!r}")
+    if not args.bit_list or min(args.bit_list) < 2:
+        p.error(f"--bits must list bit widths >= 2, got {args.bits!r}")
+    if not args.multiplier > 0:
+        p.error(f"--multiplier must be > 0, got {args.multiplier}")
+    for name in ("steps", "batch", "seq", "n_layer", "n_embd", "n_head", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _markdown(doc: dict) -> str:
+    m, p = doc["machine"], doc["parameters"]
+    lines = [
+        "# Dynamic Clamping: QAT of the GPT FFN",
+        "",
+        f"Command: `{doc['command']}`",
+        "",
+        f"Machine: {m['cpu']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
+        f"torch {m['versions'].get('torch')}, {m['platform']}. Times are noisy (shared "
+        "machine); the losses are deterministic.",
+        "",
+        f"Model: TinyGPT with a ReLU^2 FFN, {p['n_layer']} layers, width {p['n_embd']}, "
+        f"{p['n_head']} heads, {p['num_params']} parameters; AdamW lr {p['lr']:g}, "
+        f"{p['steps']} steps of {p['batch']} x {p['seq']} bytes (same init and batches in "
+        f"every run). The FFN hidden activation is fake-quantized (STE) with limit: "
+        f"constant = {p['multiplier']:g} x rms of the initial model's FFN activations on the "
+        f"first training batch ({p['calibrated_limit']:.4g}); rms = {p['multiplier']:g} x "
+        f"rms of the current activations; weight = {p['multiplier']:g} x "
+        "(rms(W_fc) sqrt(fan_in))^2. Train loss: mean of the last "
+        f"{p['train_loss_tail']} steps; held-out loss: 4 held-out batches. End-of-training "
+        "columns: FFN activations of one held-out batch, all layers pooled (SQNR of the "
+        "fake quantization; fraction of nonzero activations quantized to 0; activation "
+        f"RMS / its value at calibration, {p['calibration_rms']:.4g}).",
+        "",
+        "| run | held-out loss | vs fp32 | train loss | SQNR dB | zeroed | act RMS ratio "
+        "| seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = doc["runs"]["fp32"]["val_loss"]
+    for name, r in doc["runs"].items():
+        lines.append(f"| {name} | {r['val_loss']:.4f} | {r['val_loss'] - base:+.4f} "
+                     f"| {r['train_loss']:.4f} | {_fmt(r['sqnr_db'], '.1f')} "
+                     f"| {_fmt(r['zeroed'], '.3f')} | {r['act_rms_ratio']:.2f} "
+                     f"| {r['seconds']} |")
+    lines += ["", f"Done in {doc['seconds_total']} s.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> dict:
+    """Run the QAT measurement; write ``qat.{json,md}`` to --out.
+
+    Returns:
+        The JSON document; ``runs[name]`` (``"fp32"``, then
+        ``"int{bits} {mode}"``) has ``val_loss``, ``train_loss``, ``losses``,
+        ``sqnr_db`` and ``zeroed`` (None without a clamp), ``act_rms_ratio``,
+        ``limit`` (the last limit of the first layer's clamp), ``seconds``.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parse(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    data = corpus_mod.load_corpus(max_bytes=QUICK_CORPUS_BYTES if args.quick
+                                  else corpus_mod.DEFAULT_MAX_BYTES)
+    base = dict(block_size=args.seq, n_layer=args.n_layer, n_embd=args.n_embd,
+                n_head=args.n_head, mlp_act="relu2")
+    # Calibrate the constant limit on the initial model and the first batch.
+    x_first, _ = batch_tensors(corpus_mod.sample_windows(data.train, args.batch, args.seq,
+                                                         args.seed, step=1))
+    calibration_rms = _rms(ffn_activations(TinyGPT(GPTConfig(**base)), x_first)[0])
+    limit = args.multiplier * calibration_rms
+    x_val, _ = batch_tensors(corpus_mod.sample_windows(data.val, args.batch, args.seq,
+                                                       args.seed + 2, step=0))
+    configs = {"fp32": GPTConfig(**base)}
+    for bits in args.bit_list:
+        for mode in LIMIT_MODES:
+            configs[f"int{bits} {mode}"] = GPTConfig(
+                **base, clamp=mode, clamp_bits=bits, clamp_multiplier=args.multiplier,
+                clamp_limit=limit if mode == "constant" else None)
+    runs = {}
+    for name, config in configs.items():
+        r = train_run(config, data, args.steps, args.batch, args.seq, args.lr, args.seed)
+        model = r["model"]
+        act, quant = ffn_activations(model, x_val)
+        clamped = config.clamp is not None
+        zeroed = ((act != 0) & (quant == 0)).sum().item() / max(1, (act != 0).sum().item())
+        runs[name] = {
+            "clamp": config.clamp, "bits": config.clamp_bits if clamped else None,
+            "val_loss": r["val_loss"], "train_loss": r["train_loss"], "losses": r["losses"],
+            "sqnr_db": sqnr_db(act, quant) if clamped else None,
+            "zeroed": zeroed if clamped else None,
+            "act_rms_ratio": _rms(act) / calibration_rms,
+            "limit": float(model.h[0].mlp.clamp.last_limit) if clamped else None,
+            "seconds": r["seconds"],
+        }
+        num_params = model.num_params()
+    doc = {
+        "benchmark": "qat",
+        "command": " ".join([prog] + [shlex.quote(a) for a in argv]),
+        "machine": machine_info(),
+        "parameters": {"bits": args.bit_list, "multiplier": args.multiplier,
+                       "steps": args.steps, "batch": args.batch, "seq": args.seq,
+                       "n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head,
+                       "lr": args.lr, "seed": args.seed, "num_params": num_params,
+                       "calibration_rms": calibration_rms, "calibrated_limit": limit,
+                       "corpus_sha256": data.sha256, "train_loss_tail": TAIL},
+        "runs": runs,
+        "seconds_total": round(time.perf_counter() - t0, 1),
+    }
+    # JSON writes an infinite SQNR (exact quantization) as Infinity
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "qat.json").write_text(json.dumps(doc, indent=2) + "\n")
+    report = _markdown(doc)
+    (out / "qat.md").write_text(report)
+    print(report)
+    return doc
+
+
+if __name__ == "__main__":
+    main(prog="python -m squinchcomm.bench.qat")
