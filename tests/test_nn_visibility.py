@@ -309,13 +309,3 @@ def test_bad_arguments_raise():
         vis.prefix_lm(4, 5)
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, slots_per_beam = 3\]"):
         vis.beam_search(2, 2, 3, torch.tensor([1, 4]))
-
-
-def test_measure_reports_linear_mask_memory_and_skipped_tiles():
-    res = vis.measure_visibility(n=256, window=64, heads=1, head_dim=8, block=64, repeats=1)
-    causal = res["causal"]
-    assert causal["visibility_bytes"] == 2 * 256 * 8  # two int64 per key
-    assert causal["dense_mask_bytes"] == 256 * 256
-    assert (causal["tiles"], causal["skipped_tiles"]) == (16, 6)  # 4 x 4 tiles, above the diagonal
-    assert res["sliding_window"]["skipped_tiles"] == 16 - 7  # band of diagonal + subdiagonal
-    assert causal["dense_s"] > 0 and causal["blockwise_s"] > 0

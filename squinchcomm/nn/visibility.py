@@ -67,7 +67,6 @@ __all__ = [
     "block_visibility",
     "dense_visibility_attention",
     "visibility_attention",
-    "measure_visibility",
 ]
 
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -530,56 +529,3 @@ def visibility_attention(
     if not out_tiles:
         return torch.zeros((*batch, 0, v.shape[-1]), dtype=q.dtype, device=q.device)
     return torch.cat(out_tiles, dim=-2)
-
-
-# ------------------------------------------------------------- measurement
-
-
-def measure_visibility(
-    n: int = 4096,
-    window: int = 256,
-    heads: int = 4,
-    head_dim: int = 64,
-    block: int = 128,
-    repeats: int = 3,
-) -> dict:
-    """Measure mask memory and forward time of the blockwise vs dense path at length ``n``.
-
-    For causal and sliding-window masks (float32, CPU or wherever torch puts
-    tensors by default) returns a dict with, per pattern: ``visibility_bytes``
-    (start + limit, O(N)), ``dense_mask_bytes`` (the Q x K booleans, O(N^2)),
-    ``skipped_tiles`` / ``tiles`` and the best-of-``repeats`` seconds of
-    :func:`dense_visibility_attention` and :func:`visibility_attention`.
-    Writes no files; a benchmark can call it and report the numbers.
-    """
-    import time
-
-    def best_seconds(fn):
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        return best
-
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, heads, n, head_dim, generator=gen) for _ in range(3))
-    results = {}
-    patterns = {"causal": causal(n), "sliding_window": sliding_window(n, window)}
-    for name, (start, limit) in patterns.items():
-        tiles = block_visibility(start, limit, torch.arange(n), block, block)
-        with torch.no_grad():
-            results[name] = {
-                "n": n,
-                "visibility_bytes": start.nbytes + limit.nbytes,
-                "dense_mask_bytes": n * n,  # torch.bool is one byte per entry
-                "tiles": tiles.numel(),
-                "skipped_tiles": int((tiles == 0).sum()),
-                "dense_s": best_seconds(lambda: dense_visibility_attention(q, k, v, start, limit)),
-                "blockwise_s": best_seconds(
-                    lambda: visibility_attention(
-                        q, k, v, start, limit, block_q=block, block_k=block
-                    )
-                ),
-            }
-    return results
