@@ -34,7 +34,8 @@ import torch
 
 from squinchcomm.bench import corpus as corpus_mod
 from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors
-from squinchcomm.bench.zreg import QUICK_CORPUS_BYTES, TAIL, machine_info, train_run
+from squinchcomm.bench.zreg import (QUICK_CORPUS_BYTES, TAIL, add_training_args, machine_info,
+                                    train_run)
 from squinchcomm.nn.clamp import DEFAULT_MULTIPLIER, sqnr_db
 
 __all__ = ["main", "ffn_activations", "LIMIT_MODES"]
@@ -81,16 +82,7 @@ def _parse(argv):
     p.add_argument("--bits", default="8,4", help="bit widths, comma-separated")
     p.add_argument("--multiplier", type=float, default=DEFAULT_MULTIPLIER,
                    help="limit in units of the measured scale (and of the calibration rms)")
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--quick", action="store_true", help="a tiny model for 4 steps: a smoke run")
+    add_training_args(p, steps=120)
     p.add_argument("--out", default="bench/results", help="directory for qat.{json,md}")
     args = p.parse_args(argv)
     if args.quick:

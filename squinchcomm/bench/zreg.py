@@ -40,7 +40,7 @@ from squinchcomm.bench.common import versions
 from squinchcomm.bench.tinygpt import (GPTConfig, TinyGPT, attention_z, batch_tensors,
                                        estimate_loss)
 
-__all__ = ["main", "train_run", "machine_info", "RUNS"]
+__all__ = ["main", "train_run", "add_training_args", "machine_info", "RUNS"]
 
 DEFAULT_PROG = "python -m squinchcomm.bench zreg"
 # (name, Z-Reg on, bfloat16 autocast forward)
@@ -105,13 +105,9 @@ def train_run(config: GPTConfig, data: corpus_mod.Corpus, steps: int, batch: int
             "seconds": round(time.perf_counter() - t0, 1), "model": model}
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(prog=DEFAULT_PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--coef", type=float, default=1e-4, help="Z-Reg coefficient of attention")
-    p.add_argument("--head-coef", type=float, default=1e-4,
-                   help="Z-Reg coefficient of the LM-head logits")
-    p.add_argument("--steps", type=int, default=160)
-    p.add_argument("--every", type=int, default=20, help="measure |Z| every this many steps")
+def add_training_args(p: argparse.ArgumentParser, steps: int) -> None:
+    """The model and training options :func:`train_run` takes (shared with qat)."""
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--n-layer", type=int, default=2)
@@ -121,6 +117,15 @@ def _parse(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="a tiny model for 4 steps: a smoke run")
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog=DEFAULT_PROG, description=__doc__.split("\n")[0])
+    p.add_argument("--coef", type=float, default=1e-4, help="Z-Reg coefficient of attention")
+    p.add_argument("--head-coef", type=float, default=1e-4,
+                   help="Z-Reg coefficient of the LM-head logits")
+    p.add_argument("--every", type=int, default=20, help="measure |Z| every this many steps")
+    add_training_args(p, steps=160)
     p.add_argument("--out", default="bench/results", help="directory for zreg.{json,md,png}")
     p.add_argument("--no-plot", action="store_true", help="skip the matplotlib plot")
     args = p.parse_args(argv)
