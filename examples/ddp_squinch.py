@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from squinchcomm.bench.corpus import load_corpus, sample_windows
 from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors, estimate_loss
 from squinchcomm.torch import ddp_hooks  # squinchcomm: the DDP communication hooks
+from squinchcomm.transport import exit_past_gloo  # squinchcomm: clean exit under gloo
 
 
 def main():
@@ -93,3 +94,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # squinchcomm: torch 2.13's gloo can abort a rank at interpreter exit; leave now.
+    exit_past_gloo()

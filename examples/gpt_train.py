@@ -51,6 +51,7 @@ from squinchcomm.bench.tinygpt import (TEACHER_META, GPTConfig, TinyGPT, attenti
                                        batch_tensors, document_visibility, dump_teacher,
                                        estimate_loss, separator_doc_ids)
 from squinchcomm.nn import distill  # squinchcomm: Gumbel top-k distillation
+from squinchcomm.transport import exit_past_gloo  # squinchcomm: clean exit under gloo
 
 COMPRESSIONS = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
                 "bf16": hvd.Compression.bf16, "squinch": hvd.Compression.squinch}
@@ -178,3 +179,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # squinchcomm: torch 2.13's gloo can abort a rank at interpreter exit; leave now.
+    exit_past_gloo()
