@@ -19,7 +19,6 @@ follows it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -28,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from squinchcomm.bench.common import versions
+from squinchcomm.bench.common import versions, write_results
 from squinchcomm.nn.clamp import DEFAULT_MULTIPLIER, measure_error_vs_scale
 
 __all__ = ["main", "LIMIT_MODES"]
@@ -178,11 +177,7 @@ def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> dict:
         _plot(doc, out / "clamp_error_vs_weight_scale.png")
         doc["plot"] = str(out / "clamp_error_vs_weight_scale.png")
     doc["seconds_total"] = round(time.perf_counter() - t0, 1)
-    # SQNR can be inf (exact) or -inf: JSON writes them as Infinity / -Infinity
-    (out / "clamp.json").write_text(json.dumps(doc, indent=2) + "\n")
-    report = _markdown(doc)
-    (out / "clamp.md").write_text(report)
-    print(report)
+    write_results(out, "clamp", doc, _markdown(doc))
     return doc
 
 

@@ -6,7 +6,8 @@ import importlib.metadata
 import platform
 import re
 
-__all__ = ["parse_size", "size_sweep", "add_sweep_args", "versions", "cpu_model"]
+__all__ = ["parse_size", "size_sweep", "add_sweep_args", "write_results", "versions",
+           "cpu_model"]
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -45,6 +46,20 @@ def add_sweep_args(p, *, maxbytes: str = "64M", iters: int = 10, warmup: int = 2
                    help=f"timed iterations (default {iters})")
     p.add_argument("-w", "--warmup", type=int, default=warmup,
                    help=f"untimed iterations (default {warmup})")
+
+
+def write_results(out, name: str, doc: dict, report: str) -> None:
+    """Write ``<out>/<name>.json`` (``doc``) and ``<out>/<name>.md`` (``report``),
+    creating ``out``, and print the report. JSON writes infinite values (an
+    exact quantization's SQNR) as Infinity."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / f"{name}.md").write_text(report)
+    print(report)
 
 
 def cpu_model() -> str:

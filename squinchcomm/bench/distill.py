@@ -50,21 +50,19 @@ numbers do not depend on timing (every run is seeded).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from squinchcomm.bench import corpus as corpus_mod
-from squinchcomm.bench.common import versions
+from squinchcomm.bench.common import versions, write_results
 from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors
 from squinchcomm.nn import distill
 
@@ -326,12 +324,7 @@ def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> dict:
         "students": rows,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    report = _markdown(doc)
-    print(report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "distill.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out / "distill.md").write_text(report)
+    write_results(args.out, "distill", doc, _markdown(doc))
     return doc
 
 

@@ -24,15 +24,14 @@ quantized to 0, and the activation RMS (against its value at calibration).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from squinchcomm.bench import corpus as corpus_mod
+from squinchcomm.bench.common import write_results
 from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors
 from squinchcomm.bench.zreg import (QUICK_CORPUS_BYTES, TAIL, add_training_args, machine_info,
                                     train_run)
@@ -204,13 +203,7 @@ def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> dict:
         "runs": runs,
         "seconds_total": round(time.perf_counter() - t0, 1),
     }
-    # JSON writes an infinite SQNR (exact quantization) as Infinity
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "qat.json").write_text(json.dumps(doc, indent=2) + "\n")
-    report = _markdown(doc)
-    (out / "qat.md").write_text(report)
-    print(report)
+    write_results(args.out, "qat", doc, _markdown(doc))
     return doc
 
 

@@ -28,7 +28,6 @@ are only as good as it is idle.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -41,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from squinchcomm.bench.common import versions
+from squinchcomm.bench.common import versions, write_results
 from squinchcomm.nn import visibility as vis
 
 __all__ = ["main", "patterns", "PATHS"]
@@ -316,10 +315,7 @@ def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> dict:
         _plot(doc, out / "visibility_time_vs_n.png")
         doc["plot"] = str(out / "visibility_time_vs_n.png")
     doc["seconds_total"] = round(time.perf_counter() - t0, 1)
-    (out / "visibility.json").write_text(json.dumps(doc, indent=2) + "\n")
-    report = _markdown(doc)
-    (out / "visibility.md").write_text(report)
-    print(report)
+    write_results(out, "visibility", doc, _markdown(doc))
     return doc
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import shlex
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from squinchcomm.bench import corpus as corpus_mod
-from squinchcomm.bench.common import versions
+from squinchcomm.bench.common import versions, write_results
 from squinchcomm.bench.tinygpt import (GPTConfig, TinyGPT, attention_z, batch_tensors,
                                        estimate_loss)
 
@@ -272,10 +271,7 @@ def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> dict:
         _plot(doc, out / "zreg_z_curve.png")
         doc["plot"] = str(out / "zreg_z_curve.png")
     doc["seconds_total"] = round(time.perf_counter() - t0, 1)
-    (out / "zreg.json").write_text(json.dumps(doc, indent=2) + "\n")
-    report = _markdown(doc)
-    (out / "zreg.md").write_text(report)
-    print(report)
+    write_results(out, "zreg", doc, _markdown(doc))
     return doc
 
 
