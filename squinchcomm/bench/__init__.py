@@ -19,4 +19,6 @@ COMMANDS = {
     "visibility": "squinchcomm.bench.visibility",
     "distill": "squinchcomm.bench.distill",
     "qat": "squinchcomm.bench.qat",
+    # the loss-parity experiment, issue 7
+    "parity": "squinchcomm.bench.parity",
 }

@@ -83,14 +83,21 @@ class FlatBucket:
 
     Args:
         buffer: the bucket's flat (n,) tensor; the gradients are views of it
-            shaped by :func:`matrix_shapes`, so a hook writing into them writes
-            into the buffer, as with DDP's buckets.
+            shaped by ``shapes``, so a hook writing into them writes into the
+            buffer, as with DDP's buckets.
+        shapes: the gradients' shapes, in buffer order (e.g. a model's
+            parameter shapes); None: :func:`matrix_shapes`.
     """
 
-    def __init__(self, buffer: torch.Tensor):
+    def __init__(self, buffer: torch.Tensor, shapes: list[tuple[int, ...]] | None = None):
         self._buffer = buffer
         self._grads, start = [], 0
-        for shape in matrix_shapes(buffer.numel()):
+        shapes = matrix_shapes(buffer.numel()) if shapes is None else shapes
+        if sum(int(np.prod(s)) for s in shapes) != buffer.numel():
+            raise ValueError(f"shapes {shapes} hold {sum(int(np.prod(s)) for s in shapes)} "
+                             f"elements, the buffer {buffer.numel()}: pass the shapes of "
+                             "exactly the buffer's gradients, in order")
+        for shape in shapes:
             size = int(np.prod(shape))
             self._grads.append(buffer[start:start + size].view(shape))
             start += size
@@ -148,14 +155,17 @@ class PowerSGD:
         rank: the matrix approximation rank.
         group: the process group.
         seed: PowerSGD's random seed (the same on every rank: Q starts random).
+        shapes: the gradients' shapes in ``buffer`` (see :class:`FlatBucket`);
+            PowerSGD compresses the 2-D ones and allreduces the rest as they are.
     """
 
-    def __init__(self, buffer: torch.Tensor, rank: int, group, seed: int):
+    def __init__(self, buffer: torch.Tensor, rank: int, group, seed: int,
+                 shapes: list[tuple[int, ...]] | None = None):
         self.state = powerSGD_hook.PowerSGDState(
             process_group=group, matrix_approximation_rank=rank,
             start_powerSGD_iter=START_POWERSGD_ITER, use_error_feedback=True, warm_start=True,
             random_seed=seed)
-        self.bucket = FlatBucket(buffer)
+        self.bucket = FlatBucket(buffer, shapes)
         #: Elements the last compressed call allreduced: the P and Q factors plus
         #: the tensors left uncompressed (PowerSGD's own count).
         self.sent_elements = 0
@@ -173,9 +183,15 @@ class PowerSGD:
             raise RuntimeError(f"PowerSGD is at iteration {self.state.iter}, still below "
                                f"start_powerSGD_iter={self.state.start_powerSGD_iter}: it "
                                "would allreduce uncompressed; call warm_up() first")
+        self.step()
+
+    def step(self) -> None:
+        """One call as in training, the uncompressed warm-up iterations included
+        (:attr:`sent_elements` is then the whole buffer), waited for."""
         before = self.state.total_numel_after_compression
         powerSGD_hook.powerSGD_hook(self.state, self.bucket).wait()
-        self.sent_elements = self.state.total_numel_after_compression - before
+        sent = self.state.total_numel_after_compression - before
+        self.sent_elements = sent if sent else self.bucket.buffer().numel()
 
 
 class TorchEngine:

@@ -1,0 +1,615 @@
+"""Loss parity: does training with Squinch-compressed gradients reach the loss of bf16?
+
+One command, from the repository root (about an hour on a 2-core CPU)::
+
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \\
+    mpirun -n 4 --oversubscribe -x NUMBA_NUM_THREADS=1 python -m squinchcomm.bench parity
+    # writes bench/results/parity.{json,md} and parity_{loss,cosine}.png
+
+    mpirun -n 4 ... python -m squinchcomm.bench parity --quick   # a smoke run, seconds
+    mpirun -n 4 ... python -m squinchcomm.bench parity --resume  # finish an interrupted run
+
+The longer run for a GPU machine (one GPU per rank, NCCL; a 6-layer, width-384
+model with a 256-byte context for 3000 steps, see :data:`LONG`)::
+
+    mpirun -n 4 python -m squinchcomm.bench parity --device cuda --long --name parity_long
+
+Experiment. A byte-level GPT (:class:`~squinchcomm.bench.tinygpt.TinyGPT`) is
+trained on the Python standard library's source files
+(:mod:`squinchcomm.bench.corpus`; held-out split by file) by 4 data-parallel
+ranks over one torch.distributed gloo group, once per method and seed, one run
+after another in the same job. For a seed, every method starts from the same
+weights (``init_seed = seed``) and sees the same batches (rank ``r`` at step
+``s`` trains on ``sample_windows(train, batch, seq, seed, s, r)``). AdamW
+(0.9, 0.95), linear warm-up then cosine decay of the learning rate to 10%, the
+averaged gradient clipped to norm 1: the loss curve flattens by the last step.
+
+Every step, each rank computes its gradient and flattens it into one fp32
+buffer (as a fused gradient buffer is sent). The exact fp32 average of the
+ranks' gradients is computed with gloo (a reference only: not a method's
+traffic); the method under test then averages the same buffer its own way, its
+result (bit-identical on every rank, checked at the end by hashing the
+parameters) replaces the gradients, and the optimizer steps. Methods:
+
+=================  ==========================================================
+``fp32``           the exact average itself (gloo allreduce, fp32)
+``bf16``           squinchcomm's ``compression="bf16"``: bf16 on the wire, fp32 sums
+``fp16``           PyTorch's ``fp16_compress_hook`` (Horovod-style: divide by N,
+                   cast to fp16, sum in fp16, cast back)
+``squinch``        squinchcomm's compressed allreduce, nearest rounding
+``squinch-sr``     ... stochastic rounding
+``squinch-ef``     ... nearest rounding with error feedback (what ``squinch_hook``
+                   and the examples use: the primary Squinch method below)
+``squinch-sr-ef``  ... stochastic rounding with error feedback
+``squinch-hier``   hierarchical: fp32 sums inside a "node" of 2 ranks, Squinch
+                   across the 2 nodes (nearest)
+``squinch-hier-ef`` the same with error feedback
+``powersgd4``      PyTorch's ``powerSGD_hook``, rank 4, error feedback, warm
+                   start, on the parameters' own shapes (1-D tensors go
+                   uncompressed; the first 2 steps are PyTorch's uncompressed
+                   warm-up)
+``int4``           int4 block absmax (blocks of 128, fp32 scales,
+                   :mod:`squinchcomm.codec.baselines`): every rank's encoded
+                   gradient is all-gathered and the decoded gradients summed in
+                   rank order (one quantization, no error feedback)
+``bf16+zreg``      ``bf16`` with Attention Z-Reg (``--zreg-coef``, mean over rows)
+``squinch-ef+zreg`` ``squinch-ef`` with Attention Z-Reg
+=================  ==========================================================
+
+Reported per method (mean and spread over seeds): the final held-out loss (a
+fixed set of ``--eval-windows`` windows of the held-out files, the same for
+every run), the paired difference to bf16 at the same seed, the mean and
+minimum per-step cosine similarity of the method's averaged gradient to the
+exact fp32 average, the bytes each rank put on the wire per step, whether the
+parameters stayed bit-identical across ranks, and the wall time. Curves:
+training loss (mean over ranks) every step, held-out loss every ``--eval-every``
+steps.
+
+Wire bytes per rank per step for an n-element gradient on N ranks, in the ring
+model that all of gloo's and squinchcomm's algorithms meet: ``2(N-1)/N`` times
+the payload (4n fp32, 2n bf16/fp16, Squinch's encoded size for squinch); for
+powersgd4 the P and Q factors and the uncompressed tensors, as PowerSGD counts
+them (4 bytes each); for int4 the all-gather's ``(N-1)`` payloads. Hierarchical
+methods count only what crosses between nodes (the slow link): ``2(C-1)/C``
+times the encoded size of the rank's ``n/L`` slice for C nodes of L ranks; the
+fp32 traffic inside the node is reported separately.
+
+Criterion, stated before the runs (``CRITERION``): a Squinch method passes if
+the difference between its mean final held-out loss and bf16's is at most the
+seed-to-seed spread of bf16 (max - min over the seeds) and at most 0.5% of
+bf16's mean. The primary method is ``squinch-ef``; every other method is
+judged by the same rule and reported, failures included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from squinchcomm import Communicator, __version__, codec
+from squinchcomm.bench.common import versions
+from squinchcomm.bench.corpus import load_corpus, sample_windows
+from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors
+from squinchcomm.bench.torch_methods import FlatBucket, PowerSGD, share_cores
+from squinchcomm.codec import baselines
+from squinchcomm.torch import WireCompression
+from squinchcomm.torch._ops import variant
+from squinchcomm.transport.torch_dist import init_process_group_from_env
+
+__all__ = ["main", "METHODS", "CRITERION", "PRIMARY", "judge", "summarize"]
+
+DEFAULT_PROG = "python -m squinchcomm.bench parity"
+PRIMARY = "squinch-ef"
+CRITERION = ("|mean(final held-out loss of the Squinch method) - mean(bf16)| <= "
+             "max(bf16) - min(bf16) over the seeds, and <= 0.5% of mean(bf16)")
+RELATIVE_TOLERANCE = 0.005
+INT4_BLOCK = 128
+# torch 2.13 renamed the single-tensor all-gather (the old name warns); older torch has the old one.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+NODE_SIZE = 2  # ranks per "node" of the hierarchical methods
+# --long: a model and run length for a GPU machine (minutes per run there, not here)
+LONG = {"n_layer": 6, "n_embd": 384, "n_head": 6, "seq": 256, "batch": 16, "steps": 3000,
+        "warmup": 100, "lr": 1e-3, "eval_every": 100, "eval_windows": 1024}
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a method averages the flat gradient (see the module docstring)."""
+
+    kind: str  # "fp32" | "wire" (squinchcomm) | "fp16_hook" | "powersgd" | "int4"
+    compression: str = "none"
+    rounding: str = "nearest"
+    error_feedback: bool = False
+    hierarchical: bool = False
+    zreg: bool = False
+
+
+METHODS = {
+    "fp32": Method("fp32"),
+    "bf16": Method("wire", "bf16"),
+    "fp16": Method("fp16_hook"),
+    "squinch": Method("wire", "squinch"),
+    "squinch-sr": Method("wire", "squinch", "stochastic"),
+    "squinch-ef": Method("wire", "squinch", error_feedback=True),
+    "squinch-sr-ef": Method("wire", "squinch", "stochastic", error_feedback=True),
+    "squinch-hier": Method("wire", "squinch", hierarchical=True),
+    "squinch-hier-ef": Method("wire", "squinch", error_feedback=True, hierarchical=True),
+    "powersgd4": Method("powersgd"),
+    "int4": Method("int4"),
+    "bf16+zreg": Method("wire", "bf16", zreg=True),
+    "squinch-ef+zreg": Method("wire", "squinch", error_feedback=True, zreg=True),
+}
+
+
+# ---------------------------------------------------------------------------- reducers
+_BASES: dict[bool, Communicator] = {}
+
+
+def _base_communicator(hierarchical: bool) -> Communicator:
+    """One communicator per layout for the whole job (collective on first use):
+    flat, or nodes of :data:`NODE_SIZE` ranks; nothing is left uncompressed."""
+    if hierarchical not in _BASES:
+        comm = Communicator(dist.group.WORLD, min_compress_bytes=0, check_metadata=False,
+                            hierarchical=hierarchical,
+                            node_size=NODE_SIZE if hierarchical else None)
+        if hierarchical and not comm.hierarchical:
+            raise ValueError(f"hierarchical methods need nodes of {NODE_SIZE} ranks and more "
+                             f"than one node: run on a multiple of {2 * NODE_SIZE} ranks")
+        _BASES[hierarchical] = comm
+    return _BASES[hierarchical]
+
+
+class _Reducer:
+    """Averages a flat fp32 gradient buffer in place, one method's way."""
+
+    def __init__(self, method: Method, buffer: torch.Tensor, shapes, seed: int):
+        self.method, self.buffer = method, buffer
+        n, world = buffer.numel(), dist.get_world_size()
+        ring = 2 * (world - 1) / world
+        self.local_bytes = 0.0  # hierarchical: fp32 bytes inside the node per step
+        if method.kind == "wire":
+            # A fresh error-feedback state and call count per run, over groups built once.
+            self.comm = variant(_base_communicator(method.hierarchical),
+                                WireCompression(method.compression, rounding=method.rounding),
+                                private=True)
+            self.comm.seed = seed
+            per = codec.encoded_nbytes if method.compression == "squinch" else (lambda k: 2 * k)
+            if method.hierarchical:
+                local, cross = self.comm.local_size, self.comm.cross_size
+                self.wire = 2 * (cross - 1) / cross * per(-(-n // local))
+                self.local_bytes = (2 * (local - 1) / local + (local - 1) / local) * 4 * n
+            else:
+                self.wire = ring * per(n)
+        elif method.kind == "fp16_hook":
+            self.bucket = FlatBucket(buffer, shapes)
+            self.wire = ring * 2 * n
+        elif method.kind == "powersgd":
+            self.powersgd = PowerSGD(buffer, rank=4, group=dist.group.WORLD, seed=seed,
+                                     shapes=shapes)
+            self.sent: list[int] = []
+        elif method.kind == "int4":
+            self.wire = (world - 1) * baselines.payload_nbytes("int4", n, block=INT4_BLOCK)
+        else:
+            self.wire = ring * 4 * n
+
+    def __call__(self, exact: torch.Tensor) -> None:
+        """Average ``self.buffer`` over the ranks in place (``exact``: the fp32 average)."""
+        m, buf = self.method, self.buffer
+        if m.kind == "fp32":
+            buf.copy_(exact)
+        elif m.kind == "wire":
+            self.comm.allreduce(buf, out=buf, name="grad",
+                                compression=m.compression, error_feedback=m.error_feedback)
+        elif m.kind == "fp16_hook":
+            buf.copy_(default_hooks.fp16_compress_hook(dist.group.WORLD, self.bucket).wait())
+        elif m.kind == "powersgd":
+            self.powersgd.step()
+            self.sent.append(self.powersgd.sent_elements)
+        else:
+            self._int4()
+
+    def _int4(self) -> None:
+        """Encode on the host (a GPU run copies the gradient there: a peer, not a product)."""
+        buf, world = self.buffer, dist.get_world_size()
+        q = baselines.encode_int4(buf.cpu().numpy(), block=INT4_BLOCK)
+        mine = torch.from_numpy(np.concatenate([q.codes.view(np.uint8), q.scales.view(np.uint8)]))
+        gathered = torch.empty(world * mine.numel(), dtype=torch.uint8, device=buf.device)
+        _all_gather(gathered, mine.to(buf.device))
+        rows = gathered.cpu().numpy().reshape(world, mine.numel())
+        total = np.zeros(buf.numel(), np.float32)
+        for row in rows:  # rank order: the same sum on every rank
+            part = baselines.BlockQuantized(row[:q.codes.nbytes], row[q.codes.nbytes:]
+                                            .view(np.float32), q.n, q.block, q.bits)
+            total += baselines.decode_int4(part)
+        buf.copy_(torch.from_numpy(total / np.float32(world)))
+
+    def wire_bytes(self) -> float:
+        """Bytes this rank sent per step (mean over the run)."""
+        if self.method.kind == "powersgd":
+            world = dist.get_world_size()
+            return 2 * (world - 1) / world * 4 * float(np.mean(self.sent))
+        return self.wire
+
+
+# ---------------------------------------------------------------------------- training
+def _lr(step: int, args) -> float:
+    """Linear warm-up over ``--warmup`` steps, then cosine decay to 10% at the last step."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _held_out(model: TinyGPT, windows: np.ndarray, device) -> float:
+    """Mean next-byte loss over ``windows``, split over the ranks (collective)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = windows[rank::world]
+    model.eval()
+    with torch.no_grad():
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        for i in range(0, len(mine), 16):
+            x, y = batch_tensors(mine[i:i + 16], device)
+            total[0] += model(x, y)[1].double() * x.numel()
+            total[1] += x.numel()
+    model.train()
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def _digest(model) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for p in model.parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+_SETTINGS = ("steps", "warmup", "batch", "seq", "n_layer", "n_embd", "n_head", "lr", "clip",
+             "eval_windows", "eval_every", "tail", "corpus_bytes", "device")
+
+
+def _settings(name: str, args) -> dict:
+    """What a run's result depends on besides method and seed (``--resume`` compares it)."""
+    out = {k: getattr(args, k) for k in _SETTINGS}
+    if METHODS[name].zreg:
+        out["zreg_coef"] = args.zreg_coef
+    return out
+
+
+def _resumable(path: Path, args) -> list[dict]:
+    """The runs of an earlier result file that this invocation would repeat exactly."""
+    if not path.exists():
+        return []
+    wanted = {(m, s) for m in args.methods for s in args.seeds}
+    return [{**r, "resumed": True} for r in json.loads(path.read_text())["runs"]
+            if (r["method"], r["seed"]) in wanted and r["settings"] == _settings(r["method"], args)]
+
+
+def train_run(name: str, seed: int, args, data, eval_windows, quick_eval) -> dict:
+    """Train one method from one seed (collective); returns its record (rank 0's view)."""
+    method = METHODS[name]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    config = GPTConfig(block_size=args.seq, n_layer=args.n_layer, n_head=args.n_head,
+                       n_embd=args.n_embd, init_seed=seed,
+                       zreg_coef=args.zreg_coef if method.zreg else 0.0,
+                       **({"zreg_reduction": "mean"} if method.zreg else {}))
+    device = torch.device(args.device)
+    model = TinyGPT(config).to(device)
+    params = list(model.parameters())
+    for p in params:  # the same start everywhere, as DDP's constructor does
+        dist.broadcast(p.data, 0)
+    shapes = [tuple(p.shape) for p in params]
+    buffer = torch.zeros(sum(p.numel() for p in params), device=device)
+    reduce = _Reducer(method, buffer, shapes, seed)
+    exact = torch.empty_like(buffer)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    losses, cosines, curve = [], [], []
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        if step % args.eval_every == 0:
+            curve.append((step, _held_out(model, quick_eval, device)))
+        x, y = batch_tensors(sample_windows(data.train, args.batch, args.seq, seed, step + 1,
+                                            rank), device)
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        torch.cat([p.grad.reshape(-1) for p in params], out=buffer)
+        exact.copy_(buffer)
+        mean_loss = loss.detach().double().reshape(1)
+        dist.all_reduce(exact)
+        exact /= world
+        dist.all_reduce(mean_loss)
+        reduce(exact)
+        cosines.append(float(torch.nn.functional.cosine_similarity(
+            buffer.double(), exact.double(), dim=0)))
+        losses.append(float(mean_loss) / world)
+        at = 0
+        for p in params:
+            p.grad.copy_(buffer[at:at + p.numel()].view_as(p))
+            at += p.numel()
+        torch.nn.utils.clip_grad_norm_(params, args.clip)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, args)
+        opt.step()
+    final = _held_out(model, eval_windows, device)
+    curve.append((args.steps, _held_out(model, quick_eval, device)))
+    digests = [None] * world
+    dist.all_gather_object(digests, _digest(model))
+    return {"method": name, "seed": seed, "settings": _settings(name, args), "final_loss": final,
+            "train_loss_tail": float(np.mean(losses[-args.tail:])),
+            "cosine_mean": float(np.mean(cosines)), "cosine_min": float(np.min(cosines)),
+            "wire_bytes_per_step": reduce.wire_bytes(),
+            "local_bytes_per_step": reduce.local_bytes,
+            "identical": len(set(digests)) == 1, "seconds": round(time.perf_counter() - t0, 1),
+            "train_losses": losses, "cosines": cosines, "held_out_curve": curve}
+
+
+# ---------------------------------------------------------------------------- summary
+def summarize(runs: list[dict]) -> dict[str, dict]:
+    """Per method: mean/std/min/max of the final held-out loss over seeds, the
+    paired difference to bf16 (same seed), cosine and wire means."""
+    out = {}
+    by = {}
+    for r in runs:
+        by.setdefault(r["method"], {})[r["seed"]] = r
+    base = by.get("bf16", {})
+    for name, seeds in by.items():
+        finals = np.array([r["final_loss"] for r in seeds.values()])
+        paired = [seeds[s]["final_loss"] - base[s]["final_loss"] for s in seeds if s in base]
+        out[name] = {
+            "seeds": sorted(seeds), "mean": float(finals.mean()),
+            "std": float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
+            "min": float(finals.min()), "max": float(finals.max()),
+            "paired_diff_mean": float(np.mean(paired)) if paired else None,
+            "paired_diff_std": float(np.std(paired, ddof=1)) if len(paired) > 1 else None,
+            "cosine_mean": float(np.mean([r["cosine_mean"] for r in seeds.values()])),
+            "cosine_min": float(np.min([r["cosine_min"] for r in seeds.values()])),
+            "wire_bytes_per_step": float(np.mean([r["wire_bytes_per_step"]
+                                                  for r in seeds.values()])),
+            "local_bytes_per_step": float(np.mean([r["local_bytes_per_step"]
+                                                   for r in seeds.values()])),
+            "identical": all(r["identical"] for r in seeds.values()),
+            "seconds": float(np.mean([r["seconds"] for r in seeds.values()])),
+        }
+    return out
+
+
+def judge(summary: dict[str, dict]) -> dict[str, dict]:
+    """Apply :data:`CRITERION` to every Squinch method that has bf16 to compare with."""
+    if "bf16" not in summary:
+        return {}
+    b = summary["bf16"]
+    spread = b["max"] - b["min"]
+    verdicts = {}
+    for name, s in summary.items():
+        if not name.startswith("squinch"):
+            continue
+        diff = s["mean"] - b["mean"]
+        within_spread = abs(diff) <= spread
+        within_rel = abs(diff) <= RELATIVE_TOLERANCE * b["mean"]
+        verdicts[name] = {"diff": diff, "bf16_spread": spread,
+                          "relative": diff / b["mean"], "within_spread": within_spread,
+                          "within_0.5%": within_rel, "pass": within_spread and within_rel}
+    return verdicts
+
+
+def _markdown(doc: dict) -> str:
+    s, v = doc["summary"], doc["verdicts"]
+    a = doc["args"]
+    lines = [
+        f"# Loss parity: {a['n_layer']}-layer GPT, {doc['world']} ranks, "
+        f"seeds {a['seeds']}, {a['steps']} steps",
+        "",
+        f"Command: `{doc['command']}`  ",
+        f"Machine: {doc['machine']}  ",
+        f"Model: TinyGPT {a['n_layer']} layers, width {a['n_embd']}, {a['n_head']} heads, "
+        f"context {a['seq']}, {doc['params']:,} parameters; batch {a['batch']} x {a['seq']} "
+        f"bytes per rank; AdamW lr {a['lr']} (warm-up {a['warmup']}, cosine to 10%), "
+        f"clip {a['clip']}; Z-Reg coefficient {a['zreg_coef']} (mean over rows)  ",
+        f"Held-out: {a['eval_windows']} windows of the held-out files; {doc['corpus']}  ",
+        f"Wall time: {doc['wall_seconds'] / 60:.1f} min  ",
+        f"Criterion (stated before the runs): {CRITERION}; primary method {PRIMARY}",
+        "",
+        "| method | final held-out loss (mean ± std) | min..max | vs bf16, paired (mean ± std) "
+        "| 1 - cosine to fp32 avg (mean / max) | wire KB/rank/step | identical | verdict |",
+        "|---|---:|---:|---:|---:|---:|:-:|:-:|",
+    ]
+    for name, r in s.items():
+        paired = ("-" if r["paired_diff_mean"] is None else
+                  f"{r['paired_diff_mean']:+.4f}" + ("" if r["paired_diff_std"] is None else
+                                                     f" ± {r['paired_diff_std']:.4f}"))
+        verdict = ("-" if name not in v else ("pass" if v[name]["pass"] else "FAIL"))
+        wire = f"{r['wire_bytes_per_step'] / 1e3:.1f}"
+        if r["local_bytes_per_step"]:
+            wire += f" (+{r['local_bytes_per_step'] / 1e3:.0f} in node)"
+        lines.append(f"| {name} | {r['mean']:.4f} ± {r['std']:.4f} | {r['min']:.4f}..{r['max']:.4f}"
+                     f" | {paired} | {1 - r['cosine_mean']:.1e} / {1 - r['cosine_min']:.1e} | {wire} | "
+                     f"{'yes' if r['identical'] else 'NO'} | {verdict} |")
+    lines += ["", "Verdicts (diff = mean - mean(bf16)):", ""]
+    for name, x in v.items():
+        lines.append(f"- {name}: diff {x['diff']:+.4f} ({100 * x['relative']:+.2f}%), bf16 "
+                     f"spread {x['bf16_spread']:.4f}: {'pass' if x['pass'] else 'FAIL'}"
+                     f" (within spread: {x['within_spread']}, within 0.5%: {x['within_0.5%']})")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(doc: dict, out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(doc["summary"])
+    colors = {n: plt.cm.tab20(i % 20) for i, n in enumerate(names)}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
+    for r in doc["runs"]:
+        label = r["method"] if r["seed"] == doc["args"]["seeds"][0] else None
+        steps, loss = zip(*r["held_out_curve"])
+        ax1.plot(steps, loss, color=colors[r["method"]], lw=1, label=label)
+        tl = np.convolve(r["train_losses"], np.ones(20) / 20, mode="valid")
+        ax2.plot(np.arange(len(tl)) + 19, tl, color=colors[r["method"]], lw=0.7, label=label)
+    ax1.set(xlabel="step", ylabel="held-out loss (nats/byte)", title="held-out loss, every seed")
+    ax2.set(xlabel="step", ylabel="training loss (20-step mean)", title="training loss")
+    top = max(s["mean"] for s in doc["summary"].values())
+    for ax in (ax1, ax2):
+        ax.set_ylim(min(s["min"] for s in doc["summary"].values()) - 0.1, top + 0.8)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    loss_png = out / f"{doc['args']['name']}_loss.png"
+    fig.savefig(loss_png, dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in doc["runs"]:
+        if r["seed"] != doc["args"]["seeds"][0] or r["method"] == "fp32":
+            continue
+        c = np.convolve(r["cosines"], np.ones(10) / 10, mode="valid")
+        ax.plot(np.arange(len(c)) + 9, c, color=colors[r["method"]], lw=1, label=r["method"])
+    ax.set(xlabel="step", ylabel="cosine to the exact fp32 average (10-step mean)",
+           title=f"gradient cosine similarity, seed {doc['args']['seeds'][0]}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    cos_png = out / f"{doc['args']['name']}_cosine.png"
+    fig.savefig(cos_png, dpi=110)
+    plt.close(fig)
+    return [str(loss_png), str(cos_png)]
+
+
+# ---------------------------------------------------------------------------- main
+def _parse(argv):
+    p = argparse.ArgumentParser(prog=DEFAULT_PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma list of {', '.join(METHODS)} (default all)")
+    p.add_argument("--seeds", default=None,
+                   help="comma list of seeds (default 0,1,2; with --quick 0,1)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--warmup", type=int, default=30, help="learning-rate warm-up steps")
+    p.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
+    p.add_argument("--seq", type=int, default=64, help="context length in bytes")
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--zreg-coef", type=float, default=1e-3,
+                   help="Attention Z-Reg coefficient of the +zreg methods (mean over rows)")
+    p.add_argument("--eval-windows", type=int, default=512, help="held-out windows, final loss")
+    p.add_argument("--eval-every", type=int, default=50, help="held-out curve interval (steps)")
+    p.add_argument("--tail", type=int, default=20, help="steps in the tail training loss")
+    p.add_argument("--corpus-bytes", type=int, default=None, help="stdlib bytes to read")
+    p.add_argument("--out", default="bench/results", help="directory of parity.{json,md,png}")
+    p.add_argument("--name", default="parity", help="file name stem in --out")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: one GPU per rank, NCCL (init_process_group_from_env sets each "
+                        "rank's GPU from its local rank)")
+    p.add_argument("--long", action="store_true",
+                   help="the longer run for a GPU machine: 6 layers, width 384, context 256, "
+                        "batch 16, 3000 steps (explicit options still win)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs of an existing <out>/<name>.json made with the same "
+                        "settings; run only the missing (method, seed) pairs")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: tiny model, 6 steps, 2 seeds, writes into --out")
+    args = p.parse_args(argv)
+    if args.long:
+        given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}
+        for opt, value in LONG.items():
+            if "--" + opt.replace("_", "-") not in given:
+                setattr(args, opt, value)
+    if args.quick:
+        args.steps, args.warmup, args.n_layer, args.n_embd, args.n_head = 6, 2, 1, 32, 2
+        args.seq, args.batch, args.eval_windows, args.eval_every, args.tail = 16, 2, 16, 3, 2
+        args.corpus_bytes = args.corpus_bytes or (1 << 20)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names or len(set(names)) != len(names):
+        p.error(f"--methods {args.methods!r}: list each of {', '.join(METHODS)} at most once"
+                + (f" (unknown: {', '.join(bad)})" if bad else ""))
+    args.methods = names
+    if args.seeds is None:
+        args.seeds = "0,1" if args.quick else "0,1,2"
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: pass a comma list of integers, e.g. 0,1,2")
+    if not args.seeds or args.steps < 1 or args.eval_every < 1 or args.warmup < 1:
+        p.error("pass at least one seed and positive --steps, --warmup, --eval-every")
+    return args
+
+
+def _document(args, argv, prog, world, threads, data, params, t0, runs) -> dict:
+    summary = summarize(runs)
+    return {"command": " ".join([prog] + [shlex.quote(a) for a in
+                                          (sys.argv[1:] if argv is None else argv)]),
+            "version": __version__, "world": world, "torch_threads": threads,
+            "machine": f"{versions()['cpu']}, {os.cpu_count()} cores, {world} ranks on this "
+                       f"machine, torch {torch.__version__}",
+            "versions": versions(), "corpus": data.describe(), "params": params,
+            "args": dict(vars(args)), "criterion": CRITERION, "primary": PRIMARY,
+            # this invocation's time plus that of the runs it resumed
+            "wall_seconds": time.perf_counter() - t0 + sum(
+                r["seconds"] for r in runs if r.get("resumed")),
+            "summary": summary, "verdicts": judge(summary), "runs": runs}
+
+
+def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> dict:
+    """Run the experiment (collective: every rank calls it); returns the result document."""
+    args = _parse(argv)
+    init_process_group_from_env(backend="nccl" if args.device == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if any(METHODS[m].hierarchical for m in args.methods) and world % (2 * NODE_SIZE):
+        raise ValueError(f"the hierarchical methods need a multiple of {2 * NODE_SIZE} ranks "
+                         f"(nodes of {NODE_SIZE}), got {world}: run mpirun -n 4 or drop them "
+                         "from --methods")
+    # CPU: every rank of this experiment is on this machine and shares its cores
+    threads = share_cores(world) if args.device == "cpu" else torch.get_num_threads()
+    data = load_corpus(**({"max_bytes": args.corpus_bytes} if args.corpus_bytes else {}))
+    rng = np.random.default_rng(12345)  # one held-out set for every method and seed
+    starts = rng.integers(0, data.val.size - args.seq - 1, args.eval_windows)
+    eval_windows = data.val[starts[:, None] + np.arange(args.seq + 1)]
+    quick_eval = eval_windows[:max(world, args.eval_windows // 8)]
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    runs = []
+    if args.resume:  # rank 0 reads; every rank must skip the same runs
+        kept = [_resumable(out / f"{args.name}.json", args) if rank == 0 else None]
+        dist.broadcast_object_list(kept, 0)
+        runs = kept[0]
+    done = {(r["method"], r["seed"]) for r in runs}
+    params = TinyGPT(GPTConfig(block_size=args.seq, n_layer=args.n_layer, n_head=args.n_head,
+                               n_embd=args.n_embd)).num_params()
+    doc = {}
+    for seed in args.seeds:
+        for name in args.methods:
+            if (name, seed) in done:
+                continue
+            r = train_run(name, seed, args, data, eval_windows, quick_eval)
+            runs.append(r)
+            if rank == 0:
+                print(f"seed {seed} {name:>16}: held-out {r['final_loss']:.4f}  train "
+                      f"{r['train_loss_tail']:.4f}  1-cos {1 - r['cosine_mean']:.1e}  "
+                      f"wire {r['wire_bytes_per_step'] / 1e3:.1f} KB  identical "
+                      f"{r['identical']}  {r['seconds']:.0f} s", flush=True)
+                doc = _document(args, argv, prog, world, threads, data, params, t0, runs)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / f"{args.name}.json").write_text(json.dumps(doc, indent=1))
+                (out / f"{args.name}.md").write_text(_markdown(doc))
+    if rank == 0 and runs:
+        runs.sort(key=lambda r: (r["seed"], args.methods.index(r["method"])))
+        doc = _document(args, argv, prog, world, threads, data, params, t0, runs)
+        doc["plots"] = _plot(doc, out)
+        (out / f"{args.name}.json").write_text(json.dumps(doc, indent=1))
+        print(_markdown(doc), flush=True)
+    dist.barrier()
+    return doc
