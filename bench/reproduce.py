@@ -1,6 +1,6 @@
 """Run every benchmark behind the README's tables and plots, then the report.
 
-    sudo python bench/reproduce.py                 # everything, ~45 min on 2 cores
+    sudo python bench/reproduce.py                 # everything, ~2 h on 2 cores
     sudo python bench/reproduce.py --only shaped,report
     python bench/reproduce.py --list               # the commands, without running them
 
@@ -19,6 +19,7 @@ command this script ran. Steps:
     train     the GPT training step per compression method, 4 hosts at each rate
     model     the speedup model from the pipeline numbers, checked against the shaped runs
     companions  Z-Reg, QAT, Dynamic Clamping, visibility attention, distillation
+    parity    loss parity: 13 gradient methods x 3 seeds on 4 ranks (~1 h; ... parity)
     report    plots and summary.md (bench/report.py)
 
 The shaped steps need root (network namespaces and tc); the others do not.
@@ -93,8 +94,18 @@ def steps(out: Path) -> dict[str, list[tuple[list[str], str | None]]]:
                        *[o(f"shaped_4rank_{r}.json") for r in RATES], "--json",
                        o("model_validate.json")), o("model_validate.txt"))],
         # The companion techniques (squinchcomm.nn), one process each.
-        "companions": [(_py("-m", "squinchcomm.bench", name, "--out", str(out)), None)
-                       for name in ("zreg", "qat", "clamp", "visibility", "distill")],
+        # (--threads 1: on a loaded 2-core machine 2 torch threads ran 20-50x slower)
+        "companions": [(_py("-m", "squinchcomm.bench", *cmd, "--out", path), None)
+                       for cmd, path in (
+                           (["zreg", "--threads", "1"], str(out)),
+                           (["zreg", "--threads", "1", "--seed", "1"], o("zreg_seed1")),
+                           (["qat", "--weight-decay", "0,1", "--threads", "1"], str(out)),
+                           (["clamp"], str(out)), (["visibility"], str(out)),
+                           (["distill"], str(out)),
+                           (["distill", "--vocab", "word:8192", "--batch", "16"], str(out)))],
+        # Issue 7's experiment: does Squinch train to bf16's loss?
+        "parity": [(["mpirun", "-n", "4", "--oversubscribe", "-x", "NUMBA_NUM_THREADS=1",
+                     *_py("-m", "squinchcomm.bench", "parity", "--out", str(out))], None)],
         "report": [(_py("bench/report.py", "--results", str(out)), None)],
     }
 

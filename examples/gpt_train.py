@@ -15,6 +15,10 @@ The companion techniques of ``squinchcomm.nn`` switch on with flags:
     --zreg 1e-4                 Attention (and LM-head) Z-Reg; prints the mean
                                 |Z| of attention rows at eval steps
                                 (``--zreg 0`` prints it without Z-Reg)
+    --zreg-reduction mean       the virtual loss c * mean(Z^2) over each call's
+                                rows (PaLM's z-loss form, c independent of
+                                batch, heads and sequence length) instead of
+                                the default c * sum(Z^2)
     --mlp-act relu2             ReLU^2 FFN instead of GELU
     --clamp rms --clamp-bits 8  Dynamic Clamping: int8 QAT of the FFN hidden
                                 activation (modes rms, std, weight, constant;
@@ -73,6 +77,10 @@ def parse_args():
                    help="auto: torch.distributed under torchrun, MPI otherwise")
     p.add_argument("--zreg", type=float, default=None, metavar="COEF",
                    help="Z-Reg coefficient of attention and LM-head logits")
+    p.add_argument("--zreg-reduction", choices=["sum", "mean"], default="sum",
+                   help="Z-Reg virtual loss: COEF * sum (default, the issue's definition; "
+                   "a useful COEF depends on batch x heads x seq) or COEF * mean of Z^2 "
+                   "over the rows of each attention / LM-head call")
     p.add_argument("--mlp-act", choices=["gelu", "relu2"], default="gelu")
     p.add_argument("--clamp", choices=["rms", "std", "weight", "constant"], default=None,
                    metavar="MODE", help="Dynamic Clamping of the FFN activation: rms, std, "
@@ -116,6 +124,7 @@ def main():
     config = GPTConfig(block_size=args.seq, n_layer=args.layers, n_head=args.heads,
                        n_embd=args.width, init_seed=args.seed,
                        zreg_coef=args.zreg or 0.0,  # squinchcomm: Z-Reg
+                       zreg_reduction=args.zreg_reduction,
                        mlp_act=args.mlp_act, clamp=args.clamp,  # squinchcomm: Dynamic Clamping
                        clamp_bits=args.clamp_bits, clamp_limit=args.clamp_limit)
     model = TinyGPT(config)

@@ -3,10 +3,12 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
 
+from squinchcomm.bench import corpus  # noqa: E402
 from squinchcomm.bench import distill as bench  # noqa: E402
 
 
@@ -57,3 +59,44 @@ def test_quick_run_writes_consistent_results(tmp_path):
 def test_bad_methods_are_rejected(tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--methods", "gumbel,nope", "--out", str(tmp_path)])
+
+
+def test_word_tokens_by_hand():
+    text = "x1 = f(ab_2, 'é')\n\t  \x00"
+    assert "".join(bench.TOKEN_RE.findall(text)) == text  # every character is in a token
+    assert bench.TOKEN_RE.findall("ab_2 33x+=\n\n  é") == ["ab_2", " ", "33", "x", "+", "=",
+                                                          "\n\n  ", "é"]
+    c = corpus.Corpus(train=np.frombuffer(b"a a b\x00", np.uint8),
+                      val=np.frombuffer(b"b a?", np.uint8), train_files=(), val_files=(),
+                      root="", sha256="")
+    # train counts: "a" 2, " " 2 ("a" seen first), "b" 1, "\x00" 1; vocab 3 keeps "a", " "
+    train, val, info = bench.word_tokens(c, 3)
+    assert train.dtype == np.uint16
+    assert train.tolist() == [0, 1, 0, 1, 2, 2] and val.tolist() == [2, 1, 0, 2]
+    assert info["train_unk"] == pytest.approx(2 / 6) and info["val_unk"] == pytest.approx(0.5)
+
+
+def test_quick_word_vocabulary_run(tmp_path):
+    bench.main(["--quick", "--vocab", "word:512", "--out", str(tmp_path)])
+    assert not (tmp_path / "distill.json").exists()
+    doc = json.loads((tmp_path / "distill_vocab512.json").read_text())
+    md = (tmp_path / "distill_vocab512.md").read_text()
+    assert doc["parameters"]["vocab"] == "word:512" and doc["command"] in md
+    k = doc["parameters"]["k"]
+    assert k == 64 and doc["tokens"]["vocab"] == 512
+    assert 0 < doc["tokens"]["val_unk"] < 1
+    stored = {r["method"]: r for r in doc["students"]}
+    assert stored["gumbel"]["bytes_per_position"] == _format_bytes(64, 512) == 260
+    assert stored["topk"]["entries"] == 65 and stored["dense"]["bytes_per_position"] == 1024
+    overhead = doc["gumbel_file_bytes_per_position"] - _format_bytes(k, 512)
+    assert 0 < overhead * doc["distill_positions"] < 200 * doc["shards_per_seed"]
+    for r in doc["students"]:
+        assert all(math.isfinite(v) and v >= 0 for v in r["kl"])
+    assert "nats per token" in md
+
+
+@pytest.mark.parametrize("argv", [["--vocab", "word"], ["--vocab", "bpe:100"],
+                                  ["--vocab", "word:64", "--k", "64"], ["--k", "256"]])
+def test_bad_vocabulary_or_k_is_rejected(tmp_path, argv):
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", *argv, "--out", str(tmp_path)])

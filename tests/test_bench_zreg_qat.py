@@ -43,28 +43,43 @@ def _explicit_ffn_rms(model, idx):
 
 
 def test_zreg_quick(tmp_path):
-    assert bench_main(["zreg", "--quick", "--out", str(tmp_path)]) == 0
+    argv = ["zreg", "--quick", "--coefs", "0,1e-3,0.3", "--threads", "1", "--out", str(tmp_path)]
+    assert bench_main(argv) == 0
     doc = json.loads((tmp_path / "zreg.json").read_text())
     md = (tmp_path / "zreg.md").read_text()
     assert (tmp_path / "zreg_z_curve.png").stat().st_size > 0
     assert doc["benchmark"] == "zreg" and doc["command"] in md
-    runs = doc["runs"]
-    assert list(runs) == ["fp32", "fp32+zreg", "bf16", "bf16+zreg"]
-    p = doc["parameters"]
+    runs, p = doc["runs"], doc["parameters"]
+    assert p["coefs"] == [0.0, 1e-3, 0.3] and p["reduction"] == "mean"
+    assert list(runs) == [f"{prec} c={c}" for c in ("0", "0.001", "0.3")
+                          for prec in ("fp32", "bf16")]
     data = corpus.load_corpus(max_bytes=1 << 20)
     x_val, _ = batch_tensors(corpus.sample_windows(data.val, p["batch"], p["seq"],
                                                    p["seed"] + 2, step=0))
-    z0 = _explicit_attention_z(TinyGPT(GPTConfig(**QUICK)), x_val)
+    model0 = TinyGPT(GPTConfig(**QUICK)).eval()
+    z0 = _explicit_attention_z(model0, x_val)
+    with torch.no_grad():
+        head0 = torch.logsumexp(model0(x_val)[0].double(), -1).abs().mean().item()
     for name, r in runs.items():
         assert r["z_steps"] == list(range(0, p["steps"] + 1, p["every"]))
-        assert len(r["z"]) == len(r["z_steps"]) and len(r["losses"]) == p["steps"]
+        assert len(r["z"]) == len(r["head_z"]) == len(r["val_curve"]) == len(r["z_steps"])
+        assert len(r["losses"]) == p["steps"]
         assert r["z"][0] == pytest.approx(z0, rel=1e-4)  # same init in every run
+        assert r["head_z"][0] == pytest.approx(head0, rel=1e-4)
+        assert r["val_curve"][-1] == r["val_loss"]  # the last probe is the final model
         assert all(math.isfinite(v) for v in (r["train_loss"], r["val_loss"]))
         assert r["train_loss"] == pytest.approx(sum(r["losses"][-10:]) / len(r["losses"][-10:]))
-        assert f"| {name} |" in md
+        assert f"| {r['coef']:g} | {r['precision']} |" in md
     for prec in ("fp32", "bf16"):  # Z-Reg pulls |Z| down, even in a few steps
-        assert runs[prec + "+zreg"]["z"][-1] < runs[prec]["z"][-1] - 0.05
-    assert runs["fp32"]["losses"] != runs["bf16"]["losses"]  # autocast was on
+        assert runs[f"{prec} c=0.3"]["z"][-1] < runs[f"{prec} c=0"]["z"][-1] - 0.05
+        assert runs[f"{prec} c=0.3"]["head_z"][-1] < runs[f"{prec} c=0"]["head_z"][-1]
+    for g in doc["gaps"]:
+        fp32, bf16 = runs[f"fp32 c={g['coef']:g}"], runs[f"bf16 c={g['coef']:g}"]
+        assert g["val_gap"] == bf16["val_loss"] - fp32["val_loss"]
+        tail = [sum(r["val_curve"][-4:]) / len(r["val_curve"][-4:]) for r in (fp32, bf16)]
+        assert g["val_tail_gap"] == pytest.approx(tail[1] - tail[0], abs=1e-12)
+        assert f"| {g['val_gap']:+.4f} |" in md
+    assert runs["fp32 c=0"]["losses"] != runs["bf16 c=0"]["losses"]  # autocast was on
 
 
 def test_qat_quick(tmp_path):
@@ -96,5 +111,11 @@ def test_bad_arguments_are_rejected(tmp_path, capsys):
         bench_main(["qat", "--bits", "1", "--out", str(tmp_path)])
     assert "--bits must list bit widths >= 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        bench_main(["zreg", "--coef", "0", "--out", str(tmp_path)])
-    assert "--coef must be > 0" in capsys.readouterr().err
+        bench_main(["zreg", "--coefs", "0,-1e-3", "--out", str(tmp_path)])
+    assert "--coefs must be distinct finite numbers >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main(["zreg", "--coefs", "1e-3,big", "--out", str(tmp_path)])
+    assert "--coefs takes a comma list of numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main(["zreg", "--reduction", "avg", "--out", str(tmp_path)])
+    assert "invalid choice: 'avg'" in capsys.readouterr().err

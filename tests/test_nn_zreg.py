@@ -1,4 +1,5 @@
-"""Z-Reg: the injected gradient equals autograd of the explicit c * sum(Z^2) term."""
+"""Z-Reg: the injected gradient equals autograd of the explicit c * sum(Z^2) term
+(and of c * mean(Z^2) over the valid rows for reduction="mean")."""
 
 import math
 
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from squinchcomm.bench.tinygpt import reference_attention
-from squinchcomm.nn.zreg import ZRegStats, zreg_attention, zreg_logits
+from squinchcomm.nn.zreg import REDUCTIONS, ZRegStats, zreg_attention, zreg_logits
 
 
 def explicit_z(s: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -20,6 +21,13 @@ def explicit_z(s: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     valid = mask.any(dim=-1)
     rows = s[valid]  # (rows, n)
     return torch.logsumexp(rows.masked_fill(~mask[valid], -math.inf), dim=-1)
+
+
+def explicit_term(z: torch.Tensor, coef: float, reduction: str) -> torch.Tensor:
+    """The virtual loss c * sum(Z^2) or c * mean(Z^2) over the valid rows ``z`` (0 if none)."""
+    if reduction == "sum":
+        return coef * (z ** 2).sum()
+    return coef * (z ** 2).mean() if z.numel() else z.sum()
 
 
 def dense_attention(q, k, v, mask):
@@ -48,10 +56,10 @@ def grads(fn, *xs):
 # ---- zreg_logits -------------------------------------------------------------------------
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 6), n=st.integers(1, 9),
-       coef=st.floats(0.0, 2.0), use_mask=st.booleans())
-def test_logits_gradient_matches_explicit_term(seed, rows, n, coef, use_mask):
+       coef=st.floats(0.0, 2.0), use_mask=st.booleans(), reduction=st.sampled_from(REDUCTIONS))
+def test_logits_gradient_matches_explicit_term(seed, rows, n, coef, use_mask, reduction):
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(2, rows, n, generator=gen, dtype=torch.float64) * 3 + 2
     weight = torch.randn(2, rows, n, generator=gen, dtype=torch.float64)
@@ -61,8 +69,9 @@ def test_logits_gradient_matches_explicit_term(seed, rows, n, coef, use_mask):
     def loss(s):  # an arbitrary downstream loss that ignores masked entries
         return (torch.where(keep, s, torch.zeros_like(s)).tanh() * weight).sum()
 
-    (got,) = grads(lambda s: loss(zreg_logits(s, coef, mask)), logits)
-    (want,) = grads(lambda s: loss(s) + coef * (explicit_z(s, mask) ** 2).sum(), logits)
+    (got,) = grads(lambda s: loss(zreg_logits(s, coef, mask, reduction=reduction)), logits)
+    (want,) = grads(lambda s: loss(s) + explicit_term(explicit_z(s, mask), coef, reduction),
+                    logits)
     assert not got.isnan().any()
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
@@ -104,13 +113,35 @@ def test_logits_low_precision_dtype():
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
 
 
+def test_mean_reduction_divides_by_the_valid_rows_only():
+    """With fully masked rows: mean over the 2 valid rows of 4, not over all 4."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(4, 6, generator=gen, dtype=torch.float64) * 2 + 3
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1] = False
+    mask[3] = False
+    z = torch.logsumexp(logits[[0, 2]], -1)  # (2,) the valid rows' Z
+    softmax = logits[[0, 2]].softmax(-1)
+    (got,) = grads(lambda s: zreg_logits(s, 0.7, mask, reduction="mean").sum(), logits)
+    want = torch.ones_like(logits)  # d(sum)/ds, plus 2c/2 * Z * softmax on valid rows
+    want[[0, 2]] += 0.7 * z[:, None] * softmax
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (total,) = grads(lambda s: zreg_logits(s, 0.7, mask, reduction="sum").sum(), logits)
+    torch.testing.assert_close(total - 1, 2 * (got - 1), rtol=1e-12, atol=1e-12)
+    empty = torch.zeros(2, 3, dtype=torch.bool)  # an all-empty call: nothing, no NaN
+    (none,) = grads(lambda s: zreg_logits(s, 0.7, empty, reduction="mean").sum(), logits[:2, :3])
+    assert torch.equal(none, torch.ones(2, 3, dtype=torch.float64))
+
+
 # ---- zreg_attention ----------------------------------------------------------------------
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), tq=st.integers(2, 6), tk=st.integers(1, 6),
-       coef=st.floats(0.0, 1.0), use_mask=st.booleans(), causal=st.booleans())
-def test_attention_gradient_matches_explicit_term(seed, tq, tk, coef, use_mask, causal):
+       coef=st.floats(0.0, 1.0), use_mask=st.booleans(), causal=st.booleans(),
+       reduction=st.sampled_from(REDUCTIONS))
+def test_attention_gradient_matches_explicit_term(seed, tq, tk, coef, use_mask, causal,
+                                                  reduction):
     gen = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(2, 3, t, 4, generator=gen, dtype=torch.float64) * 2 for t in (tq, tk))
     v = torch.randn(2, 3, tk, 5, generator=gen, dtype=torch.float64)
@@ -122,10 +153,10 @@ def test_attention_gradient_matches_explicit_term(seed, tq, tk, coef, use_mask, 
 
     def explicit(q, k, v):
         y, s = dense_attention(q, k, v, full)
-        return (y * weight).sum() + coef * (explicit_z(s, full) ** 2).sum()
+        return (y * weight).sum() + explicit_term(explicit_z(s, full), coef, reduction)
 
-    got = grads(lambda q, k, v: (zreg_attention(q, k, v, coef, mask, causal) * weight).sum(),
-                q, k, v)
+    got = grads(lambda q, k, v: (zreg_attention(q, k, v, coef, mask, causal,
+                                                reduction=reduction) * weight).sum(), q, k, v)
     want = grads(explicit, q, k, v)
     for g, w in zip(got, want):
         assert not g.isnan().any()
@@ -194,6 +225,14 @@ def test_bad_coef(coef):
         zreg_logits(torch.randn(2, 3), coef)
     with pytest.raises(ValueError, match="coef"):
         zreg_attention(*(torch.randn(2, 3, 4) for _ in range(3)), coef)
+
+
+@pytest.mark.parametrize("reduction", ["avg", None, "SUM"])
+def test_bad_reduction_names_the_choices(reduction):
+    with pytest.raises(ValueError, match=r"reduction must be one of \('sum', 'mean'\)"):
+        zreg_logits(torch.randn(2, 3), 0.1, reduction=reduction)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        zreg_attention(*(torch.randn(2, 3, 4) for _ in range(3)), 0.1, reduction=reduction)
 
 
 def test_bad_shapes_and_masks():

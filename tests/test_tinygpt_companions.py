@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from squinchcomm.bench.tinygpt import (GPTConfig, TinyGPT, attention_z, batch_tensors,
-                                       document_visibility, dump_teacher, separator_doc_ids)
+                                       document_visibility, dump_teacher, separator_doc_ids,
+                                       z_means)
 from squinchcomm.bench.corpus import sample_windows
 from squinchcomm.nn import distill
 
@@ -53,7 +54,7 @@ def test_every_switch_off_is_the_original_computation():
     idx = tokens()
     model = TinyGPT(GPTConfig(**SMALL))
     explicit_off = TinyGPT(GPTConfig(**SMALL, zreg_coef=0.0, zreg_head_coef=0.0,
-                                     mlp_act="gelu", clamp=None))
+                                     zreg_reduction="mean", mlp_act="gelu", clamp=None))
     logits, loss = model(idx[:, :-1], idx[:, 1:])
     assert torch.equal(logits, nanogpt_forward(model, idx[:, :-1]))
     assert torch.equal(loss, F.cross_entropy(logits.reshape(-1, 256), idx[:, 1:].reshape(-1)))
@@ -77,6 +78,8 @@ def test_bad_configs_name_the_fix():
         GPTConfig(zreg_coef=-1.0)
     with pytest.raises(ValueError, match="dropout"):
         GPTConfig(zreg_coef=1e-3, dropout=0.1)
+    with pytest.raises(ValueError, match=r"zreg_reduction must be one of \('sum', 'mean'\)"):
+        GPTConfig(zreg_reduction="avg")
 
 
 # -------------------------------------------------------------------- Z-Reg
@@ -116,6 +119,34 @@ def test_head_zreg_gradient_is_the_explicit_virtual_loss():
         torch.testing.assert_close(g_on[n], p.grad, rtol=1e-9, atol=1e-12)
 
 
+def test_head_zreg_mean_reduction_is_the_explicit_mean_virtual_loss():
+    idx = tokens()
+    c = 0.5
+    on = TinyGPT(GPTConfig(**SMALL, zreg_head_coef=c, zreg_reduction="mean")).double()
+    off = TinyGPT(GPTConfig(**SMALL)).double()
+    g_on = grads(on, idx)
+    off.zero_grad(set_to_none=True)
+    logits, loss = off(idx[:, :-1], idx[:, 1:])
+    (loss + c * torch.logsumexp(logits, -1).square().mean()).backward()
+    for n, p in off.named_parameters():
+        torch.testing.assert_close(g_on[n], p.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_attention_zreg_mean_is_sum_divided_by_the_rows_of_each_call():
+    """Each layer's call has B * heads * T query rows: mean with c is sum with c / rows."""
+    idx = tokens()
+    c, rows = 0.3, 3 * 2 * 23
+    mean = TinyGPT(GPTConfig(**SMALL, zreg_coef=c, zreg_head_coef=0.0,
+                             zreg_reduction="mean")).double()
+    total = TinyGPT(GPTConfig(**SMALL, zreg_coef=c / rows, zreg_head_coef=0.0)).double()
+    plain = TinyGPT(GPTConfig(**SMALL, zreg_coef=c, zreg_head_coef=0.0)).double()
+    g_mean, g_total, g_plain = grads(mean, idx), grads(total, idx), grads(plain, idx)
+    for n in g_mean:
+        torch.testing.assert_close(g_mean[n], g_total[n], rtol=1e-9, atol=1e-13)
+    w = "h.0.attn.c_attn.weight"
+    assert (g_mean[w] - g_plain[w]).abs().max() > 1e-6 * g_plain[w].abs().max()
+
+
 def test_attention_z_is_the_logsumexp_of_the_attention_rows():
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=24, zreg_coef=1e-3)
     model = TinyGPT(cfg).double()
@@ -135,6 +166,8 @@ def test_attention_z_is_the_logsumexp_of_the_attention_rows():
     off = TinyGPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=24)).double()
     assert attention_z(off, idx) == pytest.approx(expected, rel=1e-9)
     assert off.training and off.zreg_stats.rows == 0
+    head = torch.logsumexp(off.eval()(idx)[0], -1).abs().mean().item()
+    assert z_means(off, idx) == pytest.approx({"attention": expected, "head": head}, rel=1e-9)
 
 
 # ------------------------------------------------------- ReLU^2 + clamping

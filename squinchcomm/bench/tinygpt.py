@@ -15,11 +15,12 @@ The companion techniques of :mod:`squinchcomm.nn` can be switched on, each
 off by default (and then the model computes exactly what it did without
 them, bit for bit):
 
-- Attention Z-Reg (``GPTConfig.zreg_coef``, ``zreg_head_coef``): attention
-  through :func:`~squinchcomm.nn.zreg.zreg_attention`, the LM-head logits
-  through :func:`~squinchcomm.nn.zreg.zreg_logits`; ``model.zreg_stats``
-  records the mean ``|Z|`` of the attention rows, :func:`attention_z`
-  measures it with or without Z-Reg.
+- Attention Z-Reg (``GPTConfig.zreg_coef``, ``zreg_head_coef``,
+  ``zreg_reduction``): attention through
+  :func:`~squinchcomm.nn.zreg.zreg_attention`, the LM-head logits through
+  :func:`~squinchcomm.nn.zreg.zreg_logits`; ``model.zreg_stats`` records the
+  mean ``|Z|`` of the attention rows, :func:`attention_z` (and
+  :func:`z_means`, with the LM-head rows) measures it with or without Z-Reg.
 - Dynamic Clamping (``GPTConfig.mlp_act="relu2"``, ``clamp=...``): QAT fake
   quantization of the FFN hidden activation by
   :class:`~squinchcomm.nn.clamp.DynamicClamp`.
@@ -60,7 +61,7 @@ from squinchcomm.bench import corpus as corpus_mod
 from squinchcomm.nn import distill
 from squinchcomm.nn import visibility as visibility_mod
 from squinchcomm.nn.clamp import DEFAULT_MULTIPLIER, MODES as CLAMP_MODES, DynamicClamp
-from squinchcomm.nn.zreg import ZRegStats, zreg_attention, zreg_logits
+from squinchcomm.nn.zreg import REDUCTIONS, ZRegStats, zreg_attention, zreg_logits
 
 __all__ = [
     "GPTConfig",
@@ -68,6 +69,7 @@ __all__ = [
     "MLP_ACTIVATIONS",
     "reference_attention",
     "attention_z",
+    "z_means",
     "separator_doc_ids",
     "document_visibility",
     "dump_teacher",
@@ -104,6 +106,10 @@ class GPTConfig:
             ``TinyGPT.zreg_stats``. 0 (default): the fused attention, untouched.
         zreg_head_coef: Z-Reg coefficient of the LM-head logits (the forward
             is bit-identical); None (default) means ``zreg_coef``.
+        zreg_reduction: ``"sum"`` (default; the virtual loss ``c * sum Z^2``
+            over the rows of each call) or ``"mean"`` (``c * mean Z^2``, PaLM's
+            z-loss form, whose ``c`` does not depend on batch, heads or
+            sequence length), for attention and LM head alike.
         mlp_act: FFN activation, ``"gelu"`` (default) or ``"relu2"``
             (``relu(x) ** 2``).
         clamp: None (default), or a :class:`~squinchcomm.nn.clamp.DynamicClamp`
@@ -127,6 +133,7 @@ class GPTConfig:
     init_seed: int = 0
     zreg_coef: float = 0.0
     zreg_head_coef: float | None = None
+    zreg_reduction: str = "sum"
     mlp_act: str = "gelu"
     clamp: str | None = None
     clamp_bits: int = 8
@@ -147,6 +154,9 @@ class GPTConfig:
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"GPTConfig.{name} must be a finite number >= 0 "
                                  f"(0 = off), got {value}.")
+        if self.zreg_reduction not in REDUCTIONS:
+            raise ValueError(f"GPTConfig.zreg_reduction must be one of {REDUCTIONS}, "
+                             f"got {self.zreg_reduction!r}.")
         if self.zreg_coef > 0 and self.dropout > 0:
             raise ValueError("the Z-Reg attention has no attention dropout: use dropout=0 "
                              f"with zreg_coef > 0 (got dropout={self.dropout}).")
@@ -206,6 +216,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.zreg_coef = config.zreg_coef
+        self.zreg_reduction = config.zreg_reduction
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -222,7 +233,7 @@ class CausalSelfAttention(nn.Module):
         if self.zreg_coef > 0 or z_stats is not None:
             mask = None if visibility is None else visibility_mod.dense_mask(start, limit, t)
             y = zreg_attention(q, k, v, self.zreg_coef, mask=mask, causal=visibility is None,
-                               stats=z_stats)
+                               stats=z_stats, reduction=self.zreg_reduction)
         elif visibility is not None:
             y = visibility_mod.visibility_attention(q, k, v, start, limit)
         else:
@@ -375,7 +386,8 @@ class TinyGPT(nn.Module):
             x = block(x, visibility, z_stats)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if self.config.head_coef > 0:
-            logits = zreg_logits(logits, self.config.head_coef)  # identity in forward
+            logits = zreg_logits(logits, self.config.head_coef,  # identity in forward
+                                 reduction=self.config.zreg_reduction)
         return logits
 
 
@@ -392,28 +404,37 @@ def _check_visibility_arg(visibility, shape: tuple[int, int]) -> None:
 
 
 @torch.no_grad()
-def attention_z(model: TinyGPT, idx: torch.Tensor,
-                visibility: Visibility | None = None) -> float:
-    """Return the mean ``|Z|`` (logsumexp) of the attention rows of one forward pass.
+def z_means(model: TinyGPT, idx: torch.Tensor,
+            visibility: Visibility | None = None) -> dict[str, float]:
+    """Return the mean ``|Z|`` (logsumexp) of the attention rows and of the LM-head rows
+    of one forward pass: ``{"attention": ..., "head": ...}``.
 
     Measured through the Z-Reg attention path in eval mode whatever the
-    model's ``zreg_coef`` (0 included), over all layers, heads and queries,
-    so runs with and without Z-Reg compare on the same batch. Leaves
-    ``model.zreg_stats`` alone.
+    model's ``zreg_coef`` (0 included), attention over all layers, heads and
+    queries, the head over all positions, in at least float32, so runs with
+    and without Z-Reg compare on the same batch. Leaves ``model.zreg_stats``
+    alone.
 
     Args:
         model: the model.
         idx: (B, T) token ids.
         visibility: optional (start, limit) mask, as in :meth:`TinyGPT.forward`.
     """
-    stats = ZRegStats()
+    attention, head = ZRegStats(), ZRegStats()
     was_training = model.training
     model.eval()
     try:
-        model._logits(idx, visibility, stats)
+        logits = model._logits(idx, visibility, attention)  # (B, T, V)
     finally:
         model.train(was_training)
-    return stats.mean
+    head.add(torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1))
+    return {"attention": attention.mean, "head": head.mean}
+
+
+def attention_z(model: TinyGPT, idx: torch.Tensor,
+                visibility: Visibility | None = None) -> float:
+    """Return the mean ``|Z|`` of the attention rows of one forward pass (see :func:`z_means`)."""
+    return z_means(model, idx, visibility)["attention"]
 
 
 def separator_doc_ids(idx: torch.Tensor,

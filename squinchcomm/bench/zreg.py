@@ -1,19 +1,24 @@
-"""Attention Z-Reg: mean |Z| of the attention rows over training, with and without it.
+"""Attention Z-Reg coefficient study: |Z| and held-out loss over a sweep of coefficients.
 
 Run from the repository root::
 
-    python -m squinchcomm.bench zreg           # writes bench/results/zreg.{json,md,png}
-    python -m squinchcomm.bench zreg --quick   # seconds-long smoke run
+    python -m squinchcomm.bench zreg --threads 1   # writes bench/results/zreg.{json,md,png}
+    python -m squinchcomm.bench zreg --quick       # seconds-long smoke run
 
-Four runs of the same :class:`~squinchcomm.bench.tinygpt.TinyGPT` (same init,
-same batches): Z-Reg off / on (``zreg_coef`` on the attention logits and
-``zreg_head_coef`` on the LM-head logits), each with a float32 forward and
-with a bfloat16 autocast forward (``torch.autocast("cpu", torch.bfloat16)``;
-the weights and the optimizer stay float32). Every ``--every`` steps the mean
-``|Z|`` (logsumexp) of all attention rows is measured by
-:func:`~squinchcomm.bench.tinygpt.attention_z` on one fixed held-out batch, in
-float32. At the end: the mean training loss of the last steps and the held-out
-loss (:func:`~squinchcomm.bench.tinygpt.estimate_loss`, float32).
+For each coefficient of ``--coefs`` (0 = Z-Reg off), two runs of the same
+:class:`~squinchcomm.bench.tinygpt.TinyGPT` (same init, same batches): a
+float32 forward and a bfloat16 autocast forward
+(``torch.autocast("cpu", torch.bfloat16)``; the weights and the optimizer
+stay float32). The coefficient applies to the attention logits and to the
+LM-head logits alike, with ``--reduction`` (default ``mean``: the virtual
+loss ``c * mean_rows Z^2`` of each call, PaLM's z-loss form, whose ``c``
+does not depend on the number of rows). Every ``--every`` steps the mean
+``|Z|`` (logsumexp) of the attention rows and of the LM-head rows, and the
+held-out loss, are measured on fixed held-out batches, in float32
+(:func:`~squinchcomm.bench.tinygpt.z_means`,
+:func:`~squinchcomm.bench.tinygpt.estimate_loss`). At the end: the mean
+training loss of the last steps and the held-out loss, per run, and the
+bf16 - fp32 held-out loss gap per coefficient.
 
 :func:`train_run` is the shared training loop (also used by
 :mod:`squinchcomm.bench.qat`).
@@ -36,15 +41,18 @@ import torch
 
 from squinchcomm.bench import corpus as corpus_mod
 from squinchcomm.bench.common import versions, write_results
-from squinchcomm.bench.tinygpt import (GPTConfig, TinyGPT, attention_z, batch_tensors,
-                                       estimate_loss)
+from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors, estimate_loss, z_means
+from squinchcomm.nn.zreg import REDUCTIONS
 
-__all__ = ["main", "train_run", "add_training_args", "machine_info", "RUNS"]
+__all__ = ["main", "train_run", "add_training_args", "machine_info", "PRECISIONS",
+           "DEFAULT_COEFS"]
 
 DEFAULT_PROG = "python -m squinchcomm.bench zreg"
-# (name, Z-Reg on, bfloat16 autocast forward)
-RUNS = (("fp32", False, False), ("fp32+zreg", True, False),
-        ("bf16", False, True), ("bf16+zreg", True, True))
+PRECISIONS = (("fp32", False), ("bf16", True))  # (name, bfloat16 autocast forward)
+DEFAULT_COEFS = "0,1e-4,1e-3,1e-2,1e-1"  # for reduction="mean"
+# The held-out loss of a constant-learning-rate run wobbles from eval to eval;
+# the mean of the last TAIL_EVALS evaluations is the steadier figure.
+TAIL_EVALS = 4
 QUICK_CORPUS_BYTES = 1 << 20  # --quick reads less of the stdlib
 TAIL = 10  # training loss reported as the mean over the last TAIL steps
 
@@ -58,7 +66,8 @@ def machine_info() -> dict:
 
 def train_run(config: GPTConfig, data: corpus_mod.Corpus, steps: int, batch: int, seq: int,
               lr: float, seed: int, bf16: bool = False, every: int = 0,
-              probe: Callable[[TinyGPT], dict] | None = None) -> dict:
+              probe: Callable[[TinyGPT], dict] | None = None,
+              weight_decay: float = 0.0) -> dict:
     """Train a TinyGPT with AdamW on deterministic batches; return losses and probes.
 
     The model's init depends only on ``config.init_seed`` and step ``s`` trains
@@ -69,11 +78,14 @@ def train_run(config: GPTConfig, data: corpus_mod.Corpus, steps: int, batch: int
         config: the model (and technique) configuration.
         data: the corpus.
         steps, batch, seq: optimizer steps, sequences per step, tokens per sequence.
-        lr: AdamW learning rate (constant, betas 0.9 / 0.95, no weight decay).
+        lr: AdamW learning rate (constant, betas 0.9 / 0.95).
         seed: data order seed; the held-out loss uses ``seed + 1``.
         bf16: run forward and loss under ``torch.autocast("cpu", torch.bfloat16)``.
         every: call ``probe`` at step 0 and every ``every`` steps (0: never).
         probe: ``probe(model) -> dict`` measurement, e.g. attention ``|Z|``.
+        weight_decay: AdamW weight decay of the parameters with 2 or more
+            dimensions (linear weights, the tied embedding); biases and
+            LayerNorm are not decayed, as in GPT training.
 
     Returns:
         ``{"train_loss": mean of the last TAIL steps, "val_loss", "losses",
@@ -81,7 +93,10 @@ def train_run(config: GPTConfig, data: corpus_mod.Corpus, steps: int, batch: int
     """
     model = TinyGPT(config)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    params = list(model.parameters())
+    groups = [{"params": [q for q in params if q.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
     probes, losses = [], []
     t0 = time.perf_counter()
     for step in range(steps + 1):
@@ -118,13 +133,29 @@ def add_training_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--quick", action="store_true", help="a tiny model for 4 steps: a smoke run")
 
 
+def _coefs(text: str) -> list[float]:
+    """Parse ``--coefs``: a comma list of distinct finite numbers >= 0, e.g. ``0,1e-3,1e-2``."""
+    try:
+        coefs = [float(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--coefs takes a comma list of numbers, e.g. {DEFAULT_COEFS}; got {text!r}") from None
+    if not all(np.isfinite(c) and c >= 0 for c in coefs) or len(set(coefs)) != len(coefs):
+        raise argparse.ArgumentTypeError(
+            f"--coefs must be distinct finite numbers >= 0 (0 = Z-Reg off), got {text!r}")
+    return coefs
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog=DEFAULT_PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--coef", type=float, default=1e-4, help="Z-Reg coefficient of attention")
-    p.add_argument("--head-coef", type=float, default=1e-4,
-                   help="Z-Reg coefficient of the LM-head logits")
-    p.add_argument("--every", type=int, default=20, help="measure |Z| every this many steps")
-    add_training_args(p, steps=160)
+    p.add_argument("--coefs", type=_coefs, default=_coefs(DEFAULT_COEFS),
+                   help="Z-Reg coefficients of attention and LM-head logits, comma separated "
+                   f"(0 = off; default {DEFAULT_COEFS})")
+    p.add_argument("--reduction", choices=REDUCTIONS, default="mean",
+                   help="virtual loss c * mean (default) or c * sum of Z^2 over the rows")
+    p.add_argument("--every", type=int, default=50,
+                   help="measure |Z| and held-out loss every this many steps")
+    add_training_args(p, steps=800)
     p.add_argument("--out", default="bench/results", help="directory for zreg.{json,md,png}")
     p.add_argument("--no-plot", action="store_true", help="skip the matplotlib plot")
     args = p.parse_args(argv)
@@ -134,16 +165,23 @@ def _parse(argv):
     for name in ("steps", "every", "batch", "seq", "n_layer", "n_embd", "n_head", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.coef > 0 or not args.head_coef >= 0:
-        p.error(f"--coef must be > 0 and --head-coef >= 0, got {args.coef}, {args.head_coef}")
     return args
+
+
+def _run_name(precision: str, coef: float) -> str:
+    return f"{precision} c={coef:g}"
+
+
+def _val_tail(run: dict) -> float:
+    """Mean held-out loss of the run's last TAIL_EVALS evaluations."""
+    return float(np.mean(run["val_curve"][-TAIL_EVALS:]))
 
 
 def _markdown(doc: dict) -> str:
     m, p = doc["machine"], doc["parameters"]
     runs = doc["runs"]
     lines = [
-        "# Attention Z-Reg: mean |Z| of attention rows over training",
+        "# Attention Z-Reg: coefficient study (|Z| and held-out loss)",
         "",
         f"Command: `{doc['command']}`",
         "",
@@ -154,25 +192,40 @@ def _markdown(doc: dict) -> str:
         f"Model: TinyGPT, {p['n_layer']} layers, width {p['n_embd']}, {p['n_head']} heads, "
         f"{p['num_params']} parameters; AdamW lr {p['lr']:g}, {p['steps']} steps of "
         f"{p['batch']} x {p['seq']} bytes of the stdlib corpus (same init and batches in "
-        f"every run). Z-Reg: coef {p['coef']:g} on attention rows, {p['head_coef']:g} on the "
-        "LM-head rows. bf16: forward under `torch.autocast('cpu', torch.bfloat16)`, float32 "
-        "weights. |Z|: mean |logsumexp| over all attention rows (layers, heads, queries) of "
-        "one fixed held-out batch, measured in float32. Train loss: mean of the last "
-        f"{TAIL} steps; held-out loss: 4 held-out batches, float32.",
+        f"every run). Z-Reg: coefficient c on the attention rows and on the LM-head rows, "
+        f"reduction `{p['reduction']}` (virtual loss c * {p['reduction']} of Z^2 over the "
+        "rows of each call; c = 0: off). bf16: forward under "
+        "`torch.autocast('cpu', torch.bfloat16)`, float32 weights. |Z|: mean |logsumexp| "
+        "over all attention rows (layers, heads, queries), and over all LM-head rows, of "
+        "one fixed held-out batch, in float32. Train loss: mean of the last "
+        f"{TAIL} steps; held-out loss: 4 held-out batches, float32, at the end and as the "
+        f"mean of the last {TAIL_EVALS} evaluations (every {p['every']} steps; steadier).",
         "",
-        "| run | mean \\|Z\\| at step 0 | final mean \\|Z\\| | train loss | held-out loss "
-        "| seconds |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| c | forward | attn \\|Z\\| start | attn \\|Z\\| end | head \\|Z\\| start "
+        f"| head \\|Z\\| end | train loss | held-out loss | last {TAIL_EVALS} evals "
+        "| vs c=0 (last evals) | seconds |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, r in runs.items():
-        lines.append(f"| {name} | {r['z'][0]:.3f} | {r['z'][-1]:.3f} | {r['train_loss']:.4f} "
-                     f"| {r['val_loss']:.4f} | {r['seconds']} |")
-    steps = runs[next(iter(runs))]["z_steps"]
-    lines += ["", "Mean \\|Z\\| over training:", "",
+    for r in runs.values():
+        delta = ""
+        if 0.0 in p["coefs"]:
+            delta = f"{_val_tail(r) - _val_tail(runs[_run_name(r['precision'], 0.0)]):+.4f}"
+        lines.append(f"| {r['coef']:g} | {r['precision']} | {r['z'][0]:.3f} | {r['z'][-1]:.3f} "
+                     f"| {r['head_z'][0]:.3f} | {r['head_z'][-1]:.3f} | {r['train_loss']:.4f} "
+                     f"| {r['val_loss']:.4f} | {_val_tail(r):.4f} | {delta} | {r['seconds']} |")
+    lines += ["", "bf16 - fp32 gap per coefficient:", "",
+              "| c | fp32 held-out | bf16 held-out | gap held-out | gap, last "
+              f"{TAIL_EVALS} evals | gap train |", "|---:|---:|---:|---:|---:|---:|"]
+    for g in doc["gaps"]:
+        lines.append(f"| {g['coef']:g} | {g['fp32_val']:.4f} | {g['bf16_val']:.4f} "
+                     f"| {g['val_gap']:+.4f} | {g['val_tail_gap']:+.4f} "
+                     f"| {g['train_gap']:+.4f} |")
+    first = runs[next(iter(runs))]
+    lines += ["", "Mean attention \\|Z\\| / held-out loss over training:", "",
               "| step | " + " | ".join(runs) + " |", "|---:|" + "---:|" * len(runs)]
-    for i, step in enumerate(steps):
-        lines.append(f"| {step} | " + " | ".join(f"{r['z'][i]:.3f}" for r in runs.values())
-                     + " |")
+    for i, step in enumerate(first["z_steps"]):
+        lines.append(f"| {step} | " + " | ".join(f"{r['z'][i]:.2f} / {r['val_curve'][i]:.3f}"
+                                                for r in runs.values()) + " |")
     lines += ["", "Summary (computed from the numbers above):", ""]
     lines += [f"- {s}" for s in doc["summary"]]
     if doc.get("plot"):
@@ -181,20 +234,34 @@ def _markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def _summary(runs: dict) -> list[str]:
-    """One factual sentence per precision: |Z| and loss with Z-Reg against without."""
+def _gaps(runs: dict, coefs: list[float]) -> list[dict]:
+    """The bf16 - fp32 held-out and train loss differences at each coefficient."""
     out = []
-    for prec in ("fp32", "bf16"):
-        off, on = runs[prec], runs[prec + "+zreg"]
-        out.append(f"{prec}: Z-Reg changes the final mean |Z| from {off['z'][-1]:.3f} to "
-                   f"{on['z'][-1]:.3f} ({on['z'][-1] / off['z'][-1]:.2f}x) and the held-out "
-                   f"loss from {off['val_loss']:.4f} to {on['val_loss']:.4f} "
-                   f"({on['val_loss'] - off['val_loss']:+.4f}).")
-    for zr in ("", "+zreg"):
-        a, b = runs["fp32" + zr], runs["bf16" + zr]
-        out.append(f"bf16 vs fp32{' with Z-Reg' if zr else ' without Z-Reg'}: held-out loss "
-                   f"{b['val_loss'] - a['val_loss']:+.4f}, final |Z| "
-                   f"{b['z'][-1] - a['z'][-1]:+.3f}.")
+    for c in coefs:
+        a, b = runs[_run_name("fp32", c)], runs[_run_name("bf16", c)]
+        out.append({"coef": c, "fp32_val": a["val_loss"], "bf16_val": b["val_loss"],
+                    "val_gap": b["val_loss"] - a["val_loss"],
+                    "val_tail_gap": _val_tail(b) - _val_tail(a),
+                    "train_gap": b["train_loss"] - a["train_loss"]})
+    return out
+
+
+def _summary(runs: dict, coefs: list[float], gaps: list[dict]) -> list[str]:
+    """Factual sentences: |Z| and held-out loss against c = 0, and the bf16 - fp32 gaps."""
+    out = []
+    if 0.0 in coefs:
+        for c in (c for c in coefs if c > 0):
+            parts = []
+            for prec, _ in PRECISIONS:
+                off, on = runs[_run_name(prec, 0.0)], runs[_run_name(prec, c)]
+                parts.append(f"{prec} attention |Z| {off['z'][-1]:.2f} -> {on['z'][-1]:.2f}, "
+                             f"head |Z| {off['head_z'][-1]:.2f} -> {on['head_z'][-1]:.2f}, "
+                             f"held-out loss {on['val_loss'] - off['val_loss']:+.4f} (last "
+                             f"{TAIL_EVALS} evals {_val_tail(on) - _val_tail(off):+.4f})")
+            out.append(f"c={c:g} against c=0: " + "; ".join(parts) + ".")
+    out.append("bf16 - fp32 held-out loss gap: " + ", ".join(
+        f"{g['val_gap']:+.4f} at c={g['coef']:g}" for g in gaps) + f"; last {TAIL_EVALS} "
+        "evals: " + ", ".join(f"{g['val_tail_gap']:+.4f}" for g in gaps) + ".")
     return out
 
 
@@ -204,26 +271,47 @@ def _plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, r in doc["runs"].items():
-        ax.plot(r["z_steps"], r["z"], marker="o", label=name,
-                linestyle="--" if name.startswith("bf16") else "-")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("mean |Z| of attention rows (held-out batch)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title("TinyGPT attention |Z| with and without Z-Reg")
+    coefs = doc["parameters"]["coefs"]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for r in doc["runs"].values():
+        color = colors[coefs.index(r["coef"]) % len(colors)]
+        style = "--" if r["precision"] == "bf16" else "-"
+        for ax, key in zip(axes[:2], ("z", "head_z")):
+            ax.plot(r["z_steps"], r[key], linestyle=style, color=color, label=r["name"])
+    for ax, what in zip(axes[:2], ("attention rows", "LM-head rows")):
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"mean |Z| of {what} (held-out batch)")
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    x = np.arange(len(coefs))
+    for prec, marker in (("fp32", "o"), ("bf16", "s")):
+        runs = [doc["runs"][_run_name(prec, c)] for c in coefs]
+        line, = axes[2].plot(x, [r["val_loss"] for r in runs], marker=marker,
+                             label=f"{prec}, final")
+        axes[2].plot(x, [_val_tail(r) for r in runs], marker=marker, linestyle=":",
+                     color=line.get_color(), label=f"{prec}, mean of last {TAIL_EVALS} evals")
+    axes[2].set_xticks(x, [f"{c:g}" for c in coefs])
+    axes[2].set_xlabel(f"Z-Reg coefficient c (reduction {doc['parameters']['reduction']})")
+    axes[2].set_ylabel("held-out loss")
+    axes[2].grid(True, alpha=0.3)
+    axes[2].legend()
+    fig.suptitle("TinyGPT Z-Reg coefficient sweep: |Z| over training and held-out loss")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> dict:
-    """Run the Z-Reg measurement; write ``zreg.{json,md}`` (and the ``.png``) to --out.
+    """Run the Z-Reg coefficient sweep; write ``zreg.{json,md}`` (and the ``.png``) to --out.
 
     Returns:
-        The JSON document; ``runs[name]`` has ``z_steps``, ``z`` (mean ``|Z|``
-        at those steps), ``train_loss``, ``val_loss``, ``losses``, ``seconds``.
+        The JSON document; ``runs[name]`` (name ``"<fp32|bf16> c=<coef>"``) has
+        ``coef``, ``precision``, ``z_steps``, ``z`` and ``head_z`` (mean
+        ``|Z|`` of attention and LM-head rows at those steps), ``val_curve``
+        (held-out loss at those steps), ``train_loss``, ``val_loss``,
+        ``losses``, ``seconds``; ``gaps`` has the bf16 - fp32 differences.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parse(argv)
@@ -235,33 +323,42 @@ def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> dict:
                                                        args.seed + 2, step=0))
 
     def probe(model: TinyGPT) -> dict:
-        return {"z": attention_z(model, x_val)}
+        z = z_means(model, x_val)
+        return {"z": z["attention"], "head_z": z["head"],
+                "val_loss": estimate_loss(model, data.val, args.batch, args.seq, args.seed + 1)}
 
     base = dict(block_size=args.seq, n_layer=args.n_layer, n_embd=args.n_embd,
-                n_head=args.n_head)
+                n_head=args.n_head, zreg_reduction=args.reduction)
     runs = {}
-    for name, zreg_on, bf16 in RUNS:
-        config = GPTConfig(**base, zreg_coef=args.coef if zreg_on else 0.0,
-                           zreg_head_coef=args.head_coef if zreg_on else None)
-        r = train_run(config, data, args.steps, args.batch, args.seq, args.lr, args.seed,
-                      bf16=bf16, every=args.every, probe=probe)
-        runs[name] = {"zreg_coef": config.zreg_coef, "zreg_head_coef": config.head_coef,
-                      "bf16": bf16, "z_steps": [q["step"] for q in r["probes"]],
-                      "z": [q["z"] for q in r["probes"]], "train_loss": r["train_loss"],
-                      "val_loss": r["val_loss"], "losses": r["losses"],
-                      "seconds": r["seconds"]}
-        num_params = r["model"].num_params()
+    for coef in args.coefs:
+        for prec, bf16 in PRECISIONS:
+            config = GPTConfig(**base, zreg_coef=coef)
+            r = train_run(config, data, args.steps, args.batch, args.seq, args.lr, args.seed,
+                          bf16=bf16, every=args.every, probe=probe)
+            name = _run_name(prec, coef)
+            runs[name] = {"name": name, "coef": coef, "precision": prec,
+                          "z_steps": [q["step"] for q in r["probes"]],
+                          "z": [q["z"] for q in r["probes"]],
+                          "head_z": [q["head_z"] for q in r["probes"]],
+                          "val_curve": [q["val_loss"] for q in r["probes"]],
+                          "train_loss": r["train_loss"], "val_loss": r["val_loss"],
+                          "losses": r["losses"], "seconds": r["seconds"]}
+            num_params = r["model"].num_params()
+            print(f"{name}: held-out loss {r['val_loss']:.4f}, attention |Z| "
+                  f"{runs[name]['z'][-1]:.3f}, {r['seconds']} s", file=sys.stderr, flush=True)
+    gaps = _gaps(runs, args.coefs)
     doc = {
         "benchmark": "zreg",
         "command": " ".join([prog] + [shlex.quote(a) for a in argv]),
         "machine": machine_info(),
-        "parameters": {"coef": args.coef, "head_coef": args.head_coef, "steps": args.steps,
+        "parameters": {"coefs": args.coefs, "reduction": args.reduction, "steps": args.steps,
                        "every": args.every, "batch": args.batch, "seq": args.seq,
                        "n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head,
                        "lr": args.lr, "seed": args.seed, "num_params": num_params,
                        "corpus_sha256": data.sha256, "train_loss_tail": TAIL},
         "runs": runs,
-        "summary": _summary(runs),
+        "gaps": gaps,
+        "summary": _summary(runs, args.coefs, gaps),
         "plot": None,
         "seconds_total": None,
     }

@@ -12,6 +12,13 @@ is added to the logits' gradient during backward, so the forward output is
 bit-identical with and without Z-Reg and the reported loss is unchanged.
 Rows with no visible key (all masked, ``Z = -inf``) are skipped.
 
+Reduction: ``"sum"`` (the default) is the definition above, so a useful ``c``
+depends on how many rows one call has (batch * heads * queries for
+attention). ``"mean"`` is the virtual loss ``c * mean_rows Z^2`` over the
+call's valid rows, like PaLM's z-loss (``1e-4 * mean(log^2 Z)`` on the
+output logits), so ``c`` carries over between batch sizes, sequence lengths
+and head counts.
+
 Two entry points:
 
 - :func:`zreg_logits` for output/router logits: an identity in forward that
@@ -39,7 +46,9 @@ import math
 
 import torch
 
-__all__ = ["ZRegStats", "zreg_logits", "zreg_attention"]
+__all__ = ["ZRegStats", "zreg_logits", "zreg_attention", "REDUCTIONS"]
+
+REDUCTIONS = ("sum", "mean")  # virtual loss c * sum_rows Z^2, or c * mean_rows Z^2
 
 
 class ZRegStats:
@@ -92,6 +101,13 @@ def _check_coef(coef) -> float:
     return coef
 
 
+def _check_reduction(reduction) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS} (c * sum or c * mean of Z^2 "
+                         f"over the rows), got {reduction!r}.")
+    return reduction
+
+
 def _check_mask(mask: torch.Tensor | None, shape: torch.Size, what: str) -> None:
     if mask is None:
         return
@@ -114,38 +130,45 @@ def _row_z(logits: torch.Tensor) -> torch.Tensor:
 
 
 class _ZRegLogits(torch.autograd.Function):
-    """Identity in forward; backward adds 2c * Z * softmax(s) to the gradient of s."""
+    """Identity in forward; backward adds 2c * Z * softmax(s) (divided by the number
+    of valid rows for ``reduction="mean"``) to the gradient of s."""
 
     @staticmethod
-    def forward(ctx, logits, coef, z, mask):
+    def forward(ctx, logits, coef, z, mask, reduction):
         # z: (...,) = logsumexp of the visible logits of each row, -inf for an empty row
-        ctx.coef = coef
+        ctx.coef, ctx.reduction = coef, reduction
         ctx.save_for_backward(logits, z, mask)
         return logits.view_as(logits)
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, z, mask = ctx.saved_tensors
-        # Step 1: skip empty rows: Z := 0 there, and all their logits are -inf,
+        # Step 1: the weight 2c of d(c Z^2)/dZ; "mean" divides c by the valid rows
+        # (kept as a tensor: no host sync; at least 1, so an all-empty call gives 0).
+        weight = 2 * ctx.coef
+        empty = z == -math.inf  # (...,)
+        if ctx.reduction == "mean":
+            weight = weight / (~empty).sum().clamp_min(1).to(z.dtype)
+        # Step 2: skip empty rows: Z := 0 there, and all their logits are -inf,
         # so the injection 2c * 0 * exp(-inf) is 0 (no NaN).
-        z = z.masked_fill(z == -math.inf, 0).unsqueeze(-1)  # (..., 1)
-        # Step 2: softmax(s) = exp(s - Z) over the visible entries (masked -> -inf -> 0).
+        z = z.masked_fill(empty, 0).unsqueeze(-1)  # (..., 1)
+        # Step 3: softmax(s) = exp(s - Z) over the visible entries (masked -> -inf -> 0).
         s = logits.to(z.dtype)  # (..., n)
         if mask is not None:
             s = s.masked_fill(~mask, -math.inf)
-        inject = (2 * ctx.coef) * z * torch.exp(s - z)  # (..., n)
-        return grad_out + inject.to(grad_out.dtype), None, None, None
+        inject = weight * z * torch.exp(s - z)  # (..., n)
+        return grad_out + inject.to(grad_out.dtype), None, None, None, None
 
 
 def zreg_logits(logits: torch.Tensor, coef: float, mask: torch.Tensor | None = None,
-                stats: ZRegStats | None = None) -> torch.Tensor:
+                stats: ZRegStats | None = None, reduction: str = "sum") -> torch.Tensor:
     """Apply Z-Reg to logit rows: forward returns ``logits`` unchanged, backward adds
     ``2 * coef * Z * softmax(s)`` to their gradient, ``Z = logsumexp(s)`` per row.
 
-    This is the gradient of the virtual loss ``coef * sum_rows Z^2``, which is
-    never added to the loss. Masked entries take no part in ``Z`` or the
-    softmax (and get no injected gradient); rows with no visible entry (or all
-    logits ``-inf``) are skipped.
+    This is the gradient of the virtual loss ``coef * sum_rows Z^2`` (or
+    ``coef * mean_rows Z^2``), which is never added to the loss. Masked entries
+    take no part in ``Z`` or the softmax (and get no injected gradient); rows
+    with no visible entry (or all logits ``-inf``) are skipped.
 
     Args:
         logits: (..., n) tensor; each slice along the last dim is one row
@@ -153,13 +176,15 @@ def zreg_logits(logits: torch.Tensor, coef: float, mask: torch.Tensor | None = N
         coef: the coefficient ``c >= 0``; 0 leaves the gradient exactly as is.
         mask: optional boolean tensor broadcastable to ``logits``, True = visible.
         stats: optional :class:`ZRegStats` that records ``|Z|`` of the valid rows.
+        reduction: ``"sum"`` (default): virtual loss ``coef * sum_rows Z^2``;
+            ``"mean"``: ``coef * mean_rows Z^2`` over the valid rows of this call.
 
     Returns:
         A tensor equal to ``logits`` (a view of it) carrying the injection in its backward.
 
     Raises:
-        ValueError: for a negative or non-finite ``coef``, or a mask that is not
-            boolean or does not broadcast to ``logits``.
+        ValueError: for a negative or non-finite ``coef``, a mask that is not
+            boolean or does not broadcast to ``logits``, or an unknown ``reduction``.
 
     Example:
         >>> logits = torch.randn(4, 10, requires_grad=True)
@@ -168,6 +193,7 @@ def zreg_logits(logits: torch.Tensor, coef: float, mask: torch.Tensor | None = N
         >>> loss.backward()  # loss value unchanged; logits.grad includes 2e-4 * Z * softmax
     """
     coef = _check_coef(coef)
+    reduction = _check_reduction(reduction)
     _check_mask(mask, logits.shape, "logits")
     if coef == 0 and stats is None:
         return logits
@@ -178,12 +204,13 @@ def zreg_logits(logits: torch.Tensor, coef: float, mask: torch.Tensor | None = N
         stats.add(z)
     if coef == 0:
         return logits
-    return _ZRegLogits.apply(logits, coef, z, mask)
+    return _ZRegLogits.apply(logits, coef, z, mask, reduction)
 
 
 def zreg_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coef: float,
                    mask: torch.Tensor | None = None, causal: bool = False,
-                   scale: float | None = None, stats: ZRegStats | None = None) -> torch.Tensor:
+                   scale: float | None = None, stats: ZRegStats | None = None,
+                   reduction: str = "sum") -> torch.Tensor:
     """Attention ``softmax(q k^T * scale) v`` whose backward injects Z-Reg into the logits.
 
     The materialized-logits reference path: the (..., Tq, Tk) logits go through
@@ -202,14 +229,17 @@ def zreg_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coef: floa
             ``scaled_dot_product_attention(is_causal=True)``); combines with ``mask``.
         scale: logit scale; default ``1 / sqrt(d)``.
         stats: optional :class:`ZRegStats` that records ``|Z|`` of the valid query rows.
+        reduction: ``"sum"`` (default) or ``"mean"`` over the valid query rows
+            of this call (all batch entries and heads), as in :func:`zreg_logits`.
 
     Returns:
         (..., Tq, dv) tensor.
 
     Raises:
-        ValueError: for a bad ``coef``, mismatched shapes or a bad mask.
+        ValueError: for a bad ``coef`` or ``reduction``, mismatched shapes or a bad mask.
     """
     coef = _check_coef(coef)
+    reduction = _check_reduction(reduction)
     if q.dim() < 2 or k.dim() < 2 or v.dim() < 2:
         raise ValueError(f"q, k, v must have shape (..., T, d), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}.")
@@ -233,7 +263,7 @@ def zreg_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coef: floa
     s = (q @ k.transpose(-2, -1)) * scale  # (..., Tq, Tk)
     if mask is not None:
         s = s.masked_fill(~mask, -math.inf)
-    s = zreg_logits(s, coef, stats=stats)
+    s = zreg_logits(s, coef, stats=stats, reduction=reduction)
     # Step 3: softmax; an empty row would be 0/0, so it gets zeros instead.
     if mask is None:
         p = s.softmax(dim=-1)
