@@ -439,9 +439,12 @@ def _markdown(doc: dict) -> str:
                      f"{'yes' if r['identical'] else 'NO'} | {verdict} |")
     lines += ["", "Verdicts (diff = mean - mean(bf16)):", ""]
     for name, x in v.items():
+        side = "" if x["pass"] else (", lower loss than bf16" if x["diff"] < 0 else
+                                     ", higher loss than bf16")
         lines.append(f"- {name}: diff {x['diff']:+.4f} ({100 * x['relative']:+.2f}%), bf16 "
                      f"spread {x['bf16_spread']:.4f}: {'pass' if x['pass'] else 'FAIL'}"
-                     f" (within spread: {x['within_spread']}, within 0.5%: {x['within_0.5%']})")
+                     f" (within spread: {x['within_spread']}, within 0.5%: {x['within_0.5%']}"
+                     f"{side})")
     return "\n".join(lines) + "\n"
 
 
