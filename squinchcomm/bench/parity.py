@@ -476,10 +476,10 @@ def _plot(doc: dict, out: Path) -> list[str]:
     for r in doc["runs"]:
         if r["seed"] != doc["args"]["seeds"][0] or r["method"] == "fp32":
             continue
-        c = np.convolve(r["cosines"], np.ones(10) / 10, mode="valid")
+        c = np.convolve(1 - np.asarray(r["cosines"]), np.ones(10) / 10, mode="valid")
         ax.plot(np.arange(len(c)) + 9, c, color=colors[r["method"]], lw=1, label=r["method"])
-    ax.set(xlabel="step", ylabel="cosine to the exact fp32 average (10-step mean)",
-           title=f"gradient cosine similarity, seed {doc['args']['seeds'][0]}")
+    ax.set(xlabel="step", ylabel="1 - cosine to the exact fp32 average (10-step mean)",
+           yscale="log", title=f"gradient error per step, seed {doc['args']['seeds'][0]}")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     cos_png = out / f"{doc['args']['name']}_cosine.png"
@@ -613,6 +613,7 @@ def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> dict:
         doc = _document(args, argv, prog, world, threads, data, params, t0, runs)
         doc["plots"] = _plot(doc, out)
         (out / f"{args.name}.json").write_text(json.dumps(doc, indent=1))
+        (out / f"{args.name}.md").write_text(_markdown(doc))
         print(_markdown(doc), flush=True)
     dist.barrier()
     return doc
