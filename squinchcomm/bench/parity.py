@@ -303,8 +303,7 @@ def train_run(name: str, seed: int, args, data, eval_windows, quick_eval) -> dic
     rank, world = dist.get_rank(), dist.get_world_size()
     config = GPTConfig(block_size=args.seq, n_layer=args.n_layer, n_head=args.n_head,
                        n_embd=args.n_embd, init_seed=seed,
-                       zreg_coef=args.zreg_coef if method.zreg else 0.0,
-                       **({"zreg_reduction": "mean"} if method.zreg else {}))
+                       zreg_coef=args.zreg_coef if method.zreg else 0.0, zreg_reduction="mean")
     device = torch.device(args.device)
     model = TinyGPT(config).to(device)
     params = list(model.parameters())
