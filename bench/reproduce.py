@@ -1,6 +1,6 @@
 """Run every benchmark behind the README's tables and plots, then the report.
 
-    sudo python bench/reproduce.py                 # everything, ~2 h on 2 cores
+    sudo python bench/reproduce.py                 # everything, ~3 h on 2 cores
     sudo python bench/reproduce.py --only shaped,report
     python bench/reproduce.py --list               # the commands, without running them
 
@@ -19,7 +19,7 @@ command this script ran. Steps:
     train     the GPT training step per compression method, 4 hosts at each rate
     model     the speedup model from the pipeline numbers, checked against the shaped runs
     companions  Z-Reg, QAT, Dynamic Clamping, visibility attention, distillation
-    parity    loss parity: 13 gradient methods x 3 seeds on 4 ranks (~1 h; ... parity)
+    parity    loss parity: 13 gradient methods x 5 seeds on 4 ranks, Z-Reg at 1e-4 (~100 min)
     report    plots and summary.md (bench/report.py)
 
 The shaped steps need root (network namespaces and tc); the others do not.
@@ -104,8 +104,12 @@ def steps(out: Path) -> dict[str, list[tuple[list[str], str | None]]]:
                            (["distill"], str(out)),
                            (["distill", "--vocab", "word:8192", "--batch", "16"], str(out)))],
         # Issue 7's experiment: does Squinch train to bf16's loss?
+        # Then the Z-Reg pair at a tenth of the coefficient, with its references.
         "parity": [(["mpirun", "-n", "4", "--oversubscribe", "-x", "NUMBA_NUM_THREADS=1",
-                     *_py("-m", "squinchcomm.bench", "parity", "--out", str(out))], None)],
+                     *_py("-m", "squinchcomm.bench", "parity", *extra, "--out", str(out))], None)
+                   for extra in ([], ["--zreg-coef", "1e-4", "--name", "parity_zreg1e-4",
+                                      "--methods", "fp32,bf16,squinch-ef,bf16+zreg,"
+                                      "squinch-ef+zreg"])],
         "report": [(_py("bench/report.py", "--results", str(out)), None)],
     }
 

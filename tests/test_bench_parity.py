@@ -70,6 +70,17 @@ def test_criterion_arithmetic():
     assert w["within_spread"] and not w["within_0.5%"] and not w["pass"]
 
 
+def test_zreg_methods_are_also_compared_with_the_same_regularizer():
+    runs = [_run(1.0, "bf16", s, v) for s, v in enumerate([2.00, 2.01, 2.02])]
+    runs += [_run(1.0, "bf16+zreg", s, v) for s, v in enumerate([2.03, 2.04, 2.05])]
+    runs += [_run(1.0, "squinch-ef+zreg", s, v) for s, v in enumerate([2.031, 2.042, 2.053])]
+    v = parity.judge(parity.summarize(runs))["squinch-ef+zreg"]
+    assert not v["pass"]  # 2.042 vs 2.01 is 1.6%: the stated criterion fails ...
+    assert v["diff_vs_bf16+zreg"] == pytest.approx(0.002)  # ... and the regularizer is why
+    assert "diff_vs_bf16+zreg" not in parity.judge(parity.summarize(runs[:3] + [
+        _run(1.0, "squinch", s, 2.0) for s in range(3)]))["squinch"]
+
+
 def test_learning_rate_schedule():
     class A:
         lr, warmup, steps = 1.0, 10, 110
