@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import platform
 import re
 
 __all__ = ["parse_size", "size_sweep", "add_sweep_args", "write_results", "versions",
-           "cpu_model"]
+           "cpu_model", "params_digest"]
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -87,3 +88,12 @@ def versions() -> dict:
             pass
     out["cpu"] = cpu_model()
     return out
+
+
+def params_digest(model) -> str:
+    """A hash of a torch model's parameter bytes: equal on every data-parallel
+    rank exactly when the parameters are bit-identical there."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in model.parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()

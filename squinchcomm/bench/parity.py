@@ -84,7 +84,6 @@ judged by the same rule and reported, failures included.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -100,10 +99,10 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from squinchcomm import Communicator, __version__, codec
-from squinchcomm.bench.common import versions
+from squinchcomm.bench.common import params_digest, versions
 from squinchcomm.bench.corpus import load_corpus, sample_windows
 from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors
-from squinchcomm.bench.torch_methods import FlatBucket, PowerSGD, share_cores
+from squinchcomm.bench.torch_methods import FlatBucket, PowerSGD, all_gather_single, share_cores
 from squinchcomm.codec import baselines
 from squinchcomm.torch import WireCompression
 from squinchcomm.torch._ops import variant
@@ -117,8 +116,6 @@ CRITERION = ("|mean(final held-out loss of the Squinch method) - mean(bf16)| <= 
              "max(bf16) - min(bf16) over the seeds, and <= 0.5% of mean(bf16)")
 RELATIVE_TOLERANCE = 0.005
 INT4_BLOCK = 128
-# torch 2.13 renamed the single-tensor all-gather (the old name warns); older torch has the old one.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 NODE_SIZE = 2  # ranks per "node" of the hierarchical methods
 # --long: a model and run length for a GPU machine (minutes per run there, not here)
 LONG = {"n_layer": 6, "n_embd": 384, "n_head": 6, "seq": 256, "batch": 16, "steps": 3000,
@@ -227,7 +224,7 @@ class _Reducer:
         q = baselines.encode_int4(buf.cpu().numpy(), block=INT4_BLOCK)
         mine = torch.from_numpy(np.concatenate([q.codes.view(np.uint8), q.scales.view(np.uint8)]))
         gathered = torch.empty(world * mine.numel(), dtype=torch.uint8, device=buf.device)
-        _all_gather(gathered, mine.to(buf.device))
+        all_gather_single(gathered, mine.to(buf.device))
         rows = gathered.cpu().numpy().reshape(world, mine.numel())
         total = np.zeros(buf.numel(), np.float32)
         for row in rows:  # rank order: the same sum on every rank
@@ -267,13 +264,6 @@ def _held_out(model: TinyGPT, windows: np.ndarray, device) -> float:
     model.train()
     dist.all_reduce(total)
     return float(total[0] / total[1])
-
-
-def _digest(model) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for p in model.parameters():
-        h.update(p.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 _SETTINGS = ("steps", "warmup", "batch", "seq", "n_layer", "n_embd", "n_head", "lr", "clip",
@@ -345,7 +335,7 @@ def train_run(name: str, seed: int, args, data, eval_windows, quick_eval) -> dic
     final = _held_out(model, eval_windows, device)
     curve.append((args.steps, _held_out(model, quick_eval, device)))
     digests = [None] * world
-    dist.all_gather_object(digests, _digest(model))
+    dist.all_gather_object(digests, params_digest(model))
     return {"method": name, "seed": seed, "settings": _settings(name, args), "final_loss": final,
             "train_loss_tail": float(np.mean(losses[-args.tail:])),
             "cosine_mean": float(np.mean(cosines)), "cosine_min": float(np.min(cosines)),

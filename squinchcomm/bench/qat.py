@@ -38,8 +38,8 @@ import torch
 from squinchcomm.bench import corpus as corpus_mod
 from squinchcomm.bench.common import write_results
 from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors
-from squinchcomm.bench.zreg import (QUICK_CORPUS_BYTES, TAIL, add_training_args, machine_info,
-                                    train_run)
+from squinchcomm.bench.zreg import (TAIL, add_training_args, machine_info, train_run,
+                                    training_corpus)
 from squinchcomm.nn.clamp import DEFAULT_MULTIPLIER, sqnr_db
 
 __all__ = ["main", "ffn_activations", "LIMIT_MODES"]
@@ -185,10 +185,8 @@ def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> dict:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parse(argv)
-    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    data = corpus_mod.load_corpus(max_bytes=QUICK_CORPUS_BYTES if args.quick
-                                  else corpus_mod.DEFAULT_MAX_BYTES)
+    data = training_corpus(args)
     base = dict(block_size=args.seq, n_layer=args.n_layer, n_embd=args.n_embd,
                 n_head=args.n_head, mlp_act="relu2")
     # Calibrate the constant limit on the initial model and the first batch.

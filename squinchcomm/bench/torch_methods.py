@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
 __all__ = ["FlatBucket", "PowerSGD", "TorchEngine", "MATRIX", "START_POWERSGD_ITER",
-           "as_tensor", "as_numpy", "matrix_shapes", "ddp_cast_hook", "engine_bf16_allreduce",
+           "all_gather_single", "reduce_scatter_single", "as_tensor", "as_numpy", "matrix_shapes", "ddp_cast_hook", "engine_bf16_allreduce",
            "share_cores"]
 
 #: Rows and columns of the weight matrices PowerSGD sees.
@@ -41,6 +41,11 @@ MATRIX = 1024
 #: 2 is the least PowerSGDState accepts with error feedback or warm start.
 START_POWERSGD_ITER = 2
 
+
+# torch 2.13 renamed the single-tensor collectives (the old names warn); older
+# torch has only the old ones.
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:
     """A zero-copy torch view of a benchmark buffer (bfloat16 is held as uint16 bits)."""
@@ -199,20 +204,15 @@ class TorchEngine:
 
     def __init__(self, group):
         self.group = group
-        # torch 2.13 renamed the single-tensor collectives (the old names warn);
-        # older torch has only the old ones.
-        self._reduce_scatter = getattr(dist, "reduce_scatter_single", None) or \
-            dist.reduce_scatter_tensor
-        self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
     def reduce_scatter(self, x32: np.ndarray, out: np.ndarray) -> None:
         """Sum float32 ``x32`` over the ranks; this rank's equal shard into ``out``."""
-        self._reduce_scatter(torch.from_numpy(out), torch.from_numpy(x32), group=self.group)
+        reduce_scatter_single(torch.from_numpy(out), torch.from_numpy(x32), group=self.group)
 
     def allgather(self, x: np.ndarray, out: np.ndarray) -> None:
         """Concatenate every rank's ``x`` into ``out``, as bytes."""
-        self._all_gather(torch.from_numpy(out.view(np.uint8)), torch.from_numpy(x.view(np.uint8)),
+        all_gather_single(torch.from_numpy(out.view(np.uint8)), torch.from_numpy(x.view(np.uint8)),
                          group=self.group)

@@ -61,7 +61,6 @@ share one machine's cores).
 """
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -77,7 +76,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import squinchcomm.torch as hvd
 from squinchcomm import __version__, codec
-from squinchcomm.bench.common import versions
+from squinchcomm.bench.common import params_digest, versions
 from squinchcomm.bench.corpus import load_corpus, sample_windows
 from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors
 from squinchcomm.bench.torch_methods import START_POWERSGD_ITER, share_cores
@@ -258,13 +257,6 @@ def _ranks_on_this_machine() -> int:
     return names.count(socket.gethostname())
 
 
-def _params_digest(model) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for p in model.parameters():
-        h.update(p.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def run_method(method: str, config, args, data, min_compress_bytes: int) -> dict:
     """Train with one method; collective. Returns its row (the same on every rank)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -282,7 +274,7 @@ def run_method(method: str, config, args, data, min_compress_bytes: int) -> dict
         if step > args.warmup:
             times.append(dt)
             losses.append(loss.item())
-    mine = dict(times=times, losses=losses, digest=_params_digest(run.model),
+    mine = dict(times=times, losses=losses, digest=params_digest(run.model),
                 wire=run.wire_bytes(wire_start, args.steps, world, min_compress_bytes))
     run.close()
     everyone = [None] * world

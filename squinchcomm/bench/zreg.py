@@ -44,7 +44,7 @@ from squinchcomm.bench.common import versions, write_results
 from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors, estimate_loss, z_means
 from squinchcomm.nn.zreg import REDUCTIONS
 
-__all__ = ["main", "train_run", "add_training_args", "machine_info", "PRECISIONS",
+__all__ = ["main", "train_run", "add_training_args", "training_corpus", "machine_info", "PRECISIONS",
            "DEFAULT_COEFS"]
 
 DEFAULT_PROG = "python -m squinchcomm.bench zreg"
@@ -117,6 +117,14 @@ def train_run(config: GPTConfig, data: corpus_mod.Corpus, steps: int, batch: int
     return {"train_loss": float(np.mean(losses[-TAIL:])), "val_loss": val_loss,
             "losses": losses, "probes": probes,
             "seconds": round(time.perf_counter() - t0, 1), "model": model}
+
+
+def training_corpus(args) -> corpus_mod.Corpus:
+    """Apply ``--threads`` and load the corpus (less of it under ``--quick``), for the
+    commands built on :func:`add_training_args`."""
+    torch.set_num_threads(args.threads)
+    return corpus_mod.load_corpus(max_bytes=QUICK_CORPUS_BYTES if args.quick
+                                  else corpus_mod.DEFAULT_MAX_BYTES)
 
 
 def add_training_args(p: argparse.ArgumentParser, steps: int) -> None:
@@ -315,10 +323,8 @@ def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> dict:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parse(argv)
-    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    data = corpus_mod.load_corpus(max_bytes=QUICK_CORPUS_BYTES if args.quick
-                                  else corpus_mod.DEFAULT_MAX_BYTES)
+    data = training_corpus(args)
     x_val, _ = batch_tensors(corpus_mod.sample_windows(data.val, args.batch, args.seq,
                                                        args.seed + 2, step=0))
 
