@@ -3,7 +3,7 @@ against NumPy, bit for bit.
 
 References: NumPy's own ``astype(np.float16)`` / ``astype(np.float32)`` for the
 half conversions, :mod:`squinchcomm.codec.baselines` for bfloat16, and the
-array-module code of ``collectives._CastWire`` (what host arrays run under
+array-module code of ``codec.cast.CastWire`` (what host arrays run under
 ``SQUINCHCOMM_CODEC_BACKEND=oracle``, and CuPy arrays always) for the wire
 operations, called exactly as the Communicator calls them.
 """
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"
 
 from squinchcomm.codec import _arrays, cpu  # noqa: E402
 from squinchcomm.codec import baselines as bl  # noqa: E402
-from squinchcomm.collectives import _CastWire  # noqa: E402
+from squinchcomm.codec.cast import CastWire as _CastWire  # noqa: E402
 
 WIRES = ("float16", "bfloat16")
 KINDS = ("float32", "float16", "bfloat16")

@@ -104,12 +104,20 @@ def wrap(model, bucket_cap_mb: float = 0.02):
 
 
 def recording(hook, log: list):
-    """Wrap ``hook``: log each bucket's (index, input, output, parameters)."""
+    """Wrap ``hook``: log each bucket's (index, input, output, parameters).
+    The output is recorded when the hook's future completes (the hooks run
+    asynchronously), in a chained future that DDP waits for."""
     def wrapped(state, bucket):
         before = bucket.buffer().detach().clone()
+        index, params = bucket.index(), bucket.parameters()
         fut = hook(state, bucket)
-        log.append((bucket.index(), before, fut.value().detach().clone(), bucket.parameters()))
-        return fut
+
+        def record(f):
+            out = f.value()
+            log.append((index, before, out.detach().clone(), params))
+            return out
+
+        return fut.then(record)
     return wrapped
 
 

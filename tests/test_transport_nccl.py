@@ -86,7 +86,7 @@ def check_single_rank(tr) -> None:
         tr.barrier().wait(WAIT)
         assert tr.allgather_object({"a": 1}, timeout=WAIT) == [{"a": 1}]
     for fn, args, words in ((tr.allreduce, (np.zeros(4, np.float32),), "CuPy arrays"),
-                            (tr.allreduce, (cupy.zeros(4, cupy.int32),), "float32 or float64"),
+                            (tr.allreduce, (cupy.zeros(4, cupy.int16),), "float32, float64, int32 or int64"),
                             (tr.broadcast, (cupy.zeros(4), 1), "root=1"),
                             (tr.alltoallv, (cupy.zeros(4), [1, 1], cupy.zeros(4), [1]), "one count")):
         try:

@@ -88,7 +88,7 @@ def check_ops(tr, seed: int) -> None:
         assert work.test()
         expected = sum((np.arange(1000) % 17 + r + seed).astype(dtype) for r in range(size))
         np.testing.assert_array_equal(buf, expected)
-    with_error(ValueError, "float32 or float64", tr.allreduce, np.zeros(4, np.int32))
+    with_error(ValueError, "float32, float64, int32 or int64", tr.allreduce, np.zeros(4, np.int16))
     with_error(ValueError, "contiguous", tr.allreduce, np.zeros((4, 4), np.float32)[:, 0])
     with_error(ValueError, "one count per rank", tr.allgatherv, empty, empty, [0] * (size + 1))
     # broadcast from the last rank (non-zero when size > 1), a float16 buffer.

@@ -104,8 +104,6 @@ from squinchcomm.bench.corpus import load_corpus, sample_windows
 from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors
 from squinchcomm.bench.torch_methods import FlatBucket, PowerSGD, all_gather_single, share_cores
 from squinchcomm.codec import baselines
-from squinchcomm.torch import WireCompression
-from squinchcomm.torch._ops import variant
 from squinchcomm.transport.torch_dist import init_process_group_from_env
 
 __all__ = ["main", "METHODS", "CRITERION", "PRIMARY", "judge", "summarize"]
@@ -179,10 +177,9 @@ class _Reducer:
         self.local_bytes = 0.0  # hierarchical: fp32 bytes inside the node per step
         if method.kind == "wire":
             # A fresh error-feedback state and call count per run, over groups built once.
-            self.comm = variant(_base_communicator(method.hierarchical),
-                                WireCompression(method.compression, rounding=method.rounding),
-                                private=True)
-            self.comm.seed = seed
+            self.comm, self.seed = _base_communicator(method.hierarchical), seed
+            # Every run starts from call 0 with no residuals, whatever ran before it.
+            self.comm.load_state_dict({"calls": 0, "error_feedback": {}})
             per = codec.encoded_nbytes if method.compression == "squinch" else (lambda k: 2 * k)
             if method.hierarchical:
                 local, cross = self.comm.local_size, self.comm.cross_size
@@ -208,8 +205,9 @@ class _Reducer:
         if m.kind == "fp32":
             buf.copy_(exact)
         elif m.kind == "wire":
-            self.comm.allreduce(buf, out=buf, name="grad",
-                                compression=m.compression, error_feedback=m.error_feedback)
+            self.comm.allreduce(buf, out=buf, name="grad", compression=m.compression,
+                                rounding=m.rounding, error_feedback=m.error_feedback,
+                                seed=self.seed)
         elif m.kind == "fp16_hook":
             buf.copy_(default_hooks.fp16_compress_hook(dist.group.WORLD, self.bucket).wait())
         elif m.kind == "powersgd":

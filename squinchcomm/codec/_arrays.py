@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Flat", "KINDS", "flat_input", "flat_buffer", "new_buffer", "wrap", "internal",
+__all__ = ["Flat", "KINDS", "flat_input", "flat_any", "flat_buffer", "new_buffer", "wrap", "internal",
            "normalize_dtype", "check_bfloat16_output", "stream_context"]
 
 KINDS = ("float32", "float16", "bfloat16")
@@ -29,7 +29,8 @@ class Flat:
 
     Attributes:
         data: NumPy or CuPy 1-D array (float32/uint8 as is; fp16/bf16 as uint16 bits).
-        kind: "float32", "float16", "bfloat16", "uint8".
+        kind: "float32", "float16", "bfloat16", or another NumPy dtype name
+            ("float64", "int64", "bool", "uint8", ...).
         family: "numpy", "cupy" or "torch" (the caller's array type).
         device: CUDA device index, or None on the host.
         original: the caller's object, returned when it was an ``out=``.
@@ -92,15 +93,17 @@ def _torch_view(t):
     kind = normalize_dtype(t.dtype)
     if kind in _BITS_KINDS:
         t = t.view(torch.int16)
-    elif kind not in ("float32", "uint8"):
-        return None, kind, None
     if t.is_cuda:
         import cupy
 
         arr = cupy.from_dlpack(t).reshape(-1)
         device = t.device.index
     elif t.device.type == "cpu":
-        arr = t.numpy().reshape(-1)
+        try:
+            arr = t.numpy().reshape(-1)
+        except TypeError as exc:  # a dtype NumPy has no type for (float8, ...)
+            raise ValueError(f"tensors of dtype {t.dtype} are not supported: cast to float32 "
+                             f"(or an integer type) first ({exc})") from None
         device = None
     else:
         raise ValueError(f"tensors on device '{t.device}' are not supported; use CPU or CUDA")
@@ -109,9 +112,9 @@ def _torch_view(t):
     return arr, kind, device
 
 
-def _flat(x, name: str, allowed: tuple[str, ...]) -> Flat:
+def _flat(x, name: str, allowed: tuple[str, ...] | None) -> Flat:
     if isinstance(x, Flat):  # already adapted (library-internal callers)
-        if x.kind not in allowed:
+        if allowed is not None and x.kind not in allowed:
             raise ValueError(f"{name} holds {x.kind}; expected {', '.join(allowed)}")
         return Flat(x.data, x.kind, x.family, x.device, x)  # wrap() hands the Flat back
     family = _family(x)
@@ -123,7 +126,7 @@ def _flat(x, name: str, allowed: tuple[str, ...]) -> Flat:
         data, device = x.reshape(-1), (x.device.id if family == "cupy" else None)
         if kind in _BITS_KINDS:
             data = data.view(np.uint16)
-    if kind not in allowed:
+    if allowed is not None and kind not in allowed:
         raise ValueError(f"{name} has dtype {kind}; supported: {', '.join(allowed)} "
                          f"(cast it, e.g. {name}.astype(np.float32) / {name}.float())")
     return Flat(data, kind, family, device, x)
@@ -132,6 +135,12 @@ def _flat(x, name: str, allowed: tuple[str, ...]) -> Flat:
 def flat_input(x, name: str = "x") -> Flat:
     """Flatten a float32/float16/bfloat16 input (any shape, contiguous)."""
     return _flat(x, name, KINDS)
+
+
+def flat_any(x, name: str = "x") -> Flat:
+    """Flatten an input of any dtype (any shape, contiguous): the float kinds
+    as :func:`flat_input`, others (float64, integers, bool) as they are."""
+    return _flat(x, name, None)
 
 
 def flat_buffer(x, name: str, kind: str, size: int, like: Flat) -> Flat:
@@ -154,8 +163,7 @@ def _where(f: Flat) -> str:
 
 def new_buffer(like: Flat, kind: str, size: int) -> Flat:
     """Allocate a flat buffer of ``kind`` beside ``like`` (same family and device)."""
-    storage = {"float32": np.float32, "uint8": np.uint8,
-               "float16": np.uint16, "bfloat16": np.uint16}[kind]
+    storage = np.uint16 if kind in _BITS_KINDS else np.dtype(kind)
     if like.on_gpu:
         import cupy
 

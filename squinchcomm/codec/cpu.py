@@ -16,8 +16,10 @@ float16 on the CPU.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import threading
 
 import numpy as np
 from llvmlite import ir
@@ -494,6 +496,25 @@ def _cast_reduce_encode_kernel(P, wire, n, out, scale, res, has_res):
 
 # ---------------------------------------------------------------- entry points
 _THREADS = [None]  # codec threads per process; None = Numba's default (all cores)
+# Numba's workqueue layer aborts the process ("Concurrent access has been
+# detected") when two threads launch parallel kernels at once, and its
+# alternatives spin (OpenMP) or are not installed (TBB). The engine's progress
+# thread, DDP hooks on autograd threads and users' own threads all call the
+# codec, so launches are serialized: one parallel kernel at a time per
+# process, which already uses every codec thread. The kernels release the GIL
+# (nogil), so other Python threads (torch compute) run meanwhile.
+_LAUNCH = threading.Lock()
+
+
+def _serialized(fn):
+    """Run ``fn`` holding the launch lock, with this process's codec threads."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with _LAUNCH:
+            _threads()
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def set_threads(n: int | None):
@@ -513,20 +534,20 @@ def _threads():
 _EMPTY_RES = np.zeros(0, np.float32)
 
 
+@_serialized
 def encode(x, kind, out, stochastic, seed, offset, residual):
     """Encode the flat array ``x`` (float32, or uint16 bits when ``kind`` is
     float16/bfloat16) into the uint8 array ``out``."""
-    _threads()
     has_res = residual is not None
     _encode_kernel(x, _KIND_CODES[kind], x.size, out, residual if has_res else _EMPTY_RES,
                    has_res, stochastic, fmt.stream_key(seed), np.uint64(offset))
     return out
 
 
+@_serialized
 def decode(payload, n, out, kind):
     """Decode into ``out`` (float32, or uint16 bits for bfloat16). float16 output
     goes through a float32 buffer and NumPy's round-to-nearest-even cast."""
-    _threads()
     if kind == "float32":
         _decode_f32_kernel(payload, n, out)
     elif kind == "bfloat16":
@@ -539,14 +560,14 @@ def decode(payload, n, out, kind):
     return out
 
 
+@_serialized
 def decode_accumulate(payloads, n, out, scale):
-    _threads()
     _decode_accumulate_kernel(payloads, n, out, np.float32(scale))
     return out
 
 
+@_serialized
 def reduce_encode(payloads, n, out, scale, stochastic, seed, offset, residual):
-    _threads()
     has_res = residual is not None
     _reduce_encode_kernel(payloads, n, out, residual if has_res else _EMPTY_RES, has_res,
                           np.float32(scale), stochastic, fmt.stream_key(seed),
@@ -557,23 +578,23 @@ def reduce_encode(payloads, n, out, scale, stochastic, seed, offset, residual):
 # ---------------------------------------------------------------- cast wire entry points
 # Arrays are flat and contiguous; wire payloads and fp16/bf16 data are uint16
 # bits; ``kind`` / ``wire`` are "float32", "float16" or "bfloat16" (see
-# collectives._CastWire, whose NumPy/CuPy code is the reference for these).
+# codec.cast.CastWire, whose NumPy/CuPy code is the reference for these).
+@_serialized
 def cast_encode(x, kind, wire, out, residual):
     """Round ``x`` (float32, or uint16 bits of ``kind``) to ``wire`` bits in ``out``.
 
     With ``residual`` (float32, ``x.size``): round ``x + residual`` instead and
     overwrite ``residual`` with ``(x + residual) - wire value``.
     """
-    _threads()
     has_res = residual is not None
     _cast_encode_kernel(x, _KIND_CODES[kind], _KIND_CODES[wire], x.size, out,
                         residual if has_res else _EMPTY_RES, has_res)
     return out
 
 
+@_serialized
 def cast_decode(payload, out, kind, wire):
     """Widen ``wire`` bits to float32 ``out``, or convert them to ``kind`` bits."""
-    _threads()
     if kind == "float32":
         _cast_decode_f32_kernel(payload, _KIND_CODES[wire], payload.size, out)
     else:
@@ -582,18 +603,18 @@ def cast_decode(payload, out, kind, wire):
     return out
 
 
+@_serialized
 def cast_decode_accumulate(payloads, out, scale, wire):
     """``out += fl(sum_k payloads[k]) * scale`` in float32, rows summed in order from +0."""
-    _threads()
     _cast_decode_accumulate_kernel(payloads, _KIND_CODES[wire], payloads.shape[1], out,
                                    np.float32(scale))
     return out
 
 
+@_serialized
 def cast_reduce_encode(payloads, out, scale, wire, residual):
     """Round ``fl(sum_k payloads[k]) * scale`` (the sum of :func:`cast_decode_accumulate`),
     plus ``residual`` when given (error feedback as in :func:`cast_encode`), to ``wire`` bits."""
-    _threads()
     has_res = residual is not None
     _cast_reduce_encode_kernel(payloads, _KIND_CODES[wire], payloads.shape[1], out,
                                np.float32(scale), residual if has_res else _EMPTY_RES, has_res)

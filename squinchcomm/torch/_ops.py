@@ -1,27 +1,25 @@
 """The Horovod-compatible functional API over the default communicator.
 
-Floating tensors (float32, float16, bfloat16) go through the library's
-collectives (Squinch, fp16/bf16 or the engine's fp32 allreduce); other dtypes
-(float64, integers, bool) travel as raw bytes (broadcast, allgather,
-alltoall) or are summed exactly in float64 (allreduce), so code written for
-Horovod keeps working. CPU tensors are used zero-copy; CUDA tensors run on
-torch's current stream through CuPy.
+Every function here is a thin wrapper over one
+:class:`~squinchcomm.collectives.Communicator` method, so there is one
+engine, one metadata check and one algorithm per collective. Floating
+tensors (float32, float16, bfloat16) use the compression asked for; other
+dtypes travel uncompressed through the same engine (float64 and integers are
+summed exactly; bool moves as bytes in broadcast, allgather and alltoall), so
+code written for Horovod keeps working. CPU tensors are used zero-copy; for
+CUDA tensors torch's current stream is captured at the call and waited for
+(see :mod:`squinchcomm.collectives.engine`).
 
 Handles: the ``*_async`` functions return a :class:`TorchHandle`; pass it to
-:func:`synchronize` (blocks, returns the result) or :func:`poll` (advances
-it without blocking). An operation progresses only inside ``poll`` and
-``synchronize``, so poll now and then if you overlap work with it.
+:func:`synchronize` (blocks, returns the result) or :func:`poll` (says
+whether it is done). Operations progress on the engine's thread, whether
+or not anyone polls.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import copy
-from collections import deque
 import os
 import pickle
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,7 +27,7 @@ import numpy as np
 import torch
 
 from squinchcomm import collectives
-from squinchcomm.collectives import Communicator, ErrorFeedback, Handle
+from squinchcomm.collectives import Communicator, Handle
 from squinchcomm.torch.compression import Compression, WireCompression, as_compression
 
 __all__ = ["Average", "Sum", "Adasum", "Min", "Max", "Product", "TorchHandle",
@@ -135,69 +133,10 @@ def nccl_built() -> bool:
 # ----------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------
-_VARIANTS: "weakref.WeakKeyDictionary[Communicator, dict]" = weakref.WeakKeyDictionary()
-
-
-def variant(base: Communicator, comp: WireCompression, private: bool = False) -> Communicator:
-    """Return a communicator sharing ``base``'s transport and groups but with
-    ``comp``'s rounding and hierarchical options.
-
-    A shallow copy, so no collective runs (safe to call on one rank only);
-    shared variants keep ``base.error_feedback`` (one place to save residuals),
-    a ``private`` one gets its own :class:`ErrorFeedback` and no per-call
-    metadata check (the optimizer checks its bucket layout once instead).
-    """
-    rounding = comp.rounding or base.rounding
-    hierarchical = base.hierarchical if comp.hierarchical is None else (
-        bool(comp.hierarchical) and base.local.size > 1 and base.cross.size > 1)
-    if not private and rounding == base.rounding and hierarchical == base.hierarchical:
-        return base
-    key = (rounding, hierarchical)
-    cache = _VARIANTS.setdefault(base, {})
-    if not private and key in cache:
-        return cache[key]
-    c = copy.copy(base)
-    c.rounding, c.hierarchical = rounding, hierarchical
-    if private:
-        c.error_feedback, c.check_metadata = ErrorFeedback(), False
-        c._calls = 0  # its own call counter: seeds stochastic rounding of unnamed calls
-    else:
-        cache[key] = c
-    return c
-
-
-def stream(t: torch.Tensor):
-    """Return a context making CuPy launch on torch's current stream of ``t``'s
-    device (a no-op for CPU tensors), so library kernels order after the
-    kernels that produced ``t``."""
-    if not t.is_cuda:
-        return contextlib.nullcontext()
-    import cupy
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(cupy.cuda.Device(t.device.index))
-    s = torch.cuda.current_stream(t.device)
-    stack.enter_context(cupy.cuda.ExternalStream(s.cuda_stream, t.device.index))
-    return stack
-
-
-def _bytes(t: torch.Tensor):
-    """A flat uint8 NumPy/CuPy view of contiguous ``t`` (zero-copy), for the
-    transport's raw-byte operations."""
-    flat = t.detach().reshape(-1)
-    if flat.numel() == 0:
-        return np.empty(0, np.uint8) if not t.is_cuda else _cupy().empty(0, _cupy().uint8)
-    flat = flat.view(torch.uint8)
-    if t.is_cuda:
-        torch.cuda.current_stream(t.device).synchronize()  # the engine must see finished data
-        return _cupy().from_dlpack(flat)
-    return flat.numpy()
-
-
-def _cupy():
-    import cupy
-
-    return cupy
+def _options(comp: WireCompression) -> dict:
+    """The per-call options a WireCompression stands for."""
+    return {"compression": comp.name, "rounding": comp.rounding,
+            "hierarchical": comp.hierarchical, "error_feedback": comp.error_feedback}
 
 
 def _op(average, op) -> str:
@@ -221,132 +160,40 @@ def _check_process_set(process_set):
                          "sub-communicator (mpi4py Split / torch new_group) and init() with it")
 
 
-class _Op:
-    """One library operation waiting in (or at the head of) a :class:`_Queue`."""
-
-    def __init__(self, start: Callable[[], Handle], like: torch.Tensor | None):
-        self.start, self.like = start, like
-        self.handle: Handle | None = None
-        self.done = False
-
-
-class _Queue:
-    """Runs the operations of one transport one at a time, in submission order.
-
-    Why: a compressed allreduce issues its second collective (the all-gather)
-    only when ``test()``/``wait()`` sees the first one finish. With several
-    handles in flight, ranks that poll at different moments would issue the
-    collectives of different handles in different orders, which MPI and gloo
-    match wrongly (MPI_ERR_TRUNCATE, garbage). Keeping one operation active
-    makes the order of collectives the submission order on every rank;
-    communication still overlaps the caller's computation.
-    """
-
-    def __init__(self):
-        self.ops: deque[_Op] = deque()
-
-    def submit(self, op: _Op) -> _Op:
-        self.ops.append(op)
-        self.progress()
-        return op
-
-    def _step(self, block: bool) -> bool:
-        op = self.ops[0]
-        try:
-            with stream(op.like) if op.like is not None else contextlib.nullcontext():
-                if op.handle is None:
-                    op.handle = op.start()
-                if block:
-                    op.handle.wait()
-                elif not op.handle.test():
-                    return False
-        except BaseException:
-            self.ops.popleft()  # a failed operation must not block the ones after it
-            raise
-        op.done = True
-        self.ops.popleft()
-        return True
-
-    def progress(self):
-        """Advance without blocking, starting queued operations as earlier ones finish."""
-        while self.ops and self._step(block=False):
-            pass
-
-    def wait(self, op: _Op):
-        """Block until ``op`` (and everything submitted before it) is done."""
-        while not op.done:
-            self._step(block=True)
-
-    def drain(self):
-        """Finish everything queued (before a blocking collective is issued)."""
-        while self.ops:
-            self._step(block=True)
-
-
-_QUEUES: "weakref.WeakKeyDictionary[Any, _Queue]" = weakref.WeakKeyDictionary()
-
-
-def queue(comm: Communicator) -> _Queue:
-    """The operation queue of ``comm``'s transport (shared by its variants)."""
-    q = _QUEUES.get(comm.transport)
-    if q is None:
-        q = _QUEUES[comm.transport] = _Queue()
-    return q
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t if t.is_contiguous() else t.contiguous()
 
 
 class TorchHandle:
     """An operation in flight: pass it to :func:`synchronize` or :func:`poll`.
 
-    Holds its queued operations (and with them every buffer) until
-    completion, then runs ``finish`` once to produce the result.
+    Wraps the library's handles (one per fused buffer) and a ``finish``
+    step that turns their results into this API's result, run once by
+    ``wait()`` after every handle succeeded: a failed operation raises and
+    never hands back a buffer it did not fill. Operations progress on the
+    engine's thread; polling is not needed.
     """
 
-    def __init__(self, q: _Queue | None, ops: list[_Op], finish: Callable[[], Any]):
-        self._queue, self._ops, self._finish = q, ops, finish
+    def __init__(self, handles: list[Handle], finish: Callable[[list], Any]):
+        self._handles, self._finish = handles, finish
         self._done, self._result = False, None
 
     def test(self) -> bool:
-        """Advance without blocking; return True when the result is ready."""
-        if self._done:
-            return True
-        if self._queue is not None:
-            self._queue.progress()
-        return all(op.done for op in self._ops)
+        """Return True when :meth:`wait` will not block."""
+        return self._done or all(h.test() for h in self._handles)
 
     def wait(self):
-        """Block until done; return the result."""
+        """Block until done; return the result (raise the operation's error)."""
         if not self._done:
-            for op in self._ops:
-                self._queue.wait(op)
-            self._result, self._done = self._finish(), True
-            self._ops = []
+            results = [h.wait() for h in self._handles]
+            self._result, self._done = self._finish(results), True
+            self._handles = []
         return self._result
 
 
-def _submit(comm: Communicator, starts: list[tuple[Callable[[], Handle], Any]],
-            finish: Callable[[], Any]) -> TorchHandle:
-    q = queue(comm)
-    ops = [q.submit(_Op(start, like)) for start, like in starts]
-    return TorchHandle(q, ops, finish)
-
-
-def _work_handle(work, comm: Communicator) -> Handle:
-    """Wrap one transport Work into a library Handle."""
-
-    def gen():
-        yield work
-
-    return comm.submit(gen())
-
-
-def _blocking(comm: Communicator) -> Communicator:
-    """Finish queued operations before a blocking collective; return ``comm``."""
-    queue(comm).drain()
-    return comm
-
-
 def poll(handle: TorchHandle) -> bool:
-    """Advance ``handle``; return True when :func:`synchronize` will not block."""
+    """Return True when :func:`synchronize` will not block."""
     return handle.test()
 
 
@@ -358,53 +205,23 @@ def synchronize(handle: TorchHandle):
 # ----------------------------------------------------------------------------
 # Allreduce
 # ----------------------------------------------------------------------------
-def _allreduce_into(comm: Communicator, src: torch.Tensor, out: torch.Tensor, op: str,
-                    comp: WireCompression, name, prescale: float, postscale: float) -> Handle:
-    """Start reducing ``src`` into ``out`` (same shape and dtype, contiguous)."""
-    if src.dtype in _FLOAT_KINDS:
-        c = variant(comm, comp)
-        with stream(src):
-            return c.allreduce_async(src.detach(), out=out.detach(), op=op,
-                                     compression=comp.name, name=name,
-                                     error_feedback=comp.error_feedback,
-                                     prescale=prescale, postscale=postscale)
-    if src.is_complex() or src.dtype == torch.bool:
-        raise ValueError(f"allreduce of {src.dtype} tensors is not supported: cast to float32")
-    # float64 / integers: an exact float64 sum on the host (Horovod accepts them).
-    buf = src.detach().to("cpu", torch.float64).reshape(-1) * prescale
-    buf = buf.contiguous()
-    arr = buf.numpy()
-    work = comm.transport.allreduce(arr)
-    scale = postscale / (comm.size if op == "average" else 1)
-
-    def gen():
-        yield work
-        res = torch.from_numpy(arr) * scale
-        if not src.dtype.is_floating_point:
-            res = res.round() if op == "sum" else res.trunc()
-        out.detach().reshape(-1).copy_(res.to(out.device, out.dtype))
-        return out
-
-    return comm.submit(gen())
-
-
 def _start_allreduce(tensor, out, average, name, op, prescale_factor, postscale_factor,
                      compression, process_set) -> TorchHandle:
     _check_process_set(process_set)
     comm = communicator()
-    op_name = _op(average, op)
-    comp = as_compression(compression)
-    src = tensor if tensor.is_contiguous() else tensor.contiguous()
-    dst = out if out.is_contiguous() else torch.empty_like(src)
-    prescale, postscale = float(prescale_factor), float(postscale_factor)
+    src = _contiguous(tensor)
+    dst = out.detach() if out.is_contiguous() else torch.empty_like(src)
+    h = comm.allreduce_async(src, out=dst, op=_op(average, op), name=name,
+                             prescale=float(prescale_factor), postscale=float(postscale_factor),
+                             **_options(as_compression(compression)))
 
-    def finish():
-        if dst is not out:
-            out.copy_(dst)
+    def finish(_):
+        if dst is not out and dst.data_ptr() != out.data_ptr():
+            with torch.no_grad():
+                out.copy_(dst)
         return out
 
-    return _submit(comm, [(lambda: _allreduce_into(comm, src, dst, op_name, comp, name, prescale,
-                                                    postscale), src)], finish)
+    return TorchHandle([h], finish)
 
 
 def allreduce_async(tensor, average=None, name=None, op=None, prescale_factor=1.0,
@@ -415,16 +232,15 @@ def allreduce_async(tensor, average=None, name=None, op=None, prescale_factor=1.
     """
     with torch.no_grad():
         out = torch.empty_like(tensor, memory_format=torch.contiguous_format)
-        return _start_allreduce(tensor, out, average, name, op, prescale_factor,
-                                postscale_factor, compression, process_set)
+    return _start_allreduce(tensor, out, average, name, op, prescale_factor, postscale_factor,
+                            compression, process_set)
 
 
 def allreduce_async_(tensor, average=None, name=None, op=None, prescale_factor=1.0,
                      postscale_factor=1.0, process_set=None, compression=Compression.none):
     """Start an in-place allreduce of ``tensor``; return a handle for :func:`synchronize`."""
-    with torch.no_grad():
-        return _start_allreduce(tensor, tensor, average, name, op, prescale_factor,
-                                postscale_factor, compression, process_set)
+    return _start_allreduce(tensor, tensor, average, name, op, prescale_factor,
+                            postscale_factor, compression, process_set)
 
 
 def allreduce(tensor, average=None, name=None, compression=Compression.none, op=None,
@@ -433,7 +249,8 @@ def allreduce(tensor, average=None, name=None, compression=Compression.none, op=
 
     Args:
         tensor: any shape; float32/float16/bfloat16 use ``compression``,
-            float64 and integer tensors are summed exactly (uncompressed).
+            float64 and integer tensors are summed exactly (uncompressed;
+            integer averages truncate toward zero); bool raises ValueError.
         average: deprecated Horovod flag; use ``op``.
         name: the tensor's name (needed for error feedback; shown in errors).
         compression: ``hvd.Compression.none | fp16 | bf16 | squinch`` or
@@ -465,31 +282,30 @@ def _start_grouped(tensors, outs, average, name, op, prescale_factor, postscale_
     _check_process_set(process_set)
     comm = communicator()
     op_name = _op(average, op)
-    comp = as_compression(compression)
-    tensors = list(tensors)
-    if not tensors:
-        return TorchHandle(None, [], lambda: [])
+    options = _options(as_compression(compression))
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((str(t.device), t.dtype), []).append(i)
-    starts, fused = [], []
+    handles, fused = [], []
     for (_, dtype), idx in groups.items():
         flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])  # one buffer per dtype
         gname = None if name is None else f"{name}.{str(dtype).replace('torch.', '')}"
-        starts.append((functools.partial(_allreduce_into, comm, flat, flat, op_name, comp, gname,
-                                         float(prescale_factor), float(postscale_factor)), flat))
+        handles.append(comm.allreduce_async(flat, out=flat, op=op_name, name=gname,
+                                            prescale=float(prescale_factor),
+                                            postscale=float(postscale_factor), **options))
         fused.append((idx, flat))
 
-    def finish():
-        for idx, flat in fused:
-            pos = 0
-            for i in idx:
-                n = outs[i].numel()
-                outs[i].copy_(flat[pos:pos + n].view_as(outs[i]))
-                pos += n
+    def finish(_):
+        with torch.no_grad():
+            for idx, flat in fused:
+                pos = 0
+                for i in idx:
+                    n = outs[i].numel()
+                    outs[i].copy_(flat[pos:pos + n].view_as(outs[i]))
+                    pos += n
         return list(outs)
 
-    return _submit(comm, starts, finish)
+    return TorchHandle(handles, finish)
 
 
 def grouped_allreduce_async(tensors, average=None, name=None, op=None, prescale_factor=1.0,
@@ -498,17 +314,16 @@ def grouped_allreduce_async(tensors, average=None, name=None, op=None, prescale_
     with torch.no_grad():
         tensors = list(tensors)
         outs = [torch.empty_like(t) for t in tensors]
-        return _start_grouped(tensors, outs, average, name, op, prescale_factor,
-                              postscale_factor, compression, process_set)
+    return _start_grouped(tensors, outs, average, name, op, prescale_factor, postscale_factor,
+                          compression, process_set)
 
 
 def grouped_allreduce_async_(tensors, average=None, name=None, op=None, prescale_factor=1.0,
                              postscale_factor=1.0, process_set=None, compression=Compression.none):
     """Start a fused in-place allreduce of a list of tensors."""
-    with torch.no_grad():
-        tensors = list(tensors)
-        return _start_grouped(tensors, tensors, average, name, op, prescale_factor,
-                              postscale_factor, compression, process_set)
+    tensors = list(tensors)
+    return _start_grouped(tensors, tensors, average, name, op, prescale_factor,
+                          postscale_factor, compression, process_set)
 
 
 def grouped_allreduce(tensors, average=None, name=None, compression=Compression.none, op=None,
@@ -535,30 +350,11 @@ def grouped_allreduce_(tensors, average=None, name=None, op=None, prescale_facto
 # ----------------------------------------------------------------------------
 # Allgather, broadcast, reducescatter, alltoall
 # ----------------------------------------------------------------------------
-def _metas(comm: Communicator, what: str, meta: dict, same: tuple[str, ...]) -> list[dict]:
-    """Gather every rank's ``meta``; raise the same ValueError everywhere if
-    the keys in ``same`` differ between ranks."""
-    metas = _blocking(comm).transport.allgather_object(meta, comm.timeout)
-    collectives.check_agreement(what, metas, same, "; pass tensors of the same dtype (and the "
-                                "same shape where the operation needs it) on every rank")
-    return metas
-
-
 def allgather_async(tensor, name=None, process_set=None) -> TorchHandle:
     """Start :func:`allgather`; return a handle."""
     _check_process_set(process_set)
-    comm = communicator()
-    src = tensor.detach().contiguous()
-    rows = src.shape[0] if src.dim() else 1
-    tail = tuple(src.shape[1:]) if src.dim() else ()
-    metas = _metas(comm, "allgather", {"rows": rows, "tail": tail, "dtype": str(src.dtype),
-                                       "name": name}, ("tail", "dtype", "name"))
-    all_rows = [m["rows"] for m in metas]
-    out = torch.empty((sum(all_rows),) + tail, dtype=src.dtype, device=src.device)
-    per_row = src.element_size() * int(np.prod(tail, dtype=np.int64))
-    counts = [r * per_row for r in all_rows]
-    return _submit(comm, [(lambda: _work_handle(
-        comm.transport.allgatherv(_bytes(src), _bytes(out), counts), comm), src)], lambda: out)
+    h = communicator().allgather_async(_contiguous(tensor), name=name)
+    return TorchHandle([h], lambda results: results[0])
 
 
 def allgather(tensor, name=None, process_set=None):
@@ -574,28 +370,22 @@ def allgather(tensor, name=None, process_set=None):
 def allgather_object(obj, name=None, process_set=None) -> list:
     """Return the list of every rank's picklable ``obj``, in rank order."""
     _check_process_set(process_set)
-    comm = communicator()
-    return _blocking(comm).transport.allgather_object(obj, comm.timeout)
+    return communicator().allgather_object(obj)
 
 
-def _start_broadcast(tensor, root_rank, name, process_set) -> TorchHandle:
+def _start_broadcast(tensor, root_rank, name, process_set, check=None) -> TorchHandle:
     _check_process_set(process_set)
     comm = communicator()
-    if not isinstance(root_rank, int) or not 0 <= root_rank < comm.size:
-        raise ValueError(f"root_rank={root_rank!r} is not a rank of this {comm.size}-rank job")
-    if comm.check_metadata:
-        _metas(comm, "broadcast", {"shape": tuple(tensor.shape), "dtype": str(tensor.dtype),
-                                   "root": root_rank, "name": name}, ("shape", "dtype", "root"))
-    buf = tensor.detach() if tensor.is_contiguous() else tensor.detach().contiguous()
+    buf = _contiguous(tensor)
+    h = comm.broadcast_async(buf, root_rank, name=name, check_metadata=check)
 
-    def finish():
+    def finish(_):
         if buf.data_ptr() != tensor.data_ptr():  # a non-contiguous input went through a copy
             with torch.no_grad():
                 tensor.copy_(buf)
         return tensor
 
-    return _submit(comm, [(lambda: _work_handle(comm.transport.broadcast(_bytes(buf), root_rank),
-                                                 comm), buf)], finish)
+    return TorchHandle([h], finish)
 
 
 def broadcast_async_(tensor, root_rank, name=None, process_set=None) -> TorchHandle:
@@ -642,16 +432,21 @@ def _row_splits(rows: int, world: int) -> list[int]:
     return [rows // world + (1 if r < rows % world else 0) for r in range(world)]
 
 
+def _rows(tensor: torch.Tensor, what: str) -> tuple[int, tuple, int]:
+    """(rows, trailing shape, elements per row) of a tensor split by rows."""
+    if tensor.dim() == 0:
+        raise ValueError(f"{what} needs a tensor with at least one dimension")
+    tail = tuple(tensor.shape[1:])
+    return tensor.shape[0], tail, int(np.prod(tail, dtype=np.int64))
+
+
 def alltoall_async(tensor, splits=None, name=None, process_set=None,
                    compression=Compression.none) -> TorchHandle:
     """Start :func:`alltoall`; the handle's result is ``(output, received_splits)``."""
     _check_process_set(process_set)
     comm = communicator()
-    comp = as_compression(compression)
-    src = tensor.detach().contiguous()
-    if src.dim() == 0:
-        raise ValueError("alltoall needs a tensor with at least one dimension")
-    rows, tail = src.shape[0], tuple(src.shape[1:])
+    src = _contiguous(tensor)
+    rows, tail, per_row = _rows(src, "alltoall")
     if splits is None:
         if rows % comm.size:
             raise ValueError(f"{rows} rows do not split evenly over {comm.size} ranks: pass splits=")
@@ -660,23 +455,15 @@ def alltoall_async(tensor, splits=None, name=None, process_set=None,
     if len(splits) != comm.size or min(splits) < 0 or sum(splits) != rows:
         raise ValueError(f"splits={splits} must have {comm.size} non-negative entries summing "
                          f"to the first dimension ({rows})")
-    metas = _metas(comm, "alltoall", {"splits": splits, "tail": tail, "dtype": str(src.dtype),
-                                      "comp": comp.name}, ("tail", "dtype", "comp"))
-    recv_rows = [m["splits"][comm.rank] for m in metas]
-    per_row = int(np.prod(tail, dtype=np.int64))
-    received = torch.tensor(recv_rows, dtype=torch.int32)
-    if comp.name == "none" or src.dtype not in _FLOAT_KINDS:
-        out = torch.empty((sum(recv_rows),) + tail, dtype=src.dtype, device=src.device)
-        nb = per_row * src.element_size()
-        sc, rc = [s * nb for s in splits], [s * nb for s in recv_rows]
-        return _submit(comm, [(lambda: _work_handle(
-            comm.transport.alltoallv(_bytes(src), sc, _bytes(out), rc), comm), src)],
-            lambda: (out, received))
-    c = variant(comm, comp)
-    with stream(src):
-        flat, _ = c.alltoall(src, [s * per_row for s in splits], compression=comp.name)
-    out = flat.reshape((sum(recv_rows),) + tail)
-    return TorchHandle(None, [], lambda: (out, received))
+    h = comm.alltoall_async(src.reshape(-1), [s * per_row for s in splits], name=name,
+                            compression=as_compression(compression).name)
+
+    def finish(results):
+        flat, recv = results[0]
+        recv_rows = [c // per_row if per_row else 0 for c in recv]
+        return flat.reshape((sum(recv_rows),) + tail), torch.tensor(recv_rows, dtype=torch.int32)
+
+    return TorchHandle([h], finish)
 
 
 def alltoall(tensor, splits=None, name=None, process_set=None, compression=Compression.none):
@@ -700,38 +487,31 @@ def reducescatter(tensor, name=None, compression=Compression.none, op=None, proc
     """Reduce ``tensor`` over ranks and return this rank's rows of the result.
 
     Rows (first dimension) are split like Horovod: the first ``rows % size``
-    ranks get one extra row. With compression each split is quantized once
-    on the wire; the sum is in fp32 (float64 for float64 and integer inputs).
+    ranks get one extra row. This is :meth:`Communicator.reduce_scatter
+    <squinchcomm.collectives.Communicator.reduce_scatter>` with those row
+    splits: compressed, each rank's part is quantized once and summed in
+    fp32; float64 and integer tensors are summed exactly, uncompressed.
 
     Returns:
-        This rank's slice of the reduced tensor, in ``tensor``'s dtype.
+        This rank's rows of the reduced tensor, in ``tensor``'s dtype.
     """
+    _check_process_set(process_set)
     comm = communicator()
-    op_name = _op(None, op)
-    if tensor.dim() == 0:
-        raise ValueError("reducescatter needs a tensor with at least one dimension")
-    splits = _row_splits(tensor.shape[0], comm.size)
-    src = tensor.detach()
-    if prescale_factor != 1.0:
-        src = (src.double() if not src.is_floating_point() else src) * prescale_factor
-        src = src.to(tensor.dtype)
-    out, _ = alltoall(src, splits, name, process_set, compression)
-    acc = torch.float32 if tensor.dtype in _FLOAT_KINDS else torch.float64
-    parts = out.to(acc).reshape((comm.size, splits[comm.rank]) + tuple(tensor.shape[1:]))
-    total = parts[0].clone()
-    for r in range(1, comm.size):  # rank order: the same rounding as any other rank would do
-        total += parts[r]
-    scale = postscale_factor / (comm.size if op_name == "average" else 1)
-    total *= scale
-    if not tensor.dtype.is_floating_point:
-        total = total.round() if op_name == "sum" else total.trunc()
-    return total.to(tensor.dtype)
+    src = _contiguous(tensor)
+    rows, tail, per_row = _rows(src, "reducescatter")
+    splits = _row_splits(rows, comm.size)
+    options = _options(as_compression(compression))
+    del options["hierarchical"]  # the reduce-scatter has no hierarchical form
+    shard, _ = comm.reduce_scatter(src, counts=[s * per_row for s in splits], op=_op(None, op),
+                                   name=name, prescale=float(prescale_factor),
+                                   postscale=float(postscale_factor), **options)
+    return shard.reshape((splits[comm.rank],) + tail).to(tensor.dtype)
 
 
 def barrier(process_set=None):
     """Wait until every rank reaches the barrier."""
     _check_process_set(process_set)
-    _blocking(communicator()).barrier()
+    communicator().barrier()
 
 
 def join(device=-1):
@@ -762,7 +542,7 @@ def broadcast_parameters(params, root_rank=0):
     Example:
         >>> hvd.broadcast_parameters(model.state_dict(), root_rank=0)   # doctest: +SKIP
     """
-    comm = _blocking(communicator())
+    comm = communicator()
     if isinstance(params, dict):
         items = sorted(params.items())
     else:
@@ -776,20 +556,20 @@ def broadcast_parameters(params, root_rank=0):
         if not torch.is_tensor(t):
             raise ValueError(f"broadcast_parameters: '{n}' is a {type(t).__name__}, not a tensor; "
                              "pass model.state_dict() or model.named_parameters()")
-    if comm.check_metadata:
-        _metas(comm, "broadcast_parameters",
-               {"tensors": [(n, tuple(t.shape), str(t.dtype)) for n, t in items]}, ("tensors",))
-    # Start every broadcast, then wait: the engine pipelines them.
-    pending = []
-    with torch.no_grad():
-        for _, t in items:
-            buf = t.detach() if t.is_contiguous() else t.detach().contiguous()
-            with stream(buf):
-                pending.append((comm.transport.broadcast(_bytes(buf), root_rank), buf, t))
-        for work, buf, t in pending:
-            work.wait(comm.timeout)
-            if buf.data_ptr() != t.data_ptr():
-                t.copy_(buf)
+    if comm.check_metadata:  # one check of the whole list instead of one per tensor
+        metas = comm.allgather_object([(n, tuple(t.shape), str(t.dtype)) for n, t in items])
+        collectives.check_agreement("broadcast_parameters", [{"tensors": m} for m in metas],
+                                    ["tensors"], "; pass the same model's parameters on every rank")
+    # Start every broadcast, then wait: the engine runs them back to back.
+    _broadcast_all([t for _, t in items], root_rank)
+
+
+def _broadcast_all(tensors, root_rank: int):
+    """Broadcast every tensor from ``root_rank`` in place (exact), all started
+    before the first is waited for; no per-tensor metadata check."""
+    handles = [_start_broadcast(t, root_rank, None, None, check=False) for t in tensors]
+    for h in handles:
+        h.wait()
 
 
 @dataclass(frozen=True)
@@ -850,14 +630,7 @@ def broadcast_optimizer_state(optimizer, root_rank=0):
         slots.sort(key=lambda s: s.index)
         tensors = [torch.empty(s.shape, dtype=getattr(torch, s.dtype),
                                device=device if s.cuda else "cpu") for s in slots]
-    _blocking(communicator())
-    pending = []
-    for t in tensors:
-        buf = t.detach() if t.is_contiguous() else t.detach().contiguous()
-        with stream(buf):
-            pending.append(communicator().transport.broadcast(_bytes(buf), root_rank))
-    for work in pending:
-        work.wait(communicator().timeout)
+    _broadcast_all(tensors, root_rank)
     if not is_root:
         optimizer.load_state_dict(_fill_tensors(skeleton, tensors))
 

@@ -11,8 +11,11 @@ in the training loop changes::
 For each gradient bucket the hook takes the bucket's flat buffer (fp32, fp16
 or bf16; CPU tensors through gloo, CUDA tensors through the library's CuPy
 path over NCCL), runs the library's compressed allreduce (average) over
-``TorchTransport(process_group)`` and returns a completed
-``torch.futures.Future`` holding the averaged buffer, written in place.
+``TorchTransport(process_group)`` on the library's engine thread and returns
+a ``torch.futures.Future`` that completes with the averaged buffer (written
+in place) when it is done, so the exchange overlaps the rest of the backward
+pass as DDP's own hooks do. For CUDA buckets the stream that was current
+when DDP called the hook waits for the result before DDP reads it.
 
 The state (:class:`SquinchHookState`) is the hook's only memory, in the
 spirit of PyTorch's ``PowerSGDState``:
@@ -33,9 +36,7 @@ spirit of PyTorch's ``PowerSGDState``:
    to save the residuals with the checkpoint (per rank), and
    ``pickle`` support that leaves the process group and communicator behind.
 
-Differences from PyTorch's hooks: these block until the bucket is reduced
-(the future is complete when returned), so communication does not overlap
-the rest of the backward pass; :func:`bf16_hook` works on gloo (PyTorch's
+Differences from PyTorch's hooks: :func:`bf16_hook` works on gloo (PyTorch's
 ``bf16_compress_hook`` refuses it), and both cast hooks accumulate in fp32.
 
 Example (under ``torchrun --nproc-per-node 2``)::
@@ -183,11 +184,12 @@ class SquinchHookState:
                 return dict(self._pending)
             return {"version": _STATE_VERSION, "world": None, "residuals": {}, "names": [],
                     "calls": 0}
+        self._comm.synchronize()  # no bucket in flight: the residuals are settled
+        # The call counter seeds stochastic rounding of calls without a residual.
+        comm_state = self._comm.state_dict()
         return {"version": _STATE_VERSION, "world": self._comm.size,
-                "residuals": self._comm.error_feedback.state_dict(),
-                "names": sorted(self._last_seen),
-                # The call counter seeds stochastic rounding of calls without a residual.
-                "calls": self._comm._calls}
+                "residuals": comm_state["error_feedback"], "names": sorted(self._last_seen),
+                "calls": comm_state["calls"]}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore residuals saved by :meth:`state_dict` on this rank.
@@ -212,9 +214,7 @@ class SquinchHookState:
             raise ValueError(f"the hook state was saved at world size {state['world']}, this job "
                              f"has {comm.size}: residuals are per rank and per shard, so they do "
                              "not carry over; skip load_state_dict() to start them from zero")
-        comm.error_feedback.reset()
-        comm.error_feedback.load_state_dict(state["residuals"])
-        comm._calls = int(state["calls"])
+        comm.load_state_dict({"calls": state["calls"], "error_feedback": state["residuals"]})
         # Restored residuals count as used now: they get the grace iteration.
         self._last_seen = {n: self._iteration for n in state["names"]}
 
@@ -244,7 +244,8 @@ class SquinchHookState:
 # ----------------------------------------------------------------------------
 def _compressed_hook(state: SquinchHookState, bucket: dist.GradBucket,
                      compression: str) -> torch.futures.Future[torch.Tensor]:
-    """Average ``bucket``'s buffer in place with ``compression``; a completed future."""
+    """Start averaging ``bucket``'s buffer in place with ``compression``; return
+    the future that completes with it."""
     if not isinstance(state, SquinchHookState):
         raise ValueError(f"the hook state is a {type(state).__name__}: register the hook as "
                          "ddp.register_comm_hook(SquinchHookState(), hook)")
@@ -254,12 +255,20 @@ def _compressed_hook(state: SquinchHookState, bucket: dist.GradBucket,
     state._last_seen[name] = state._iteration
     # In place (out=buf): DDP copies the future's tensor into the grads, and
     # with gradient_as_bucket_view the buffer already is the grads.
-    comm.allreduce(buf, op="average", compression=compression, name=name, out=buf,
-                   error_feedback=state.error_feedback)
-    if bucket.is_last():  # buckets are reduced in index order: the iteration is over
+    handle = comm.allreduce_async(buf, op="average", compression=compression, name=name,
+                                  out=buf, error_feedback=state.error_feedback)
+    if bucket.is_last():  # buckets are launched in index order: the iteration is over
         state._retire()
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(buf)
+
+    def done(h):  # on the engine's thread, once the bucket is reduced
+        error = h.exception()
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(buf)
+
+    handle.add_done_callback(done)
     return fut
 
 
@@ -275,7 +284,7 @@ def squinch_hook(state: SquinchHookState,
         bucket: the ``torch.distributed.GradBucket`` DDP hands the hook.
 
     Returns:
-        A completed ``torch.futures.Future`` holding the averaged buffer.
+        The ``torch.futures.Future`` of the averaged buffer.
 
     Example:
         >>> ddp.register_comm_hook(SquinchHookState(), squinch_hook)  # doctest: +SKIP
@@ -294,7 +303,7 @@ def fp16_hook(state: SquinchHookState,
         bucket: the ``torch.distributed.GradBucket``.
 
     Returns:
-        A completed ``torch.futures.Future`` holding the averaged buffer.
+        The ``torch.futures.Future`` of the averaged buffer.
 
     Example:
         >>> ddp.register_comm_hook(SquinchHookState(), fp16_hook)  # doctest: +SKIP
@@ -313,7 +322,7 @@ def bf16_hook(state: SquinchHookState,
         bucket: the ``torch.distributed.GradBucket``.
 
     Returns:
-        A completed ``torch.futures.Future`` holding the averaged buffer.
+        The ``torch.futures.Future`` of the averaged buffer.
 
     Example:
         >>> ddp.register_comm_hook(SquinchHookState(), bf16_hook)  # doctest: +SKIP

@@ -15,8 +15,8 @@ How it works, step by step:
    flat buffer and an asynchronous allreduce starts. Buckets start strictly
    in index order, so every rank issues the same collectives in the same
    order even when some parameters get no gradient on some ranks.
-3. Later hooks poll the buckets in flight (a Handle only advances inside
-   ``test()``/``wait()``), so communication proceeds during backward.
+3. The allreduces run on the communicator's engine thread while backward
+   goes on computing the next buckets' gradients (nothing polls them).
 4. ``step()`` (or ``synchronize()``) starts the buckets not started yet
    (missing gradients count as zeros, like Horovod), waits for all, copies
    the results into ``p.grad`` and then runs the wrapped optimizer's step.
@@ -39,12 +39,12 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 
 import torch
 
-from squinchcomm import config
+from squinchcomm import collectives, config
+from squinchcomm.collectives import ErrorFeedback
 from squinchcomm.torch import _ops
 from squinchcomm.torch.compression import Compression, as_compression
 
@@ -67,7 +67,7 @@ class _Bucket:
         self.numel = 0
         self.buffer: torch.Tensor | None = None  # allocated on first use, then reused
         self.ready = 0
-        self.op = None  # the queued allreduce (squinchcomm.torch._ops._Op)
+        self.handle = None  # the allreduce in flight (squinchcomm.collectives.Handle)
 
     @property
     def nbytes(self) -> int:
@@ -141,12 +141,21 @@ class _DistributedOptimizer:
         if base.check_metadata:
             layout = [(b.name, b.numel, [self._sq_names[id(p)] for p in b.params])
                       for b in self._sq_buckets]
-            _ops._metas(base, "DistributedOptimizer", {"buckets": layout, "op": op_name,
-                                                       "compression": repr(self._sq_compression),
-                                                       "bpps": self._sq_bpps}, (
-                "buckets", "op", "compression", "bpps"))
-        self._sq_comm = _ops.variant(base, self._sq_compression, private=True)
-        self._sq_queue = _ops.queue(base)
+            mine = {"buckets": layout, "op": op_name, "bpps": self._sq_bpps,
+                    "compression": repr(self._sq_compression)}
+            collectives.check_agreement("DistributedOptimizer", base.allgather_object(mine),
+                                        list(mine), "; wrap the same model and optimizer with "
+                                        "the same options on every rank")
+        self._sq_comm = base
+        # The buckets' residuals are this optimizer's own (saved with its state_dict).
+        self._sq_ef = ErrorFeedback()
+        comp = self._sq_compression
+        ef_on = base.error_feedback_default if comp.error_feedback is None else comp.error_feedback
+        self._sq_options = {"op": op_name, "compression": comp.name, "rounding": comp.rounding,
+                            "hierarchical": comp.hierarchical,
+                            "error_feedback": self._sq_ef if ef_on else False,
+                            "prescale": self._sq_prescale, "postscale": self._sq_postscale,
+                            "check_metadata": False}  # the layout was checked once, above
 
         self._sq_should_synchronize = True
         self._sq_synchronized = False
@@ -194,8 +203,6 @@ class _DistributedOptimizer:
                    self._sq_buckets[self._sq_next].ready == len(self._sq_buckets[self._sq_next].params)):
                 self._sq_start(self._sq_buckets[self._sq_next])
                 self._sq_next += 1
-        # Step 3: progress the buckets in flight while backward continues.
-        self._sq_queue.progress()
 
     def _sq_start(self, b: _Bucket):
         """Copy the bucket's gradients into its buffer and start its allreduce."""
@@ -214,13 +221,10 @@ class _DistributedOptimizer:
                                          "gradient: pass sparse_as_dense=True")
                     g = g.to_dense()
                 b.buffer[off:off + n].copy_(g.reshape(-1))
-            # Queued, not started directly: collectives must start in the same order on
-            # every rank, whatever the timing of each rank's polls (see _ops._Queue).
-            b.op = self._sq_queue.submit(_ops._Op(functools.partial(
-                self._sq_comm.allreduce_async, b.buffer, out=b.buffer, op=self._sq_op,
-                compression=self._sq_compression.name, name=b.name,
-                error_feedback=self._sq_compression.error_feedback,
-                prescale=self._sq_prescale, postscale=self._sq_postscale), b.buffer))
+            # Step 3: submitted in index order, the same on every rank; the engine
+            # runs it while backward goes on.
+            b.handle = self._sq_comm.allreduce_async(b.buffer, out=b.buffer, name=b.name,
+                                                     **self._sq_options)
 
     # ------------------------------------------------------------ public API
     def synchronize(self):
@@ -239,20 +243,27 @@ class _DistributedOptimizer:
         while self._sq_next < len(self._sq_buckets):
             self._sq_start(self._sq_buckets[self._sq_next])
             self._sq_next += 1
+        error = None
         with torch.no_grad():
             for b in self._sq_buckets:
-                self._sq_queue.wait(b.op)
-                b.op = None
+                handle, b.handle = b.handle, None
+                b.ready = 0
+                try:
+                    handle.wait()
+                except Exception as exc:  # wait for the other buckets, then raise the first
+                    error = error or exc
+                    continue
                 for p, off in zip(b.params, b.offsets):
                     reduced = b.buffer[off:off + p.numel()].view_as(p)
                     if p.grad is None or p.grad.is_sparse:
                         p.grad = reduced.clone()
                     else:
                         p.grad.copy_(reduced)
-                b.ready = 0
         for key in self._sq_delay:
             self._sq_delay[key] = self._sq_bpps
         self._sq_next = 0
+        if error is not None:  # the gradients are not reduced: step() must not run on them
+            raise error
         self._sq_synchronized = True
 
     @contextlib.contextmanager
@@ -282,7 +293,7 @@ class _DistributedOptimizer:
 
     def zero_grad(self, set_to_none: bool = True):
         """Clear the gradients; ValueError while gradients await their allreduce."""
-        pending = any(b.op is not None for b in self._sq_buckets) or any(
+        pending = any(b.handle is not None for b in self._sq_buckets) or any(
             d != self._sq_bpps for d in self._sq_delay.values())
         if pending:
             raise ValueError("optimizer.zero_grad() was called after loss.backward() but before "
@@ -295,7 +306,7 @@ class _DistributedOptimizer:
         residuals under ``"squinchcomm"`` (save one file per rank to resume
         bit-exactly; a rank-0-only checkpoint resumes with fresh residuals)."""
         sd = super().state_dict()
-        ef = self._sq_comm.error_feedback.state_dict()
+        ef = self._sq_ef.state_dict()
         sd["squinchcomm"] = {
             "rank": self._sq_comm.rank, "size": self._sq_comm.size,
             # torch tensors, not NumPy arrays: torch.load(weights_only=True) accepts them.
@@ -314,7 +325,7 @@ class _DistributedOptimizer:
         super().load_state_dict(state_dict)
         if extra is None:
             return  # e.g. from broadcast_optimizer_state: keep this rank's residuals
-        ef = self._sq_comm.error_feedback
+        ef = self._sq_ef
         ef.reset()
         if extra["rank"] != self._sq_comm.rank or extra["size"] != self._sq_comm.size:
             warnings.warn(f"error-feedback residuals were saved by rank {extra['rank']} of "
@@ -330,7 +341,7 @@ class _DistributedOptimizer:
     @property
     def error_feedback(self):
         """This optimizer's :class:`~squinchcomm.collectives.ErrorFeedback` state."""
-        return self._sq_comm.error_feedback
+        return self._sq_ef
 
     def remove_hooks(self):
         """Unregister the gradient hooks (the optimizer stops reducing)."""

@@ -125,7 +125,7 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def allreduce(self, buf) -> Work:
-        """Sum the float array ``buf`` over all ranks, in place."""
+        """Sum ``buf`` (float32, float64, int32 or int64) over all ranks, in place."""
 
     @abc.abstractmethod
     def broadcast(self, buf, root: int) -> Work:
@@ -142,6 +142,11 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def split(self, color: int, key: int) -> "Transport":
         """A transport over the ranks that pass the same ``color``, ordered by ``key``."""
+
+    def engine_key(self):
+        """Identifies the group for the progress engine: transports with equal
+        keys share one engine (one order of operations). Default: this object."""
+        return self
 
     def close(self) -> None:
         """Release engine resources (NCCL communicators); a no-op by default."""

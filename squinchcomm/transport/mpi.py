@@ -112,9 +112,10 @@ class MPITransport(Transport):
 
     def allreduce(self, buf) -> Work:
         MPI = self._mpi
-        types = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE}
+        types = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE,
+                 np.dtype(np.int32): MPI.INT32_T, np.dtype(np.int64): MPI.INT64_T}
         if np.dtype(buf.dtype) not in types:
-            raise ValueError(f"MPI allreduce sums float32/float64, got {buf.dtype}; "
+            raise ValueError(f"MPI allreduce sums float32/float64/int32/int64, got {buf.dtype}; "
                              "upcast first")
         b, back = self._host(buf, True)
         req = self.comm.Iallreduce(MPI.IN_PLACE, [b.reshape(-1), types[np.dtype(buf.dtype)]],
@@ -140,6 +141,10 @@ class MPITransport(Transport):
         self.allgatherv(data, out, sizes).wait(timeout)
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         return [pickle.loads(out[bounds[r]:bounds[r + 1]].tobytes()) for r in range(self.size)]
+
+    def engine_key(self):
+        """One engine per MPI communicator handle."""
+        return ("mpi", self.comm.py2f())
 
     def split(self, color: int, key: int) -> "MPITransport":
         return MPITransport(self.comm.Split(color, key), self.gpu_native)

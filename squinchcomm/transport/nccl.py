@@ -375,12 +375,13 @@ class NcclTransport(Transport):
         return self._issue("allgatherv", (send, recv), launch)
 
     def allreduce(self, buf) -> Work:
-        """Sum the float32/float64 CuPy array ``buf`` over all ranks, in place."""
+        """Sum the float32/float64/int32/int64 CuPy array ``buf`` over all ranks, in place."""
         buf = self._check(buf, "buf")
         nccl = _nccl()
-        types = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64}
+        types = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64,
+                 "int32": nccl.NCCL_INT32, "int64": nccl.NCCL_INT64}
         if buf.dtype.name not in types:
-            raise ValueError(f"allreduce sums float32 or float64 arrays, not {buf.dtype}: "
+            raise ValueError(f"allreduce sums float32, float64, int32 or int64 arrays, not {buf.dtype}: "
                              "cast first (x.astype(cupy.float32))")
         if buf.size == 0:
             return DoneWork()

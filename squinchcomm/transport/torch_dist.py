@@ -66,7 +66,8 @@ DEFAULT_MASTER_PORT = 29500
 MPI_PORT_BASE = 20000
 MPI_PORT_SPAN = 10000
 
-_REDUCIBLE = (np.dtype(np.float32), np.dtype(np.float64))
+_REDUCIBLE = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int32),
+              np.dtype(np.int64))
 
 
 # --------------------------------------------------------------------------
@@ -420,6 +421,10 @@ class TorchTransport(Transport):
     def __repr__(self):
         return f"TorchTransport(rank={self._rank}, size={self._size}, backend={self.backend!r})"
 
+    def engine_key(self):
+        """One engine per process group."""
+        return ("torch", self._pg)
+
     # -- helpers --------------------------------------------------------------
 
     def _prepare(self, arr, what: str):
@@ -545,14 +550,14 @@ class TorchTransport(Transport):
                           on_done=trim, stream=stream)
 
     def allreduce(self, buf) -> Work:
-        """Sum the float32/float64 array ``buf`` over all ranks, in place.
+        """Sum the float32/float64/int32/int64 array ``buf`` over all ranks, in place.
 
         Returns:
             A Work; ``buf`` holds the sum after ``wait()``.
         """
         buf = self._prepare(buf, "buf")
         if buf.dtype not in _REDUCIBLE:
-            raise ValueError(f"allreduce sums float32 or float64 arrays, not {buf.dtype}: "
+            raise ValueError(f"allreduce sums float32, float64, int32 or int64 arrays, not {buf.dtype}: "
                              "cast first (x.astype(np.float32))")
         stream = _stream_context(buf)
         with stream():

@@ -208,9 +208,9 @@ def test_skip_synchronize_with_clipping(world):
     loss_fn(model, *batch(40, world.rank)).backward()
     opt.synchronize()
     with pytest.raises(ValueError, match="zero_grad"):
-        opt._sq_buckets[0].op = object()  # a bucket still in flight
+        opt._sq_buckets[0].handle = object()  # a bucket still in flight
         opt.zero_grad()
-    opt._sq_buckets[0].op = None
+    opt._sq_buckets[0].handle = None
     total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.01)
     assert total > 0.01  # clipping really happened
     clipped = [p.grad.clone() for p in model.parameters()]

@@ -1,0 +1,397 @@
+"""The progress engine: one ordered queue and one thread per communicator group.
+
+Why a thread: a collective made of several exchanges (the compressed
+allreduce's all-to-all, then its all-gather) can issue its second exchange
+only when the first has finished. If that happened only when the caller
+polled (``test()``/``wait()``), a bucket launched from a gradient hook would
+not advance between hooks and the last bucket would overlap nothing.
+Horovod's answer is a background thread that drives the collectives while
+the training thread computes; PyTorch's is work enqueued on CUDA streams plus
+c10d's own threads. squinchcomm drives operations from one background thread
+per group (it must also run host codec work and MPI, which have no stream to
+enqueue on), and orders CUDA work with events on an engine stream.
+
+The rules:
+
+1. Every operation of a group (a :class:`~squinchcomm.collectives.Communicator`
+   and the sub-groups it made for hierarchical mode, and every Communicator
+   over the same process group or MPI communicator) goes through one
+   :class:`Engine`, whatever API submitted it: the Communicator, the
+   ``squinchcomm.torch`` functions, ``DistributedOptimizer`` and the DDP hooks.
+2. The engine runs operations strictly in submission order, one after the
+   other, on its thread. Submission order is program order, the same on every
+   rank, so the order in which collectives reach MPI, gloo or NCCL is the
+   same on every rank whatever the timing. Inside one operation several
+   exchanges are in flight at once (the pipelined allreduce keeps chunk k's
+   all-to-all on the wire while it encodes chunk k+1), in an order fixed by
+   the algorithm. Two operations are never interleaved: that would make the
+   order of exchanges depend on when each rank's operations arrived.
+3. Operations progress without the caller: ``Handle.wait()`` only waits.
+4. CUDA: at submission the producer's device and stream (torch's current
+   stream for torch tensors, CuPy's for CuPy arrays) are captured and an
+   event is recorded on it. The engine runs the operation on its own stream
+   for that device, which first waits on that event; when the operation is
+   done it records a completion event, makes the producer's stream wait on
+   it (so work queued there afterwards sees the result), and
+   ``Handle.wait()`` makes the caller's current stream wait on it too.
+   Buffers stay referenced until the completion event has fired.
+5. A failed operation stores its exception, which ``wait()`` raises; the
+   operations queued after it still run. Mismatches between ranks are found
+   by the same check on every rank, so every rank raises the same error.
+6. At interpreter exit every engine finishes its queue (bounded by the
+   timeout) and stops.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import os
+import sys
+import threading
+import traceback
+from typing import Any, Callable, Generator
+
+from squinchcomm import config
+from squinchcomm.errors import BackendError, TransportError
+from squinchcomm.transport.base import Work
+
+__all__ = ["Engine", "Handle", "engine_for", "CudaStreams"]
+
+
+class Handle:
+    """A collective in flight: ``wait()`` returns its result, ``test()`` says
+    whether it is ready. Both are safe from any thread; neither is needed for
+    the operation to progress."""
+
+    def __init__(self, engine: "Engine", op: Generator[Work, None, Any], what: str,
+                 timeout: float, device: "DeviceCapture | None" = None, keep=()):
+        self._engine, self._op, self.what = engine, op, what
+        self._timeout, self._device, self._keep = timeout, device, keep
+        self._done = threading.Event()
+        self._result = self._error = None
+        self._callbacks: list[Callable[["Handle"], None]] = []
+
+    def test(self) -> bool:
+        """Return True when the result is ready (never blocks)."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None):
+        """Block until done and return the result; raise the operation's error.
+
+        Args:
+            timeout: seconds to wait at most (None: until the operation ends;
+                every exchange in it is bounded by the transport's timeout).
+        """
+        if not self._done.is_set():
+            if threading.current_thread() is self._engine._thread:
+                raise RuntimeError(f"{self.what}: waited for from inside the squinchcomm engine "
+                                   "(a done-callback must not wait for another operation)")
+            if not self._done.wait(timeout):
+                raise TransportError(f"{self.what} did not complete within {timeout:g} s")
+        if self._error is not None:
+            raise self._error
+        if self._device is not None:
+            self._device.consumer_wait()
+        return self._result
+
+    def exception(self) -> BaseException | None:
+        """The operation's error once done (None while running or on success)."""
+        return self._error if self._done.is_set() else None
+
+    def add_done_callback(self, fn: Callable[["Handle"], None]):
+        """Call ``fn(handle)`` once the operation is done (on the engine's
+        thread; at once if it already is). ``fn`` must not block on another
+        operation of this engine."""
+        with self._engine._cv:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    # ------------------------------------------------------------ engine side
+    def _run(self):
+        """Drive the operation to its end (on the engine's thread)."""
+        op = self._op
+        try:
+            with self._device.enter() if self._device is not None else contextlib.nullcontext():
+                try:
+                    work = next(op)
+                    while True:
+                        work.wait(self._timeout)
+                        work = op.send(None)
+                except StopIteration as stop:
+                    self._result = stop.value
+                if self._device is not None:
+                    self._device.complete()
+        except BaseException as exc:  # kept for wait(); the next operations still run
+            self._error = exc
+            op.close()
+        finally:
+            self._op = None
+            if self._device is not None:
+                self._engine._retire(self._device, self._keep)
+            self._keep = ()
+            with self._engine._cv:
+                self._done.set()
+                callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # a callback's failure must not stop the engine
+                traceback.print_exc()
+
+
+class Engine:
+    """Runs one group's operations in submission order on a background thread.
+
+    Args:
+        name: shown in the thread's name and in error messages.
+        streams: the CUDA stream backend (tests pass a stand-in).
+    """
+
+    def __init__(self, name: str = "squinchcomm", streams: "CudaStreams | None" = None):
+        self.name = name
+        self._cv = threading.Condition()
+        self._queue: collections.deque[Handle] = collections.deque()
+        self._busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._streams = streams
+        self._engine_streams: dict[int, Any] = {}  # device -> the engine's stream there
+        self._retired: list[tuple[Any, Any]] = []  # (completion event, buffers) of GPU ops
+        _ENGINES.append(self)
+
+    @property
+    def streams(self) -> "CudaStreams":
+        if self._streams is None:
+            self._streams = CudaStreams()
+        return self._streams
+
+    def submit(self, op: Generator[Work, None, Any], *, what: str, timeout: float,
+               gpu: tuple[str, int] | None = None, keep=()) -> Handle:
+        """Queue ``op`` (a generator yielding transport Works and returning the
+        result) behind the operations already submitted.
+
+        Args:
+            op: the operation.
+            what: its description, for errors.
+            timeout: seconds each exchange may take before TransportError.
+            gpu: ``(family, device)`` of the operation's CUDA buffers, whose
+                producer stream is captured now; None for host buffers.
+            keep: objects to keep alive until the operation (and its GPU work) is done.
+        """
+        device = DeviceCapture(self, gpu[0], gpu[1]) if gpu is not None else None
+        handle = Handle(self, op, what, timeout, device, keep)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError(f"{what}: the squinchcomm engine has shut down "
+                                   "(interpreter exit); no new collectives can start")
+            self._queue.append(handle)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=f"{self.name}-engine",
+                                                daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+        return handle
+
+    def _loop(self):
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                handle = self._queue.popleft()
+                self._busy = True
+            self._purge()
+            handle._run()
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted operation is done; False on timeout."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("drain() called from inside the squinchcomm engine")
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def close(self, timeout: float | None = None):
+        """Finish the queue (at most ``timeout`` s) and stop the thread."""
+        self.drain(timeout)
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(0 if timeout is None else max(0.0, min(timeout, 1.0)))
+
+    # ------------------------------------------------------------ CUDA
+    def _stream(self, device: int):
+        s = self._engine_streams.get(device)
+        if s is None:
+            s = self._engine_streams[device] = self.streams.new_stream(device)
+        return s
+
+    def _retire(self, device: "DeviceCapture", keep):
+        if device.done is not None and keep:
+            self._retired.append((device.done, keep))
+
+    def _purge(self):
+        """Release buffers of GPU operations whose completion event has fired."""
+        if self._retired:
+            self._retired = [(e, k) for e, k in self._retired if not self.streams.query(e)]
+
+    def _after_fork(self):
+        """In a forked child: no thread, nothing queued (the parent owns them)."""
+        self._cv = threading.Condition()
+        self._queue.clear()
+        self._busy, self._thread, self._retired = False, None, []
+        self._engine_streams.clear()
+
+
+class DeviceCapture:
+    """The CUDA device and producer stream of one operation (rule 4 above)."""
+
+    def __init__(self, engine: Engine, family: str, device: int):
+        self.engine, self.family, self.device = engine, family, device
+        s = engine.streams
+        # Step 1 (caller's thread, at submission): the producer's stream, and
+        # an event after the work that produced the buffers.
+        self.producer = s.current(family, device)
+        self.ready = s.record(self.producer, device)
+        self.stream = self.done = None
+
+    def enter(self):
+        """Step 2 (engine thread): run on the engine's stream, after ``ready``."""
+        s = self.engine.streams
+        self.stream = self.engine._stream(self.device)
+        s.wait(self.stream, self.ready)
+        return s.use(self.stream, self.device)
+
+    def complete(self):
+        """Step 3 (engine thread, the operation has finished): record the
+        completion event; the producer's stream waits on it."""
+        s = self.engine.streams
+        self.done = s.record(self.stream, self.device)
+        s.wait(self.producer, self.done)
+        if config.env_bool("CUDA_DEBUG", False):
+            try:
+                s.synchronize(self.stream)
+            except Exception as exc:
+                raise BackendError(f"a CUDA kernel of this operation failed: {exc}") from exc
+
+    def consumer_wait(self):
+        """Step 4 (caller's thread, in ``wait()``): the current stream waits too."""
+        s = self.engine.streams
+        s.wait(s.current(self.family, self.device), self.done)
+
+
+class CudaStreams:
+    """The CUDA calls the engine makes, through CuPy (and torch for torch's
+    current stream). Kept behind this small interface so that the ordering
+    logic above can be tested on a machine without a GPU."""
+
+    @staticmethod
+    def _cupy():
+        import cupy
+
+        return cupy
+
+    def current(self, family: str, device: int):
+        cupy = self._cupy()
+        with cupy.cuda.Device(device):
+            if family == "torch":
+                import torch
+
+                ts = torch.cuda.current_stream(device)
+                return cupy.cuda.ExternalStream(ts.cuda_stream, device)
+            return cupy.cuda.get_current_stream()
+
+    def record(self, stream, device: int):
+        cupy = self._cupy()
+        with cupy.cuda.Device(device):
+            event = cupy.cuda.Event(disable_timing=True)
+            event.record(stream)
+        return event
+
+    @staticmethod
+    def wait(stream, event):
+        stream.wait_event(event)
+
+    def new_stream(self, device: int):
+        cupy = self._cupy()
+        with cupy.cuda.Device(device):
+            return cupy.cuda.Stream(non_blocking=True)
+
+    def use(self, stream, device: int):
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._cupy().cuda.Device(device))
+        stack.enter_context(stream)
+        return stack
+
+    @staticmethod
+    def synchronize(stream):
+        stream.synchronize()
+
+    @staticmethod
+    def query(event) -> bool:
+        return bool(event.done)
+
+
+# ----------------------------------------------------------------------------
+# One engine per group, found by the transport's engine key.
+# ----------------------------------------------------------------------------
+_ENGINES: list[Engine] = []
+_BY_KEY: dict[Any, Engine] = {}
+_LOCK = threading.Lock()
+
+
+def engine_for(transport) -> Engine:
+    """The engine of ``transport``'s group: one per process group or MPI
+    communicator, shared by every Communicator built over it."""
+    key = transport.engine_key()
+    with _LOCK:
+        engine = _BY_KEY.get(key)
+        if engine is None:
+            engine = _BY_KEY[key] = Engine(f"squinchcomm-{transport.name}")
+        return engine
+
+
+def drain_all(timeout: float | None = None) -> bool:
+    """Wait for every engine's queue; False if one did not finish in time."""
+    return all(e.drain(timeout) for e in list(_ENGINES))
+
+
+def _after_fork_in_child():
+    for e in _ENGINES:
+        e._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ----------------------------------------------------------------------------
+# Interpreter exit
+# ----------------------------------------------------------------------------
+def _at_exit():
+    """Finish every engine's queue and stop its thread, then take down a
+    gloo-only default process group before the C++ destructors run (torch
+    2.13's gloo could abort a finished rank at exit, "terminate called
+    without an active exception", while work or threads were still alive).
+    The interpreter's own exit status is kept."""
+    for e in list(_ENGINES):
+        e.close(config.timeout())
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or "mpi4py.MPI" in sys.modules:
+        return  # MPI must finalize through mpi4py's own exit handler
+    try:
+        if dist.is_initialized() and str(dist.get_backend()) == "gloo":
+            dist.destroy_process_group()
+    except Exception:  # exiting anyway: never turn a finished run into a failure
+        pass
+
+
+atexit.register(_at_exit)
