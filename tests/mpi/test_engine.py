@@ -1,0 +1,149 @@
+"""The progress engine across real ranks: operations progress without polling,
+keep one order under rank-dependent timing, fail loudly on every rank and do
+not wedge what comes after; exact collectives of float64 and integers; the
+reduce-scatter over arbitrary splits.
+
+Run like the other MPI suites (tests/test_mpi_suites.py), over MPI or over
+torch.distributed gloo (``SQUINCHCOMM_TEST_TRANSPORT=torch``).
+"""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.mpi
+MPI = pytest.importorskip("mpi4py.MPI")
+
+from squinchcomm import codec  # noqa: E402
+from test_collectives import Q, all_inputs, block_max, comm, data, same_everywhere  # noqa: E402,F401
+
+
+def squinch_bound(xs, scale):
+    mag = sum(np.abs(v) for v in xs) * scale
+    first = Q * sum(block_max(v) for v in xs) * scale
+    return first + Q * block_max(mag + first) + 1e-30
+
+
+def test_unpolled_handle_completes_while_the_caller_sleeps(comm):
+    """A two-stage compressed allreduce finishes while its caller only sleeps:
+    nobody calls test() or wait() until it is done."""
+    n = 40_000
+    finished = threading.Event()
+    h = comm.allreduce_async(data(30, comm.rank, n), compression="squinch")
+    h.add_done_callback(lambda _: finished.set())
+    assert finished.wait(60), "the operation did not progress without being polled"
+    assert h.test()
+    y = h.wait()
+    xs = all_inputs(comm, 30, n)
+    assert np.all(np.abs(y - sum(xs) / comm.size) <= squinch_bound(xs, 1 / comm.size))
+    same_everywhere(comm, y)
+
+
+def test_buckets_in_flight_with_rank_dependent_delays(comm):
+    """Gradient buckets submitted one by one with rank-dependent compute in
+    between (as backward produces them), several in flight, then waited for in
+    a rank-dependent order: every result is within its bound and bit-identical
+    on every rank, and all of them completed before anyone waited."""
+    sizes = [30_000, 5_000, 70_001, 12_345, 40_000, 8]
+    comps = ["squinch", "bf16", "squinch", "none", "fp16", "squinch"]
+    done = [threading.Event() for _ in sizes]
+    handles = []
+    for i, (n, c) in enumerate(zip(sizes, comps)):
+        time.sleep(0.02 * ((comm.rank + i) % 3))  # this rank's "backward" for bucket i
+        h = comm.allreduce_async(data(40 + i, comm.rank, n), compression=c, name=f"bucket{i}")
+        h.add_done_callback(lambda _, e=done[i]: e.set())
+        handles.append(h)
+    for e in done:  # sleep, do not poll
+        assert e.wait(60), "a bucket did not complete without polling"
+    order = np.random.default_rng(comm.rank).permutation(len(sizes))
+    results = {int(i): handles[int(i)].wait() for i in order}
+    for i, (n, c) in enumerate(zip(sizes, comps)):
+        xs = all_inputs(comm, 40 + i, n)
+        ref = sum(xs) / comm.size
+        mag = sum(np.abs(v) for v in xs) / comm.size
+        u, tiny = {"bf16": (2.0 ** -8, 0.0), "fp16": (2.0 ** -11, 2.0 ** -25)}.get(c, (0, 0))
+        bound = {"squinch": squinch_bound(xs, 1 / comm.size),  # as in test_collectives
+                 "bf16": u * mag * (2 + u) + 2 * tiny, "fp16": u * mag * (2 + u) + 2 * tiny,
+                 "none": 0.0}[c] + 1e-6 * mag + 1e-30
+        assert np.all(np.abs(results[i] - ref) <= bound), (i, c)
+        same_everywhere(comm, results[i])
+
+
+@pytest.mark.skipif(MPI.COMM_WORLD.Get_size() < 2, reason="needs ranks that disagree")
+def test_mismatched_shapes_raise_on_every_rank_and_do_not_wedge(comm):
+    x = np.ones(1000 + 8 * comm.rank, np.float32)
+    h = comm.allreduce_async(x, compression="squinch", name="w")
+    with pytest.raises(ValueError, match="allreduce: ranks disagree .*shape"):
+        h.wait()
+    # The next operations run normally.
+    y = comm.allreduce(np.full(1000, comm.rank, np.float32), compression="none", op="sum")
+    assert np.array_equal(y, np.full(1000, sum(range(comm.size)), np.float32))
+
+
+@pytest.mark.skipif(MPI.COMM_WORLD.Get_size() < 2, reason="needs ranks that disagree")
+def test_different_collectives_raise_on_every_rank(comm):
+    """Rank 0 calls allreduce while the others call reduce_scatter on the same
+    tensor: the kind of collective is part of what ranks agree on."""
+    x = np.ones(4096, np.float32)
+    with pytest.raises(ValueError, match="ranks disagree .*collective"):
+        if comm.rank == 0:
+            comm.allreduce(x, compression="squinch")
+        else:
+            comm.reduce_scatter(x, compression="squinch")
+    comm.barrier()
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.float64])
+@pytest.mark.parametrize("op", ["sum", "average"])
+def test_exact_allreduce_of_float64_and_integers(comm, dtype, op):
+    """dtypes the compressors do not take are summed exactly, uncompressed,
+    whatever compression is asked for."""
+    n = 1001
+    rng = [np.random.default_rng([50, r]) for r in range(comm.size)]
+    if dtype is np.int64:
+        xs = [g.integers(-2 ** 50, 2 ** 50, n) for g in rng]  # beyond float64's 2**53 when summed
+    elif dtype is np.float64:
+        xs = [g.standard_normal(n) for g in rng]
+    else:
+        hi = 100 if dtype is np.uint8 else 2 ** 20
+        xs = [g.integers(0 if dtype is np.uint8 else -hi, hi // comm.size, n) for g in rng]
+    xs = [v.astype(dtype) for v in xs]
+    y = comm.allreduce(xs[comm.rank], op=op, compression="squinch")
+    assert y.dtype == dtype and y.shape == (n,)
+    if dtype is np.float64:
+        total = sum(xs)
+        ref = total / comm.size if op == "average" else total
+        assert np.allclose(y, ref, rtol=1e-13, atol=1e-13)
+    else:
+        total = sum(v.astype(object) for v in xs)  # Python integers: exact
+        if op == "average":  # truncation toward zero, like Horovod
+            total = np.array([abs(int(t)) // comm.size * (1 if t >= 0 else -1) for t in total],
+                             dtype=object)
+        assert [int(v) for v in y] == [int(t) for t in total]
+    same_everywhere(comm, y)
+
+
+@pytest.mark.parametrize("compression", ["squinch", "none"])
+def test_reduce_scatter_over_uneven_splits_matches_the_oracle(comm, compression):
+    """Horovod-style row splits (not block-aligned): every rank's part is
+    encoded on its own, summed in fp32 in rank order; the expectation is
+    built here from the NumPy oracle codec, not from the collective."""
+    row, rows = 13, 7 * comm.size + 3
+    splits = [(rows // comm.size + (1 if r < rows % comm.size else 0)) * row
+              for r in range(comm.size)]
+    n = rows * row
+    bounds = np.cumsum([0] + splits)
+    lo, hi = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
+    shard, got_bounds = comm.reduce_scatter(data(60, comm.rank, n), counts=splits,
+                                            compression=compression, op="average")
+    assert got_bounds == (lo, hi) and shard.dtype == np.float32
+    acc = np.zeros(hi - lo, np.float32)
+    for r in range(comm.size):  # rank order, fp32, from +0
+        part = data(60, r, n)[lo:hi]
+        if compression == "squinch":
+            part = codec.decode(codec.encode(part, backend="oracle", offset=lo), hi - lo,
+                                backend="oracle")
+        acc = acc + part
+    assert np.array_equal(shard, acc * np.float32(1 / comm.size))
