@@ -1,6 +1,7 @@
 """Shared test helpers: deterministic inputs with the format's special values."""
 
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -23,10 +24,18 @@ def mixed_values(rng: np.random.Generator, n: int) -> np.ndarray:
     return x
 
 
+def stable_seed(nodeid: str) -> int:
+    """A 32-bit seed from a test's node id that is the same in every process:
+    CRC-32 of its UTF-8 bytes (``hash()`` of a str is salted per process by
+    PYTHONHASHSEED, so it would differ between runs and between MPI ranks)."""
+    return zlib.crc32(nodeid.encode("utf-8"))
+
+
 @pytest.fixture
 def rng(request):
-    # One stream per test, stable across runs.
-    return np.random.default_rng(abs(hash(request.node.name)) % (2 ** 32))
+    # One stream per test (the full node id: file, test and parameters), the
+    # same in every run and on every rank, so a failure reproduces.
+    return np.random.default_rng(stable_seed(request.node.nodeid))
 
 
 def pytest_ignore_collect(collection_path, config):

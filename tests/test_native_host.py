@@ -32,6 +32,10 @@ DRIVER = ROOT / "tests" / "native" / "host_check.cu"
 KINDS = {"float32": 0, "float16": 1, "bfloat16": 2}
 SIZES = [0, 1, 7, 8, 9, 1000, 4099]
 OFFSETS = [0, 12345, 2**32 - 5, 2**64 - 20]  # crossing the 32-bit and 64-bit wraps
+# Each packed-table offset of native/squinch.cuh and the format.py table it indexes
+# (names only: the numbers come from the header and from format.packed_tables()).
+TABLE_OFFSETS = {"kTabScale": "SCALE", "kTabInv": "INV_SCALE", "kTabT": "THRESHOLD",
+                 "kTabF": "LEVEL_FRACTION", "kTabMid": "MIDPOINT", "kTabStep": "LEVEL_STEP"}
 
 
 # ---------------------------------------------------------------- the driver
@@ -49,9 +53,15 @@ class HostCheck:
         d.mkdir()
         return d
 
-    def _run(self, *args):
+    def _run(self, *args) -> str:
         proc = subprocess.run([str(self.exe), *map(str, args)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def layout(self) -> dict[str, int]:
+        """The kTab* offsets as compiled from native/squinch.cuh."""
+        return {name: int(value) for name, value in
+                (line.split() for line in self._run("layout").splitlines())}
 
     def encode(self, x, kind, stochastic, seed, offset, residual, shift):
         d = self._dir()
@@ -126,11 +136,32 @@ def test_native_sources_are_nvrtc_friendly():
         assert all(inc == '"squinch.cuh"' for inc in includes), (name, includes)
 
 
-def test_packed_table_layout_matches_header():
+def check_table_layout(offsets: dict[str, int]):
+    """The header's offsets index format.packed_tables() as the kernels assume:
+    each kTab* offset starts a bit-exact copy of its format.py table, the tables
+    tile the packed array without gaps or overlaps, and kTabSize is its length."""
+    packed = fmt.packed_tables()
+    assert set(offsets) == set(TABLE_OFFSETS) | {"kTabSize"}, sorted(offsets)
+    assert offsets["kTabSize"] == packed.size
+    covered = np.zeros(packed.size, np.int64)
+    for name, table in TABLE_OFFSETS.items():
+        want = getattr(fmt, table)
+        lo = offsets[name]
+        assert 0 <= lo <= packed.size - want.size, (name, lo, want.size)
+        assert_bits_equal(packed[lo: lo + want.size], want, f"{name} -> format.{table}")
+        covered[lo: lo + want.size] += 1
+    assert np.all(covered == 1), "the tables do not tile format.packed_tables()"
+
+
+def test_packed_table_layout_matches_header_text():
+    """Without nvcc: the offsets as written in native/squinch.cuh."""
     text = (NATIVE / "squinch.cuh").read_text()
-    offsets = dict(re.findall(r"(kTab\w+) = (\d+)", text))
-    assert int(offsets["kTabSize"]) == fmt.packed_tables().size
-    assert int(offsets["kTabF"]) == 3 * 256 and int(offsets["kTabStep"]) == 3 * 256 + 32
+    check_table_layout({k: int(v) for k, v in re.findall(r"\b(kTab\w+) = (\d+)", text)})
+
+
+def test_packed_table_layout_matches_compiled_header(host):
+    """The offsets the compiler resolves from native/squinch.cuh (host_check layout)."""
+    check_table_layout(host.layout())
 
 
 @pytest.mark.parametrize("n", SIZES)

@@ -372,9 +372,17 @@ def test_allreduce_variants(world):
     assert i.dtype == torch.int64 and i.tolist() == [world.size * (world.size - 1) // 2, world.size]
     d = hvd.allreduce(torch.tensor([float(world.rank)], dtype=torch.float64))
     assert d.dtype == torch.float64 and d.item() == (world.size - 1) / 2
-    h = hvd.allreduce(rdata(2, world.rank, 64, torch.bfloat16),
+    # bf16 on the wire: bf16 inputs travel exactly, the sum and the 1/size scale
+    # are fp32, and the average is rounded once to bf16 (relative error <= 2^-8).
+    h = hvd.allreduce(rdata(2, world.rank, n, torch.bfloat16),
                       compression=hvd.Compression.bf16)
-    assert h.dtype == torch.bfloat16
+    assert h.dtype == torch.bfloat16 and h.shape == (n,)
+    assert_same_everywhere(h)
+    hs = [rdata(2, r, n, torch.bfloat16).double().numpy() for r in range(world.size)]
+    ref = sum(hs) / world.size
+    mag = sum(np.abs(v) for v in hs) / world.size
+    err = np.abs(h.double().numpy() - ref)
+    assert np.all(err <= 2.0 ** -8 * np.abs(ref) + 2e-6 * mag + 1e-30), err.max()
 
 
 def test_async_synchronize_and_poll(world):

@@ -14,6 +14,7 @@
 //   host_check accumulate TABLES K N PAYLOADS OUT_IN SCALE_BITS OUT SHIFT
 //   host_check reduce     TABLES K N PAYLOADS SCALE_BITS STOCH KEY OFFSET RES_IN OUT RES_OUT SHIFT
 //   host_check convert    F32_IN U16_IN OUT_F16 OUT_BF16 OUT_F16_TO_F32 OUT_BF16_TO_F32
+//   host_check layout     (prints the packed-table offsets, `NAME VALUE` per line)
 // KIND: 0 float32, 1 float16 bits, 2 bfloat16 bits; KEY, OFFSET, SCALE_BITS
 // are decimal integers (SCALE_BITS: the float32's bits).
 #include <cstdio>
@@ -77,7 +78,8 @@ float bits_to_float(u64 bits) { return squinch::u2f(static_cast<u32>(bits)); }
 
 std::vector<float> read_tables(const std::string& path) {
   Buffer buf = read_file(path, 0);
-  if (buf.size != sizeof(float) * squinch::kTabSize) die("tables must hold 816 float32");
+  if (buf.size != sizeof(float) * squinch::kTabSize)
+    die("tables must hold " + std::to_string(squinch::kTabSize) + " float32");
   std::vector<float> tab(squinch::kTabSize);
   std::memcpy(tab.data(), buf.data, buf.size);
   return tab;
@@ -205,6 +207,20 @@ int cmd_convert(char** a) {
   return 0;
 }
 
+int cmd_layout(char**) {
+  // The packed-table layout as the compiler sees native/squinch.cuh, so the
+  // test compares the kernels' offsets with format.packed_tables() itself.
+  const struct {
+    const char* name;
+    int value;
+  } entries[] = {{"kTabScale", squinch::kTabScale}, {"kTabInv", squinch::kTabInv},
+                 {"kTabT", squinch::kTabT},         {"kTabF", squinch::kTabF},
+                 {"kTabMid", squinch::kTabMid},     {"kTabStep", squinch::kTabStep},
+                 {"kTabSize", squinch::kTabSize}};
+  for (const auto& e : entries) std::printf("%s %d\n", e.name, e.value);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -215,7 +231,7 @@ int main(int argc, char** argv) {
   };
   const Command commands[] = {{"encode", 11, cmd_encode},         {"decode", 6, cmd_decode},
                               {"accumulate", 8, cmd_accumulate}, {"reduce", 12, cmd_reduce},
-                              {"convert", 6, cmd_convert}};
+                              {"convert", 6, cmd_convert},       {"layout", 0, cmd_layout}};
   if (argc >= 2) {
     for (const Command& c : commands) {
       if (std::strcmp(argv[1], c.name) == 0) {
@@ -224,5 +240,5 @@ int main(int argc, char** argv) {
       }
     }
   }
-  die("usage: host_check encode|decode|accumulate|reduce|convert ARGS... (see the source)");
+  die("usage: host_check encode|decode|accumulate|reduce|convert|layout ARGS... (see the source)");
 }
