@@ -491,3 +491,63 @@ def test_reducescatter_and_alltoall(world):
     assert eq.tolist() == [v for s in range(world.size)
                            for v in (100 * s + 2 * world.rank, 100 * s + 2 * world.rank + 1)]
     hvd.barrier()
+
+
+def test_reducescatter_is_the_communicators_reduce_scatter(world):
+    """hvd.reducescatter is Communicator.reduce_scatter over Horovod's row
+    splits: the same bits as the Communicator call, and (independently) as the
+    NumPy oracle's encode/decode of each rank's rows summed in fp32."""
+    from squinchcomm import codec
+
+    rows, row = 3 * world.size + 2, 11
+    counts = [rows // world.size + (1 if r < rows % world.size else 0) for r in range(world.size)]
+    lo = sum(counts[: world.rank]) * row
+    n_mine = counts[world.rank] * row
+    xs = [rdata(7, r, rows * row).reshape(rows, row) for r in range(world.size)]
+    got = hvd.reducescatter(xs[world.rank], compression=hvd.Compression.squinch)
+    acc = np.zeros(n_mine, np.float32)
+    for x in xs:  # rank order, fp32
+        part = x.reshape(-1)[lo: lo + n_mine].numpy()
+        acc = acc + codec.decode(codec.encode(part, backend="oracle", offset=lo), n_mine,
+                                 backend="oracle")
+    assert got.shape == (counts[world.rank], row) and got.dtype == torch.float32
+    assert np.array_equal(got.reshape(-1).numpy(), acc * np.float32(1 / world.size))
+    shard, _ = world.reduce_scatter(xs[world.rank], counts=[c * row for c in counts],
+                                    compression="squinch")
+    assert torch.equal(got.reshape(-1), shard)
+    # Integers: exact sums, Horovod's rows.
+    ints = torch.arange(rows * 2, dtype=torch.int64).reshape(rows, 2) * (world.rank + 1) + 2 ** 40
+    total = sum(torch.arange(rows * 2, dtype=torch.int64).reshape(rows, 2) * (r + 1) + 2 ** 40
+                for r in range(world.size))
+    start = sum(counts[: world.rank])
+    assert torch.equal(hvd.reducescatter(ints, op=hvd.Sum),
+                       total[start: start + counts[world.rank]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.int32])
+def test_allreduce_of_dtypes_the_compressors_do_not_take(world, dtype):
+    t = (torch.arange(1000, dtype=torch.float64) * (world.rank + 1) + 2 ** 35).to(dtype) \
+        if dtype != torch.int32 else torch.arange(1000, dtype=dtype) * (world.rank + 1)
+    total = sum((torch.arange(1000, dtype=torch.float64) * (r + 1) + 2 ** 35).to(dtype)
+                if dtype != torch.int32 else torch.arange(1000, dtype=dtype) * (r + 1)
+                for r in range(world.size))
+    got = hvd.allreduce(t, op=hvd.Sum, compression=hvd.Compression.squinch)
+    assert got.dtype == dtype and torch.equal(got, total)
+    assert_same_everywhere(got)
+
+
+@pytest.mark.skipif(MPI.COMM_WORLD.Get_size() < 2, reason="needs ranks that disagree")
+@pytest.mark.parametrize("mismatch", ["shape", "dtype"])
+def test_mismatched_allreduce_raises_on_every_rank(world, mismatch):
+    """Shapes or dtypes that differ across ranks raise the same ValueError on
+    every rank (never a tensor of uninitialised memory), and the next
+    collective works."""
+    if mismatch == "shape":
+        t = torch.ones(100 + 8 * world.rank)
+    else:
+        t = torch.ones(100, dtype=torch.float32 if world.rank == 0 else torch.bfloat16)
+    with pytest.raises(ValueError, match=f"ranks disagree .*{mismatch}"):
+        hvd.allreduce(t, name="grad", compression=hvd.Compression.squinch)
+    with pytest.raises(ValueError, match="ranks disagree"):
+        hvd.synchronize(hvd.allreduce_async_(t, name="grad"))
+    assert torch.equal(hvd.allreduce(torch.ones(7), op=hvd.Sum), torch.full((7,), world.size * 1.0))
