@@ -4,7 +4,6 @@ import importlib
 import sys
 
 from squinchcomm.bench import COMMANDS
-from squinchcomm.transport import exit_past_gloo
 
 
 def main(argv=None):
@@ -15,12 +14,9 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     module, _, function = COMMANDS[argv[0]].partition(":")
-    try:
-        getattr(importlib.import_module(module), function or "main")(argv[1:])
-    except SystemExit as exc:  # argparse: --help, or a usage error (status 2)
-        exit_past_gloo(exc.code)
-        raise
-    exit_past_gloo(0)
+    # Interpreter exit drains the engines and takes the gloo group down
+    # (squinchcomm.collectives.engine), so nothing is needed after the command.
+    getattr(importlib.import_module(module), function or "main")(argv[1:])
     return 0
 
 
