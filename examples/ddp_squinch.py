@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # Data and model only (any model and data loader work the same way).
-from squinchcomm.bench.corpus import load_corpus, sample_windows
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors, estimate_loss
+from squinchcomm.models.corpus import load_corpus, sample_windows
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT, batch_tensors, estimate_loss
 from squinchcomm.torch import ddp_hooks  # squinchcomm: the DDP communication hooks
 from squinchcomm.transport import exit_past_gloo  # squinchcomm: clean exit under gloo
 

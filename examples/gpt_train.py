@@ -36,7 +36,7 @@ The companion techniques of ``squinchcomm.nn`` switch on with flags:
 
 Distillation, e.g. (the teacher's shard for (step, rank) holds its samples of
 exactly the windows that rank draws at that step; see
-``squinchcomm.bench.tinygpt.dump_teacher``):
+``squinchcomm.models.tinygpt.dump_teacher``):
 
     mpirun -n 2 python examples/gpt_train.py --layers 4 --steps 200 --dump-teacher /tmp/t
     mpirun -n 2 python examples/gpt_train.py --layers 1 --steps 200 --distill-dir /tmp/t
@@ -50,10 +50,10 @@ import time
 import torch
 
 import squinchcomm.torch as hvd  # squinchcomm: the Horovod-compatible API
-from squinchcomm.bench.corpus import load_corpus, sample_windows
-from squinchcomm.bench.tinygpt import (TEACHER_META, GPTConfig, TinyGPT, attention_z,
-                                       batch_tensors, document_visibility, dump_teacher,
-                                       estimate_loss, separator_doc_ids)
+from squinchcomm.models.corpus import load_corpus, sample_windows
+from squinchcomm.models.tinygpt import (TEACHER_META, GPTConfig, TinyGPT, attention_z,
+                                        batch_tensors, document_visibility, dump_teacher,
+                                        estimate_loss, separator_doc_ids)
 from squinchcomm.nn import distill  # squinchcomm: Gumbel top-k distillation
 from squinchcomm.transport import exit_past_gloo  # squinchcomm: clean exit under gloo
 

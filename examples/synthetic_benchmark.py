@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import squinchcomm.torch as hvd  # squinchcomm: the Horovod-compatible API
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT
 
 COMPRESSIONS = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
                 "bf16": hvd.Compression.bf16, "squinch": hvd.Compression.squinch}

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 
 from squinchcomm import codec  # noqa: E402
 from squinchcomm.bench import parity  # noqa: E402
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT  # noqa: E402
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT  # noqa: E402
 from squinchcomm.codec import baselines  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

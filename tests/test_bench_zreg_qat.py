@@ -8,9 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from squinchcomm.bench import corpus  # noqa: E402
 from squinchcomm.bench.__main__ import main as bench_main  # noqa: E402
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors  # noqa: E402
+from squinchcomm.models import corpus  # noqa: E402
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT, batch_tensors  # noqa: E402
 
 QUICK = dict(n_layer=1, n_embd=32, n_head=2, block_size=32)  # the --quick model
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from squinchcomm.bench.tinygpt import (GPTConfig, TinyGPT, attention_z, batch_tensors,
-                                       document_visibility, dump_teacher, separator_doc_ids,
-                                       z_means)
-from squinchcomm.bench.corpus import sample_windows
+from squinchcomm.models.corpus import sample_windows
+from squinchcomm.models.tinygpt import (GPTConfig, TinyGPT, attention_z, batch_tensors,
+                                        document_visibility, dump_teacher, separator_doc_ids,
+                                        z_means)
 from squinchcomm.nn import distill
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=24)

@@ -14,9 +14,9 @@ model with a 256-byte context for 3000 steps, see :data:`LONG`)::
 
     mpirun -n 4 python -m squinchcomm.bench parity --device cuda --long --name parity_long
 
-Experiment. A byte-level GPT (:class:`~squinchcomm.bench.tinygpt.TinyGPT`) is
+Experiment. A byte-level GPT (:class:`~squinchcomm.models.tinygpt.TinyGPT`) is
 trained on the Python standard library's source files
-(:mod:`squinchcomm.bench.corpus`; held-out split by file) by 4 data-parallel
+(:mod:`squinchcomm.models.corpus`; held-out split by file) by 4 data-parallel
 ranks over one torch.distributed gloo group, once per method and seed, one run
 after another in the same job. For a seed, every method starts from the same
 weights (``init_seed = seed``) and sees the same batches (rank ``r`` at step
@@ -100,10 +100,10 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from squinchcomm import Communicator, __version__, codec
 from squinchcomm.bench.common import params_digest, versions
-from squinchcomm.bench.corpus import load_corpus, sample_windows
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors
 from squinchcomm.bench.torch_methods import FlatBucket, PowerSGD, all_gather_single, share_cores
 from squinchcomm.codec import baselines
+from squinchcomm.models.corpus import load_corpus, sample_windows
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT, batch_tensors
 from squinchcomm.torch import WireCompression
 from squinchcomm.torch._ops import variant
 from squinchcomm.transport.torch_dist import init_process_group_from_env

@@ -6,7 +6,7 @@ Run from the repository root::
     python -m squinchcomm.bench zreg --quick       # seconds-long smoke run
 
 For each coefficient of ``--coefs`` (0 = Z-Reg off), two runs of the same
-:class:`~squinchcomm.bench.tinygpt.TinyGPT` (same init, same batches): a
+:class:`~squinchcomm.models.tinygpt.TinyGPT` (same init, same batches): a
 float32 forward and a bfloat16 autocast forward
 (``torch.autocast("cpu", torch.bfloat16)``; the weights and the optimizer
 stay float32). The coefficient applies to the attention logits and to the
@@ -15,8 +15,8 @@ loss ``c * mean_rows Z^2`` of each call, PaLM's z-loss form, whose ``c``
 does not depend on the number of rows). Every ``--every`` steps the mean
 ``|Z|`` (logsumexp) of the attention rows and of the LM-head rows, and the
 held-out loss, are measured on fixed held-out batches, in float32
-(:func:`~squinchcomm.bench.tinygpt.z_means`,
-:func:`~squinchcomm.bench.tinygpt.estimate_loss`). At the end: the mean
+(:func:`~squinchcomm.models.tinygpt.z_means`,
+:func:`~squinchcomm.models.tinygpt.estimate_loss`). At the end: the mean
 training loss of the last steps and the held-out loss, per run, and the
 bf16 - fp32 held-out loss gap per coefficient.
 
@@ -39,9 +39,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from squinchcomm.bench import corpus as corpus_mod
 from squinchcomm.bench.common import versions, write_results
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors, estimate_loss, z_means
+from squinchcomm.models import corpus as corpus_mod
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT, batch_tensors, estimate_loss, z_means
 from squinchcomm.nn.zreg import REDUCTIONS
 
 __all__ = ["main", "train_run", "add_training_args", "training_corpus", "machine_info", "PRECISIONS",

@@ -36,7 +36,7 @@ them, bit for bit):
 
 Example:
     >>> import torch
-    >>> from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT
+    >>> from squinchcomm.models.tinygpt import GPTConfig, TinyGPT
     >>> model = TinyGPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16))
     >>> logits, loss = model(torch.zeros(3, 16, dtype=torch.long),
     ...                      torch.zeros(3, 16, dtype=torch.long))
@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from squinchcomm.bench import corpus as corpus_mod
+from squinchcomm.models import corpus as corpus_mod
 from squinchcomm.nn import distill
 from squinchcomm.nn import visibility as visibility_mod
 from squinchcomm.nn.clamp import DEFAULT_MULTIPLIER, MODES as CLAMP_MODES, DynamicClamp
@@ -642,8 +642,8 @@ def train_and_capture(config: GPTConfig = GPTConfig(), steps: int = 30,
         seq: context length; default ``config.block_size``.
         lr: AdamW learning rate (constant; betas 0.9 / 0.95 as in GPT training).
         seed: seeds the data order (the init seed is ``config.init_seed``).
-        data: a loaded :class:`~squinchcomm.bench.corpus.Corpus`; default
-            :func:`~squinchcomm.bench.corpus.load_corpus`.
+        data: a loaded :class:`~squinchcomm.models.corpus.Corpus`; default
+            :func:`~squinchcomm.models.corpus.load_corpus`.
         device: torch device.
 
     Returns:
