@@ -151,6 +151,7 @@ def _gradients(args) -> tuple[list[tuple[str, str, np.ndarray]], dict, object]:
     """Train the tiny GPT; return datasets, a description and the TrainResult."""
     import torch  # only the gradient part needs torch
 
+    from squinchcomm.bench.gradients import train_and_capture
     from squinchcomm.models import corpus, tinygpt
 
     torch.manual_seed(args.seed)  # nothing random should use it; belt and braces
@@ -158,8 +159,8 @@ def _gradients(args) -> tuple[list[tuple[str, str, np.ndarray]], dict, object]:
                                block_size=args.seq, init_seed=args.seed)
     data = corpus.load_corpus(max_bytes=args.corpus_bytes)
     steps = sorted({1, args.steps})
-    result = tinygpt.train_and_capture(config, steps=args.steps, capture_steps=tuple(steps),
-                                       batch=args.batch, lr=args.lr, seed=args.seed, data=data)
+    result = train_and_capture(config, steps=args.steps, capture_steps=tuple(steps),
+                               batch=args.batch, lr=args.lr, seed=args.seed, data=data)
     datasets = []
     for snap in result.snapshots:
         rms = float(np.sqrt(np.mean(snap.flat.astype(np.float64) ** 2)))
