@@ -29,10 +29,10 @@ them, bit for bit):
   :func:`~squinchcomm.nn.visibility.visibility_attention`;
   :func:`separator_doc_ids` and :func:`document_visibility` build the mask of
   corpus windows that cross file boundaries.
-- Gumbel top-k distillation: :func:`dump_teacher` stores a teacher's
-  samples for the training windows a student run will draw (the mapping is
-  in its docstring); the student reads them with
-  :class:`~squinchcomm.nn.distill.Reader`.
+- Gumbel top-k distillation: the teacher's logits of the windows a student
+  run draws go to :func:`squinchcomm.nn.distill.dump_teacher`, the student
+  reads them with :func:`~squinchcomm.nn.distill.open_teacher` (see
+  ``examples/gpt_train.py``).
 
 Example:
     >>> import torch
@@ -46,9 +46,7 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +55,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from squinchcomm.models import corpus as corpus_mod
-from squinchcomm.nn import distill
 from squinchcomm.nn import visibility as visibility_mod
 from squinchcomm.nn.clamp import DEFAULT_MULTIPLIER, MODES as CLAMP_MODES, DynamicClamp
 from squinchcomm.nn.zreg import REDUCTIONS, ZRegStats, zreg_attention, zreg_logits
@@ -71,8 +68,6 @@ __all__ = [
     "z_means",
     "separator_doc_ids",
     "document_visibility",
-    "dump_teacher",
-    "TEACHER_META",
     "batch_tensors",
     "estimate_loss",
 ]
@@ -464,69 +459,6 @@ def document_visibility(doc_ids: torch.Tensor) -> Visibility:
     start = torch.stack([r[0] for r in rows]).to(doc_ids.device)  # (B, T)
     limit = torch.stack([r[1] for r in rows]).to(doc_ids.device)
     return start, limit
-
-
-# ----------------------------------------------------------------------------
-# Offline distillation: a teacher's Gumbel top-k samples of training windows.
-# ----------------------------------------------------------------------------
-TEACHER_META = "teacher.json"  # the dump's parameters, beside the shards
-
-
-@torch.no_grad()
-def dump_teacher(model: TinyGPT, data: np.ndarray, directory: str, steps: int, batch: int,
-                 seq: int, seed: int, world: int = 1, k: int = 32, temperature: float = 1.0,
-                 packed_docs: bool = False) -> list[str]:
-    """Store a teacher's Gumbel top-k samples for the windows a student run will train on.
-
-    Position mapping: a student rank trains at step ``s`` (1-based) on the
-    windows ``sample_windows(data, batch, seq, seed, step=s, rank=r)``. Shard
-    ``i = (s - 1) * world + r`` holds the teacher's sample for exactly those
-    windows, ``batch * seq`` positions in (window, position) order: position
-    ``t`` of window ``b`` is the teacher's distribution of the next token
-    after ``inputs[b, :t + 1]``, aligned with the student's logits
-    ``[b, t]``. :class:`~squinchcomm.nn.distill.Reader` gives rank ``r`` the
-    shards ``r, r + world, ...``, i.e. steps 1, 2, ... in order. The
-    parameters are saved in ``directory/teacher.json`` so that a student can
-    check it uses the same ones.
-
-    Args:
-        model: the teacher (any :class:`TinyGPT` with the same vocabulary).
-        data: the training bytes (``Corpus.train``).
-        directory: where the shards go; must not already hold shards.
-        steps, batch, seq, seed, world: those of the student run.
-        k: entries sampled per position.
-        temperature: the teacher's softmax temperature.
-        packed_docs: run the teacher with the packed-document mask
-            (:func:`separator_doc_ids`), as a student trained with it sees text.
-
-    Returns:
-        The shard paths.
-    """
-    for name, value in (("steps", steps), ("batch", batch), ("seq", seq), ("world", world)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    try:
-        with distill.Writer(directory, model.config.vocab_size, k, temperature,
-                            positions_per_shard=batch * seq) as writer:
-            for step in range(1, steps + 1):
-                for rank in range(world):
-                    windows = corpus_mod.sample_windows(data, batch, seq, seed, step, rank)
-                    x, _ = batch_tensors(windows, device)  # (B, T)
-                    vis = document_visibility(separator_doc_ids(x)) if packed_docs else None
-                    logits, _ = model(x, visibility=vis)  # (B, T, V)
-                    writer.write(distill.sample(logits.float().cpu().log_softmax(-1), k,
-                                                temperature, generator=gen))
-    finally:
-        model.train(was_training)
-    meta = {"steps": steps, "batch": batch, "seq": seq, "seed": seed, "world": world,
-            "k": k, "temperature": temperature, "packed_docs": packed_docs}
-    with open(os.path.join(directory, TEACHER_META), "w") as f:
-        json.dump(meta, f, indent=1)
-    return writer.paths
 
 
 # ----------------------------------------------------------------------------
