@@ -34,6 +34,9 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
     p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -52,7 +55,8 @@ def main():
     os.environ.setdefault("NUMBA_NUM_THREADS", str(share))  # squinchcomm:
 
     data = load_corpus(max_bytes=1 << 20)
-    config = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=args.seq)
+    config = GPTConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.width,
+                       block_size=args.seq)
     model = DDP(TinyGPT(config).to(device), device_ids=[device.index] if cuda else None)
     if args.hook != "none":  # squinchcomm: average gradient buckets compressed
         hook = {"squinch": ddp_hooks.squinch_hook, "fp16": ddp_hooks.fp16_hook,  # squinchcomm:

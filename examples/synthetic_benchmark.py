@@ -31,6 +31,7 @@ def main():
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--width", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--num-warmup-batches", type=int, default=2)
     p.add_argument("--num-batches-per-iter", type=int, default=3)
     p.add_argument("--num-iters", type=int, default=4)
@@ -43,7 +44,8 @@ def main():
 
     hvd.init("torch" if "TORCHELASTIC_RUN_ID" in os.environ else "mpi")  # squinchcomm
     torch.set_num_threads(max(1, os.cpu_count() // hvd.local_size()))
-    model = TinyGPT(GPTConfig(block_size=args.seq, n_layer=args.layers, n_embd=args.width))
+    model = TinyGPT(GPTConfig(block_size=args.seq, n_layer=args.layers, n_head=args.heads,
+                              n_embd=args.width))
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     gen = torch.Generator().manual_seed(hvd.rank())
     data = torch.randint(0, 256, (args.batch, args.seq + 1), generator=gen)

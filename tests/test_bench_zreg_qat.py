@@ -119,3 +119,13 @@ def test_bad_arguments_are_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_main(["zreg", "--reduction", "avg", "--out", str(tmp_path)])
     assert "invalid choice: 'avg'" in capsys.readouterr().err
+    # the model-size options are named as in every other command and example
+    with pytest.raises(SystemExit):
+        bench_main(["zreg", "--layers", "0", "--out", str(tmp_path)])
+    assert "--layers must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main(["qat", "--heads", "0", "--out", str(tmp_path)])
+    assert "--heads must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main(["zreg", "--n-layer", "2", "--out", str(tmp_path)])
+    assert "unrecognized arguments: --n-layer 2" in capsys.readouterr().err

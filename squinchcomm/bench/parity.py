@@ -99,7 +99,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from squinchcomm import Communicator, __version__, codec
-from squinchcomm.bench.common import params_digest, versions
+from squinchcomm.bench.common import add_model_args, option, params_digest, versions
 from squinchcomm.bench.torch_methods import FlatBucket, PowerSGD, all_gather_single, share_cores
 from squinchcomm.codec import baselines
 from squinchcomm.models.corpus import load_corpus, sample_windows
@@ -497,9 +497,7 @@ def _parse(argv):
     p.add_argument("--warmup", type=int, default=30, help="learning-rate warm-up steps")
     p.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
     p.add_argument("--seq", type=int, default=64, help="context length in bytes")
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=4)
+    add_model_args(p, layers=2, width=128, heads=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--zreg-coef", type=float, default=1e-3,
@@ -525,7 +523,7 @@ def _parse(argv):
     if args.long:
         given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}
         for opt, value in LONG.items():
-            if "--" + opt.replace("_", "-") not in given:
+            if option(opt) not in given:
                 setattr(args, opt, value)
     if args.quick:
         args.steps, args.warmup, args.n_layer, args.n_embd, args.n_head = 6, 2, 1, 32, 2

@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from squinchcomm.bench.common import write_results
+from squinchcomm.bench.common import option, write_results
 from squinchcomm.bench.zreg import (TAIL, add_training_args, machine_info, train_run,
                                     training_corpus)
 from squinchcomm.models import corpus as corpus_mod
@@ -113,7 +113,7 @@ def _parse(argv):
         p.error(f"--multiplier must be > 0, got {args.multiplier}")
     for name in ("steps", "every", "batch", "seq", "n_layer", "n_embd", "n_head", "threads"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            p.error(f"{option(name)} must be >= 1, got {getattr(args, name)}")
     return args
 
 

@@ -39,7 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from squinchcomm.bench.common import versions, write_results
+from squinchcomm.bench.common import add_model_args, option, versions, write_results
 from squinchcomm.models import corpus as corpus_mod
 from squinchcomm.models.tinygpt import GPTConfig, TinyGPT, batch_tensors, estimate_loss, z_means
 from squinchcomm.nn.zreg import REDUCTIONS
@@ -132,9 +132,7 @@ def add_training_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=4)
+    add_model_args(p, layers=2, width=128, heads=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -172,7 +170,7 @@ def _parse(argv):
         args.n_layer, args.n_embd, args.n_head = 1, 32, 2
     for name in ("steps", "every", "batch", "seq", "n_layer", "n_embd", "n_head", "threads"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            p.error(f"{option(name)} must be >= 1, got {getattr(args, name)}")
     return args
 
 
