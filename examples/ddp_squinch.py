@@ -22,10 +22,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # Data and model only (any model and data loader work the same way).
-from squinchcomm.bench.corpus import load_corpus, sample_windows
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors, estimate_loss
+import squinchcomm  # squinchcomm:
+from squinchcomm.models.corpus import load_corpus, sample_windows
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT, batch_tensors, estimate_loss
 from squinchcomm.torch import ddp_hooks  # squinchcomm: the DDP communication hooks
-from squinchcomm.transport import exit_past_gloo  # squinchcomm: clean exit under gloo
 
 
 def main():
@@ -34,6 +34,9 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
     p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -45,14 +48,13 @@ def main():
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(device)
-    share = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    torch.set_num_threads(share)  # the ranks of a node share its cores
-    # squinchcomm: the codec's Numba threads too (read when the codec first loads);
-    # oversubscribed, they made the hook ~7x slower on 2 cores.
-    os.environ.setdefault("NUMBA_NUM_THREADS", str(share))  # squinchcomm:
+    # squinchcomm: torch's and the codec's threads, each rank its share of the node's cores
+    # (oversubscribed, the hook was ~7x slower on 2 cores).
+    squinchcomm.share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
     data = load_corpus(max_bytes=1 << 20)
-    config = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=args.seq)
+    config = GPTConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.width,
+                       block_size=args.seq)
     model = DDP(TinyGPT(config).to(device), device_ids=[device.index] if cuda else None)
     if args.hook != "none":  # squinchcomm: average gradient buckets compressed
         hook = {"squinch": ddp_hooks.squinch_hook, "fp16": ddp_hooks.fp16_hook,  # squinchcomm:
@@ -95,4 +97,3 @@ def main():
 if __name__ == "__main__":
     main()
     # squinchcomm: torch 2.13's gloo can abort a rank at interpreter exit; leave now.
-    exit_past_gloo()

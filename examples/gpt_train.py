@@ -36,26 +36,25 @@ The companion techniques of ``squinchcomm.nn`` switch on with flags:
 
 Distillation, e.g. (the teacher's shard for (step, rank) holds its samples of
 exactly the windows that rank draws at that step; see
-``squinchcomm.bench.tinygpt.dump_teacher``):
+``squinchcomm.nn.distill.dump_teacher``):
 
     mpirun -n 2 python examples/gpt_train.py --layers 4 --steps 200 --dump-teacher /tmp/t
     mpirun -n 2 python examples/gpt_train.py --layers 1 --steps 200 --distill-dir /tmp/t
 """
 
 import argparse
-import json
 import os
 import time
 
 import torch
 
+import squinchcomm  # squinchcomm:
+
 import squinchcomm.torch as hvd  # squinchcomm: the Horovod-compatible API
-from squinchcomm.bench.corpus import load_corpus, sample_windows
-from squinchcomm.bench.tinygpt import (TEACHER_META, GPTConfig, TinyGPT, attention_z,
-                                       batch_tensors, document_visibility, dump_teacher,
-                                       estimate_loss, separator_doc_ids)
+from squinchcomm.models.corpus import load_corpus, sample_windows
+from squinchcomm.models.tinygpt import (GPTConfig, TinyGPT, attention_z, batch_tensors,
+                                        document_visibility, estimate_loss, separator_doc_ids)
 from squinchcomm.nn import distill  # squinchcomm: Gumbel top-k distillation
-from squinchcomm.transport import exit_past_gloo  # squinchcomm: clean exit under gloo
 
 COMPRESSIONS = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
                 "bf16": hvd.Compression.bf16, "squinch": hvd.Compression.squinch}
@@ -98,18 +97,14 @@ def parse_args():
     return args
 
 
-def open_teacher(args, rank, world):
-    """Return an iterator over this rank's teacher samples, one shard per step."""
-    with open(os.path.join(args.distill_dir, TEACHER_META)) as f:
-        meta = json.load(f)
-    mine = {"batch": args.batch, "seq": args.seq, "seed": args.seed, "world": world}
-    wrong = {key: (meta[key], value) for key, value in mine.items() if meta[key] != value}
-    if meta["steps"] < args.steps:
-        wrong["steps"] = (meta["steps"], args.steps)
-    if wrong:
-        raise ValueError(f"{args.distill_dir} was dumped for other windows: (dump, this run) "
-                         f"{wrong}; dump the teacher with this run's settings.")
-    return iter(distill.Reader(args.distill_dir, rank, world))
+def train_batch(args, data, step, rank):
+    """Inputs, targets and attention mask (None: causal) of ``rank``'s windows at ``step``."""
+    x, y = batch_tensors(sample_windows(data, args.batch, args.seq, args.seed, step=step,
+                                        rank=rank))
+    visibility = None
+    if args.packed_docs:  # squinchcomm: visibility mask of the packed files
+        visibility = document_visibility(separator_doc_ids(x))
+    return x, y, visibility
 
 
 def main():
@@ -119,7 +114,7 @@ def main():
         transport = "torch" if "TORCHELASTIC_RUN_ID" in os.environ else "mpi"
     hvd.init(transport)  # squinchcomm: mpirun or torchrun
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, os.cpu_count() // hvd.local_size()))
+    squinchcomm.share_cores(hvd.local_size())  # squinchcomm: the ranks of a node share its cores
     corpus = load_corpus()
     config = GPTConfig(block_size=args.seq, n_layer=args.layers, n_head=args.heads,
                        n_embd=args.width, init_seed=args.seed,
@@ -140,16 +135,14 @@ def main():
               f"{args.compression}  batch {args.batch}x{args.seq} per rank  {corpus.describe()}",
               flush=True)
     teacher = None
-    if args.distill_dir:
-        teacher = open_teacher(args, hvd.rank(), hvd.size())  # squinchcomm: distillation
+    if args.distill_dir:  # squinchcomm: this rank's teacher samples, one shard per step
+        teacher = iter(distill.open_teacher(args.distill_dir, hvd.rank(), hvd.size(),
+                                            steps=args.steps, batch=args.batch, seq=args.seq,
+                                            seed=args.seed))
     tokens = 0
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        x, y = batch_tensors(sample_windows(corpus.train, args.batch, args.seq, args.seed,
-                                            step=step, rank=hvd.rank()))
-        visibility = None
-        if args.packed_docs:  # squinchcomm: visibility mask of the packed files
-            visibility = document_visibility(separator_doc_ids(x))
+        x, y, visibility = train_batch(args, corpus.train, step, hvd.rank())
         optimizer.zero_grad(set_to_none=True)
         logits, loss = model(x, y, visibility=visibility)
         objective = loss
@@ -180,13 +173,19 @@ def main():
                 print(f"step {step:4d}  train loss {train_loss:.4f}  val loss {val:.4f}{extra}  "
                       f"{tokens / elapsed:,.0f} tokens/s", flush=True)
     if args.dump_teacher and hvd.rank() == 0:  # squinchcomm: store soft targets for a student
-        paths = dump_teacher(model, corpus.train, args.dump_teacher, args.steps, args.batch,
-                             args.seq, args.seed, world=hvd.size(),
-                             packed_docs=args.packed_docs)
+        model.eval()
+
+        def teacher_logits(step, rank):  # the windows `rank` of the student run draws at `step`
+            x, _, visibility = train_batch(args, corpus.train, step, rank)
+            return model(x, visibility=visibility)[0]
+
+        paths = distill.dump_teacher(teacher_logits, args.dump_teacher, config.vocab_size,
+                                     args.batch * args.seq, args.steps, world=hvd.size(),
+                                     seed=args.seed, meta={"batch": args.batch, "seq": args.seq,
+                                                           "packed_docs": args.packed_docs})
         print(f"teacher samples: {len(paths)} shards in {args.dump_teacher}", flush=True)
 
 
 if __name__ == "__main__":
     main()
     # squinchcomm: torch 2.13's gloo can abort a rank at interpreter exit; leave now.
-    exit_past_gloo()

@@ -17,8 +17,10 @@ import timeit
 import numpy as np
 import torch
 
+import squinchcomm  # squinchcomm:
+
 import squinchcomm.torch as hvd  # squinchcomm: the Horovod-compatible API
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT
 
 COMPRESSIONS = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
                 "bf16": hvd.Compression.bf16, "squinch": hvd.Compression.squinch}
@@ -31,6 +33,7 @@ def main():
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--width", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--num-warmup-batches", type=int, default=2)
     p.add_argument("--num-batches-per-iter", type=int, default=3)
     p.add_argument("--num-iters", type=int, default=4)
@@ -42,8 +45,9 @@ def main():
         p.error(f"unknown compressions {sorted(bad)}; choose from {', '.join(COMPRESSIONS)}")
 
     hvd.init("torch" if "TORCHELASTIC_RUN_ID" in os.environ else "mpi")  # squinchcomm
-    torch.set_num_threads(max(1, os.cpu_count() // hvd.local_size()))
-    model = TinyGPT(GPTConfig(block_size=args.seq, n_layer=args.layers, n_embd=args.width))
+    squinchcomm.share_cores(hvd.local_size())  # squinchcomm: the ranks of a node share its cores
+    model = TinyGPT(GPTConfig(block_size=args.seq, n_layer=args.layers, n_head=args.heads,
+                              n_embd=args.width))
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     gen = torch.Generator().manual_seed(hvd.rank())
     data = torch.randint(0, 256, (args.batch, args.seq + 1), generator=gen)

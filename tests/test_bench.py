@@ -5,7 +5,7 @@ import pytest
 
 from squinchcomm.bench import codec as codec_bench
 from squinchcomm.bench.common import parse_size, size_sweep
-from squinchcomm.bench.corpus import load_corpus, sample_windows
+from squinchcomm.models.corpus import load_corpus, sample_windows
 
 
 def test_corpus_split_is_by_file_and_deterministic():

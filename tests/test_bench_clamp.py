@@ -1,5 +1,6 @@
 """Smoke test of ``python -m squinchcomm.bench clamp --quick``: the JSON fields, and
-the properties the measurement claims, checked on its numbers."""
+the properties the measurement claims, checked on its numbers; and the sweep it runs,
+``measure_error_vs_scale``."""
 
 import json
 
@@ -8,6 +9,7 @@ import pytest
 pytest.importorskip("torch")
 
 from squinchcomm.bench.__main__ import main as bench_main  # noqa: E402
+from squinchcomm.bench.clamp import measure_error_vs_scale  # noqa: E402
 
 
 def test_quick_run_writes_consistent_results(tmp_path):
@@ -51,3 +53,14 @@ def test_bad_arguments_are_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_main(["clamp", "--scales", "1,0", "--out", str(tmp_path)])
     assert "--scales must be > 0" in capsys.readouterr().err
+
+
+def test_measure_error_vs_scale_curve():
+    rows = measure_error_vs_scale(scales=(1.0, 0.01), tokens=128, d_in=64, d_ff=256)
+    assert [r["scale"] for r in rows] == [1.0, 0.01]
+    first, last = rows
+    assert first["sqnr_db"]["constant"] > 20.0
+    assert last["zeroed"]["constant"] > 0.9 and last["sqnr_db"]["constant"] < 1.0
+    for mode in ("std", "rms", "weight"):
+        assert last["sqnr_db"][mode] > 20.0
+        assert abs(last["sqnr_db"][mode] - first["sqnr_db"][mode]) < 0.5

@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from squinchcomm.bench import corpus  # noqa: E402
 from squinchcomm.bench import distill as bench  # noqa: E402
+from squinchcomm.models import corpus  # noqa: E402
 
 
 def _format_bytes(k: int, vocab: int) -> int:

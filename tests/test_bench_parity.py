@@ -23,8 +23,8 @@ torch = pytest.importorskip("torch")
 
 from squinchcomm import codec  # noqa: E402
 from squinchcomm.bench import parity  # noqa: E402
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT  # noqa: E402
 from squinchcomm.codec import baselines  # noqa: E402
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +79,15 @@ def test_zreg_methods_are_also_compared_with_the_same_regularizer():
     assert v["diff_vs_bf16+zreg"] == pytest.approx(0.002)  # ... and the regularizer is why
     assert "diff_vs_bf16+zreg" not in parity.judge(parity.summarize(runs[:3] + [
         _run(1.0, "squinch", s, 2.0) for s in range(3)]))["squinch"]
+
+
+def test_model_size_options_and_the_long_run():
+    args = parity._parse(["--layers", "3", "--width=96", "--heads", "3"])
+    assert (args.n_layer, args.n_embd, args.n_head) == (3, 96, 3)
+    # --long sets the model it documents, except what is given explicitly
+    args = parity._parse(["--long", "--layers", "3", "--heads=4"])
+    assert (args.n_layer, args.n_head) == (3, 4)
+    assert (args.n_embd, args.steps) == (parity.LONG["n_embd"], parity.LONG["steps"])
 
 
 def test_learning_rate_schedule():

@@ -1,8 +1,10 @@
 """The pipeline benchmark (single-device stages of the compressed allreduce) and
 the allreduce time model: columns, JSON, the model's algebra and validation.
 
-Timings are not asserted beyond being positive; the model's checks recompute
-its formula here, from the issue's statement and the wire format.
+Timings measured here are not asserted beyond being positive; the model's checks
+recompute its formula here, from the issue's statement and the wire format. The
+committed shaped-cluster results are recomputed from their raw numbers and held to
+the README's reading of them (the model is optimistic, and close at slow links).
 """
 
 from __future__ import annotations
@@ -313,6 +315,9 @@ def test_validate_takes_the_chunk_size_from_the_file(tmp_path, capsys):
     assert f"K for {plain}: --pipeline-bytes {1 << 20}, assumed" in text
 
 
+SHAPED_RATES = {"200mbit": 2e8, "1gbit": 1e9, "10gbit": 1e10}  # bits/s, by file name
+
+
 def test_validate_the_committed_shaped_results(capsys):
     from pathlib import Path
 
@@ -325,9 +330,37 @@ def test_validate_the_committed_shaped_results(capsys):
     sizes = [{r["size"] for r in json.loads(p.read_text())["rows"] if r["method"] == "squinch"}
              for p in paths]
     assert len(doc["validation"]) == sum(len(s) for s in sizes)
-    for r in doc["validation"]:
-        assert r["fp32_model_s"] == pytest.approx(r["fp32_measured_s"])
-        assert 0 < r["efficiency"] <= 1.5 and r["squinch_model_s"] > 0
+    alpha = 10e-6  # the command's default --alpha
+    rows = {(r["file"], r["size"]): r for r in doc["validation"]}
+    for path in paths:
+        # Recomputed here from the file's raw numbers: the rate from the file name
+        # (shaped_4rank_<rate>.json), the efficiency that makes the written-out fp32
+        # formula give the measured fp32 time, the codec time from the stage table.
+        raw = json.loads(path.read_text())
+        rate = SHAPED_RATES[path.stem.rsplit("_", 1)[1]]
+        ranks = raw["world_size"]
+        timed = {(r["method"], r["size"]): r for r in raw["rows"]}
+        for stage in (s for s in raw["stages"] if s["method"] == "squinch"):
+            r = rows[(str(path), stage["size"])]
+            n = timed[("squinch", stage["size"])]["count"]
+            t_fp32 = timed[("engine_fp32", stage["size"])]["time_us"] * 1e-6
+            t_sq = timed[("squinch", stage["size"])]["time_us"] * 1e-6
+            eff = (2 * (ranks - 1) / ranks * 4 * n * 8 / rate) / (t_fp32 - 2 * (ranks - 1) * alpha)
+            ms = stage["rank0_ms"]
+            codec_s = (ms["encode"] + ms["reduce_encode"] + ms["decode"]) * 1e-3
+            chunks = expected_chunks(n, raw.get("pipeline_bytes", 16 << 20))
+            assert r["efficiency"] == pytest.approx(eff, rel=1e-9)
+            assert r["chunks"] == chunks
+            assert r["squinch_model_s"] == pytest.approx(
+                t_pipelined(n, ranks, rate, eff, alpha, codec_s, 0.0, chunks), rel=1e-9)
+            assert r["squinch_measured_s"] == pytest.approx(t_sq, rel=1e-12)
+            # The README's reading of these runs: the model is optimistic everywhere (it
+            # assumes perfect codec/wire overlap), and at 200 Mbit/s and 1 Gbit/s from
+            # 4 MiB up it predicts the measured Squinch time to within a third.
+            ratio = r["squinch_model_s"] / t_sq
+            assert ratio <= 1.0, (path.name, stage["size"], ratio)
+            if rate <= 1e9 and stage["size"] >= 4 << 20:
+                assert ratio >= 2 / 3, (path.name, stage["size"], ratio)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -7,10 +7,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from squinchcomm.bench import corpus  # noqa: E402
 from squinchcomm.bench.__main__ import main as bench_main  # noqa: E402
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT  # noqa: E402
 from squinchcomm.bench.zreg import train_run  # noqa: E402
+from squinchcomm.models import corpus  # noqa: E402
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT  # noqa: E402
 
 CONFIG = GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=32, mlp_act="relu2")
 ARGS = dict(lr=3e-3, batch=2, seq=16, seed=3)

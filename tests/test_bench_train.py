@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from squinchcomm.bench import train  # noqa: E402
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT  # noqa: E402
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--layers", "1", "--width", "32", "--heads", "2", "--seq", "32", "--batch", "2",

@@ -8,9 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from squinchcomm.bench import corpus  # noqa: E402
 from squinchcomm.bench.__main__ import main as bench_main  # noqa: E402
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors  # noqa: E402
+from squinchcomm.models import corpus  # noqa: E402
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT, batch_tensors  # noqa: E402
 
 QUICK = dict(n_layer=1, n_embd=32, n_head=2, block_size=32)  # the --quick model
 
@@ -106,16 +106,17 @@ def test_qat_quick(tmp_path):
             assert 0.0 < r["sqnr_db"] < 60.0
 
 
-def test_bad_arguments_are_rejected(tmp_path, capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["qat", "--bits", "1"], "--bits must list bit widths >= 2"),
+    (["zreg", "--coefs", "0,-1e-3"], "--coefs must be distinct finite numbers >= 0"),
+    (["zreg", "--coefs", "1e-3,big"], "--coefs takes a comma list of numbers"),
+    (["zreg", "--reduction", "avg"], "invalid choice: 'avg'"),
+    # the model-size options are named as in every other command and example
+    (["zreg", "--layers", "0"], "--layers must be >= 1, got 0"),
+    (["qat", "--heads", "0"], "--heads must be >= 1, got 0"),
+    (["zreg", "--n-layer", "2"], "unrecognized arguments: --n-layer 2"),
+])
+def test_bad_arguments_are_rejected(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
-        bench_main(["qat", "--bits", "1", "--out", str(tmp_path)])
-    assert "--bits must list bit widths >= 2" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench_main(["zreg", "--coefs", "0,-1e-3", "--out", str(tmp_path)])
-    assert "--coefs must be distinct finite numbers >= 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench_main(["zreg", "--coefs", "1e-3,big", "--out", str(tmp_path)])
-    assert "--coefs takes a comma list of numbers" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench_main(["zreg", "--reduction", "avg", "--out", str(tmp_path)])
-    assert "invalid choice: 'avg'" in capsys.readouterr().err
+        bench_main([*argv, "--out", str(tmp_path)])
+    assert message in capsys.readouterr().err

@@ -72,8 +72,16 @@ def test_ddp_example_with_the_hook():
     pytest.importorskip("torch")
     out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc-per-node", "2", str(ROOT / "examples" / "ddp_squinch.py"),
-                "--steps", "3", "--hook", "squinch"])
-    assert "loss" in out
+                "--steps", "3", "--hook", "squinch", "--layers", "1", "--width", "64",
+                "--heads", "2"])
+    assert "# ranks 2  hook squinch" in out
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [int(line.split()[1]) for line in steps] == [3]
+    assert 0 < float(steps[0].split("loss")[1].split()[0]) < 6
+    # The example's claim: every rank ends with the same weights (sha256 of the parameters,
+    # all-gathered), since the hook gives every rank the same averaged gradients.
+    final = [line for line in out.splitlines() if line.startswith("val loss")]
+    assert len(final) == 1 and final[0].endswith("parameters identical on all ranks: yes"), out
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (extra: mpi)")

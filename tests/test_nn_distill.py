@@ -8,6 +8,7 @@ byte counts from the storage spec (ids + fp16 log-probs + fp32 tau).
 
 import json
 import os
+import re
 import struct
 
 import pytest
@@ -16,11 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from squinchcomm.nn.distill import (
+    TEACHER_META,
     Reader,
     TopKSample,
     Writer,
     bytes_per_position,
     distill_loss,
+    dump_teacher,
+    open_teacher,
     read_shard,
     sample,
     weights,
@@ -298,3 +302,53 @@ def test_masked_entries_get_zero_weight():
     assert torch.all(torch.isfinite(w)) and torch.all(w[s.ids >= 3] == 0)
     # Every finite entry is always drawn (tau = -inf): the estimate is exact.
     torch.testing.assert_close(w.sum(-1).double(), torch.full((2000,), float(_target(logits).sum()), dtype=torch.float64))
+
+
+# ------------------------------------------------- dump_teacher / open_teacher
+
+
+def _run_logits(step, rank):
+    """Teacher logits of (step, rank) of a 2-rank run: batch 2 x seq 3, distinct per pair."""
+    return torch.randn(2, 3, VOCAB, generator=torch.Generator().manual_seed(100 * step + rank)) * 2
+
+
+def test_dump_teacher_shard_of_step_and_rank_holds_their_logits(tmp_path):
+    paths = dump_teacher(_run_logits, str(tmp_path), VOCAB, positions=6, steps=2, world=2, k=5,
+                         seed=3, meta={"batch": 2, "seq": 3})
+    assert [os.path.basename(p) for p in paths] == [f"shard-0000{i}.sqdk" for i in range(4)]
+    with open(tmp_path / TEACHER_META) as f:
+        assert json.load(f) == {"steps": 2, "seed": 3, "world": 2, "k": 5, "temperature": 1.0,
+                                "batch": 2, "seq": 3}
+    for rank in range(2):
+        shards = list(open_teacher(str(tmp_path), rank, 2, steps=2, batch=2, seq=3, seed=3))
+        assert len(shards) == 2
+        for step, s in enumerate(shards, start=1):  # the rank's shards come in step order
+            logp = torch.log_softmax(_run_logits(step, rank).reshape(6, VOCAB).double(), -1)
+            assert s.ids.shape == (6, 5)
+            # fp16 rounding of the log-probabilities only (relative error 2**-11)
+            torch.testing.assert_close(s.logp16.double(), torch.gather(logp, 1, s.ids.long()),
+                                       rtol=2**-10, atol=2**-14)
+    again = dump_teacher(_run_logits, str(tmp_path / "again"), VOCAB, positions=6, steps=2,
+                         world=2, k=5, seed=3)
+    for a, b in zip(paths, again):  # the seed fixes the Gumbel noise
+        assert torch.equal(read_shard(a)[1].ids, read_shard(b)[1].ids)
+
+
+def test_dump_teacher_rejects_a_used_directory_and_a_wrong_batch(tmp_path):
+    dump_teacher(_run_logits, str(tmp_path), VOCAB, positions=6, steps=1)
+    with pytest.raises(ValueError, match="already holds shards"):
+        dump_teacher(_run_logits, str(tmp_path), VOCAB, positions=6, steps=1)
+    with pytest.raises(ValueError, match=r"teacher_logits\(1, 0\) has shape \(2, 3, 50\), not 4"):
+        dump_teacher(_run_logits, str(tmp_path / "other"), VOCAB, positions=4, steps=1)
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        dump_teacher(_run_logits, str(tmp_path / "other"), VOCAB, positions=6, steps=0)
+
+
+def test_open_teacher_refuses_a_dump_of_other_windows(tmp_path):
+    dump_teacher(_run_logits, str(tmp_path), VOCAB, positions=6, steps=2, world=2,
+                 meta={"batch": 2, "seq": 3})
+    assert len(open_teacher(str(tmp_path), 1, 2, steps=1, batch=2, seq=3)) == 2
+    for world, steps, batch, wrong in ((1, 2, 2, "'world': (2, 1)"), (2, 3, 2, "'steps': (2, 3)"),
+                                       (2, 2, 4, "'batch': (2, 4)")):
+        with pytest.raises(ValueError, match=f"dumped for other windows: .*{re.escape(wrong)}"):
+            open_teacher(str(tmp_path), 0, world, steps=steps, batch=batch, seq=3)

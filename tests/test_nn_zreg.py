@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from squinchcomm.bench.tinygpt import reference_attention
+from squinchcomm.models.tinygpt import reference_attention
 from squinchcomm.nn.zreg import REDUCTIONS, ZRegStats, zreg_attention, zreg_logits
 
 

@@ -1,18 +1,15 @@
 """TinyGPT's companion switches: Z-Reg, ReLU^2 + Dynamic Clamping, visibility masks,
-the teacher dump for distillation; and that with every switch off it computes what it did."""
+and that with every switch off it computes what it did (the teacher dump for distillation:
+tests/test_nn_distill.py, tests/test_examples.py)."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from squinchcomm.bench.tinygpt import (GPTConfig, TinyGPT, attention_z, batch_tensors,
-                                       document_visibility, dump_teacher, separator_doc_ids,
-                                       z_means)
-from squinchcomm.bench.corpus import sample_windows
-from squinchcomm.nn import distill
+from squinchcomm.models.tinygpt import (GPTConfig, TinyGPT, attention_z, document_visibility,
+                                        separator_doc_ids, z_means)
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=24)
 
@@ -268,26 +265,3 @@ def test_bad_visibility_is_refused():
         model(idx, visibility=(start[:, :-1], limit[:, :-1]))
     with pytest.raises(ValueError, match="start, limit"):
         model(idx, visibility=torch.zeros_like(idx))
-
-
-# ------------------------------------------------------------ distillation
-
-
-def test_dump_teacher_shards_follow_steps_and_ranks(tmp_path):
-    teacher = TinyGPT(GPTConfig(**SMALL))
-    data = np.frombuffer(bytes(range(1, 256)) * 8, dtype=np.uint8)
-    paths = dump_teacher(teacher, data, str(tmp_path), steps=2, batch=2, seq=8, seed=3,
-                         world=2, k=5)
-    assert len(paths) == 4
-    for rank in range(2):
-        shards = list(distill.Reader(str(tmp_path), rank=rank, world=2))
-        assert len(shards) == 2
-        for step, s in enumerate(shards, start=1):
-            x, _ = batch_tensors(sample_windows(data, 2, 8, 3, step=step, rank=rank))
-            with torch.no_grad():
-                logp = teacher(x)[0].log_softmax(-1).reshape(16, 256)  # (B*T, V)
-            picked = torch.gather(logp, 1, s.ids.long())
-            torch.testing.assert_close(s.logp16.float(), picked.half().float(),
-                                       rtol=0, atol=0)
-    with pytest.raises(ValueError, match="already holds shards"):
-        dump_teacher(teacher, data, str(tmp_path), steps=1, batch=2, seq=8, seed=3)

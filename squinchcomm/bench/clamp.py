@@ -9,8 +9,8 @@ For each bit width and each FFN weight scale ``s``, the activations
 ``relu(h @ (s W).T) ** 2`` are fake-quantized with a constant limit (tuned at
 ``s = 1`` as ``multiplier * rms``) and with the dynamic limits ``std``, ``rms``
 and ``weight`` (the last predicted from ``rms(W) * sqrt(fan_in)``, squared for
-ReLU^2); see :func:`squinchcomm.nn.clamp.measure_error_vs_scale`, which this
-command calls once per bit width. Reported: SQNR in dB and the fraction of
+ReLU^2); see :func:`measure_error_vs_scale`, which this command calls once
+per bit width. Reported: SQNR in dB and the fraction of
 nonzero activations quantized to 0. Shrinking weights narrow the value band
 (it scales as ``s^2``): a constant limit flushes it to zero, a dynamic one
 follows it.
@@ -27,15 +27,56 @@ import sys
 import time
 from pathlib import Path
 
-from squinchcomm.bench.common import versions, write_results
-from squinchcomm.nn.clamp import DEFAULT_MULTIPLIER, measure_error_vs_scale
+import torch
 
-__all__ = ["main", "LIMIT_MODES"]
+from squinchcomm.bench.common import versions, write_results
+from squinchcomm.nn.clamp import DEFAULT_MULTIPLIER, DynamicClamp, dynamic_limit, sqnr_db
+
+__all__ = ["main", "measure_error_vs_scale", "LIMIT_MODES"]
 
 DEFAULT_PROG = "python -m squinchcomm.bench clamp"
 LIMIT_MODES = ("constant", "std", "rms", "weight")
 # Weight scales 10 .. 1e-3, four points per decade.
 DEFAULT_SCALES = ",".join(f"{10 ** (1 - i / 4):.3g}" for i in range(17))
+
+
+def measure_error_vs_scale(scales=(1.0, 0.3, 0.1, 0.03, 0.01), bits: int = 8,
+                           multiplier: float = DEFAULT_MULTIPLIER, tokens: int = 512,
+                           d_in: int = 256, d_ff: int = 1024, seed: int = 0) -> list:
+    """Quantization error of ReLU^2 FFN activations vs the FFN weight scale.
+
+    Steps: 1. draw unit-normal inputs ``h`` (tokens, d_in) and a weight ``W``
+    (d_ff, d_in) with unit pre-activation RMS; 2. tune the constant limit at
+    scale 1 as ``multiplier * rms`` of the activations there; 3. for each
+    scale ``s``, quantize ``relu(h @ (s W).T) ** 2`` with the constant limit
+    and with each dynamic mode (``"weight"`` with ``power=2``).
+
+    Returns:
+        One dict per scale: ``scale``, ``sqnr_db`` (mode -> dB) and
+        ``zeroed`` (mode -> fraction of nonzero activations quantized to 0).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    # Step 1
+    h = torch.randn(tokens, d_in, generator=gen)
+    w = torch.randn(d_ff, d_in, generator=gen) / math.sqrt(d_in)
+    # Step 2: the "rms" limit at scale 1, frozen
+    limit = float(dynamic_limit(torch.relu(h @ w.T) ** 2, "rms", multiplier))
+    clamps = {"constant": DynamicClamp(bits, "constant", limit=limit),
+              **{m: DynamicClamp(bits, m, multiplier, power=2.0 if m == "weight" else 1.0)
+                 for m in ("std", "rms", "weight")}}
+    # Step 3
+    rows = []
+    for s in scales:
+        ws = w * s
+        y = torch.relu(h @ ws.T) ** 2  # (tokens, d_ff)
+        nonzero = y != 0
+        row = {"scale": float(s), "sqnr_db": {}, "zeroed": {}}
+        for name, clamp in clamps.items():
+            q = clamp(y, weight=ws)
+            row["sqnr_db"][name] = sqnr_db(y, q)
+            row["zeroed"][name] = ((q == 0) & nonzero).sum().item() / max(nonzero.sum().item(), 1)
+        rows.append(row)
+    return rows
 
 
 def _numbers(p, flag: str, text: str, kind=float) -> list:
@@ -147,7 +188,7 @@ def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> dict:
 
     Returns:
         The JSON document; ``results[str(bits)]`` is the list returned by
-        :func:`~squinchcomm.nn.clamp.measure_error_vs_scale` for those bits.
+        :func:`measure_error_vs_scale` for those bits.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parse(argv)

@@ -49,6 +49,22 @@ def add_sweep_args(p, *, maxbytes: str = "64M", iters: int = 10, warmup: int = 2
                    help=f"untimed iterations (default {warmup})")
 
 
+#: The model-size options of the commands that keep GPTConfig's field names for
+#: them (``args.n_layer``, as their results record it): attribute -> option.
+MODEL_FLAGS = {"n_layer": "--layers", "n_embd": "--width", "n_head": "--heads"}
+
+
+def add_model_args(p, *, layers: int, width: int, heads: int) -> None:
+    """Add ``--layers --width --heads``, read back as ``args.n_layer, n_embd, n_head``."""
+    for (dest, flag), default in zip(MODEL_FLAGS.items(), (layers, width, heads)):
+        p.add_argument(flag, dest=dest, metavar=flag[2:].upper(), type=int, default=default)
+
+
+def option(dest: str) -> str:
+    """The command-line option that sets ``args.<dest>`` (``n_layer`` -> ``--layers``)."""
+    return MODEL_FLAGS.get(dest, "--" + dest.replace("_", "-"))
+
+
 def write_results(out, name: str, doc: dict, report: str) -> None:
     """Write ``<out>/<name>.json`` (``doc``) and ``<out>/<name>.md`` (``report``),
     creating ``out``, and print the report. JSON writes infinite values (an

@@ -16,7 +16,7 @@ Two measurements of :mod:`squinchcomm.nn.distill`:
    128k vocabulary (int32 ids) and the vocabulary used here.
 2. Student quality. Steps:
 
-   a. Train a teacher :class:`~squinchcomm.bench.tinygpt.TinyGPT` on the
+   a. Train a teacher :class:`~squinchcomm.models.tinygpt.TinyGPT` on the
       stdlib corpus (next-token cross-entropy). Tokens are bytes (vocabulary
       256, the default, k = 8), or with ``--vocab word:V`` words
       (:func:`word_tokens`: the V - 1 most frequent regex tokens of the
@@ -71,9 +71,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from squinchcomm.bench import corpus as corpus_mod
 from squinchcomm.bench.common import versions, write_results
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors
+from squinchcomm.models import corpus as corpus_mod
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT, batch_tensors
 from squinchcomm.nn import distill
 
 __all__ = ["main", "storage_rows", "topk_equal_storage", "word_tokens", "METHODS", "TOKEN_RE"]

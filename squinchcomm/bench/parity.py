@@ -14,9 +14,9 @@ model with a 256-byte context for 3000 steps, see :data:`LONG`)::
 
     mpirun -n 4 python -m squinchcomm.bench parity --device cuda --long --name parity_long
 
-Experiment. A byte-level GPT (:class:`~squinchcomm.bench.tinygpt.TinyGPT`) is
+Experiment. A byte-level GPT (:class:`~squinchcomm.models.tinygpt.TinyGPT`) is
 trained on the Python standard library's source files
-(:mod:`squinchcomm.bench.corpus`; held-out split by file) by 4 data-parallel
+(:mod:`squinchcomm.models.corpus`; held-out split by file) by 4 data-parallel
 ranks over one torch.distributed gloo group, once per method and seed, one run
 after another in the same job. For a seed, every method starts from the same
 weights (``init_seed = seed``) and sees the same batches (rank ``r`` at step
@@ -99,11 +99,11 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from squinchcomm import Communicator, __version__, codec
-from squinchcomm.bench.common import params_digest, versions
-from squinchcomm.bench.corpus import load_corpus, sample_windows
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors
+from squinchcomm.bench.common import add_model_args, option, params_digest, versions
 from squinchcomm.bench.torch_methods import FlatBucket, PowerSGD, all_gather_single, share_cores
 from squinchcomm.codec import baselines
+from squinchcomm.models.corpus import load_corpus, sample_windows
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT, batch_tensors
 from squinchcomm.transport.torch_dist import init_process_group_from_env
 
 __all__ = ["main", "METHODS", "CRITERION", "PRIMARY", "judge", "summarize"]
@@ -495,9 +495,7 @@ def _parse(argv):
     p.add_argument("--warmup", type=int, default=30, help="learning-rate warm-up steps")
     p.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
     p.add_argument("--seq", type=int, default=64, help="context length in bytes")
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=4)
+    add_model_args(p, layers=2, width=128, heads=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--zreg-coef", type=float, default=1e-3,
@@ -523,7 +521,7 @@ def _parse(argv):
     if args.long:
         given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}
         for opt, value in LONG.items():
-            if "--" + opt.replace("_", "-") not in given:
+            if option(opt) not in given:
                 setattr(args, opt, value)
     if args.quick:
         args.steps, args.warmup, args.n_layer, args.n_embd, args.n_head = 6, 2, 1, 32, 2

@@ -5,7 +5,7 @@ Run from the repository root::
     python -m squinchcomm.bench qat           # writes bench/results/qat.{json,md}
     python -m squinchcomm.bench qat --quick   # seconds-long smoke run
 
-The same :class:`~squinchcomm.bench.tinygpt.TinyGPT` with a ReLU^2 FFN
+The same :class:`~squinchcomm.models.tinygpt.TinyGPT` with a ReLU^2 FFN
 (``mlp_act="relu2"``; same init, same batches) is trained
 
 - without fake quantization (the float32 baseline), and, at each bit width,
@@ -35,11 +35,11 @@ import time
 
 import torch
 
-from squinchcomm.bench import corpus as corpus_mod
-from squinchcomm.bench.common import write_results
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors
+from squinchcomm.bench.common import option, write_results
 from squinchcomm.bench.zreg import (TAIL, add_training_args, machine_info, train_run,
                                     training_corpus)
+from squinchcomm.models import corpus as corpus_mod
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT, batch_tensors
 from squinchcomm.nn.clamp import DEFAULT_MULTIPLIER, sqnr_db
 
 __all__ = ["main", "ffn_activations", "LIMIT_MODES"]
@@ -113,7 +113,7 @@ def _parse(argv):
         p.error(f"--multiplier must be > 0, got {args.multiplier}")
     for name in ("steps", "every", "batch", "seq", "n_layer", "n_embd", "n_head", "threads"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            p.error(f"{option(name)} must be >= 1, got {getattr(args, name)}")
     return args
 
 

@@ -14,8 +14,8 @@ Data (fixed seeds):
 - ``gaussian``: N(0, 1), ``--n`` elements.
 - ``student_t3``: Student t with 3 degrees of freedom (heavy tails, outliers).
 - ``gpt_grad@stepK``: the whole flattened gradient of a tiny byte-level GPT
-  (:mod:`squinchcomm.bench.tinygpt`) trained on the stdlib corpus
-  (:mod:`squinchcomm.bench.corpus`), at the first and the last step; for the
+  (:mod:`squinchcomm.models.tinygpt`) trained on the stdlib corpus
+  (:mod:`squinchcomm.models.corpus`), at the first and the last step; for the
   last step also per-tensor statistics, slicing the jointly encoded vector
   (as a fused gradient buffer is sent).
 
@@ -151,15 +151,16 @@ def _gradients(args) -> tuple[list[tuple[str, str, np.ndarray]], dict, object]:
     """Train the tiny GPT; return datasets, a description and the TrainResult."""
     import torch  # only the gradient part needs torch
 
-    from squinchcomm.bench import corpus, tinygpt
+    from squinchcomm.bench.gradients import train_and_capture
+    from squinchcomm.models import corpus, tinygpt
 
     torch.manual_seed(args.seed)  # nothing random should use it; belt and braces
     config = tinygpt.GPTConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.width,
                                block_size=args.seq, init_seed=args.seed)
     data = corpus.load_corpus(max_bytes=args.corpus_bytes)
     steps = sorted({1, args.steps})
-    result = tinygpt.train_and_capture(config, steps=args.steps, capture_steps=tuple(steps),
-                                       batch=args.batch, lr=args.lr, seed=args.seed, data=data)
+    result = train_and_capture(config, steps=args.steps, capture_steps=tuple(steps),
+                               batch=args.batch, lr=args.lr, seed=args.seed, data=data)
     datasets = []
     for snap in result.snapshots:
         rms = float(np.sqrt(np.mean(snap.flat.astype(np.float64) ** 2)))

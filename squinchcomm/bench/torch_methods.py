@@ -28,6 +28,8 @@ import os
 
 import numpy as np
 import torch
+
+import squinchcomm
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
@@ -64,11 +66,9 @@ def as_numpy(t) -> np.ndarray:
 
 
 def share_cores(local_size: int) -> int:
-    """Give torch's intra-op pool each local rank's share of the cores, as the
-    library does for its codec (an explicit OMP_NUM_THREADS wins); returns the
-    thread count. Without it every rank's casts and matmuls use every core."""
-    if not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
+    """:func:`squinchcomm.share_cores` (torch's and the codec's threads per
+    local rank); returns torch's thread count, which the benchmarks report."""
+    squinchcomm.share_cores(local_size)
     return torch.get_num_threads()
 
 

@@ -4,7 +4,7 @@
     mpirun -n 4 python -m squinchcomm.bench train --methods hvd_fp32,squinch,ddp_squinch
     sudo python bench/shaped_cluster.py --ranks 4 --rate 1gbit -- train --steps 10
 
-Trains the model of ``examples/gpt_train.py`` (:class:`~squinchcomm.bench.tinygpt.TinyGPT`
+Trains the model of ``examples/gpt_train.py`` (:class:`~squinchcomm.models.tinygpt.TinyGPT`
 on the stdlib byte corpus, AdamW, the same batches: ``sample_windows(corpus.train,
 batch, seq, seed, step=, rank=)``) data-parallel over one torch.distributed gloo
 process group, once per method, one method after another in the same job. Every
@@ -77,9 +77,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import squinchcomm.torch as hvd
 from squinchcomm import __version__, codec
 from squinchcomm.bench.common import params_digest, versions
-from squinchcomm.bench.corpus import load_corpus, sample_windows
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors
 from squinchcomm.bench.torch_methods import START_POWERSGD_ITER, share_cores
+from squinchcomm.models.corpus import load_corpus, sample_windows
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT, batch_tensors
 from squinchcomm.torch import ddp_hooks
 from squinchcomm.transport.torch_dist import init_process_group_from_env
 

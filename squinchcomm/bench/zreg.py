@@ -6,7 +6,7 @@ Run from the repository root::
     python -m squinchcomm.bench zreg --quick       # seconds-long smoke run
 
 For each coefficient of ``--coefs`` (0 = Z-Reg off), two runs of the same
-:class:`~squinchcomm.bench.tinygpt.TinyGPT` (same init, same batches): a
+:class:`~squinchcomm.models.tinygpt.TinyGPT` (same init, same batches): a
 float32 forward and a bfloat16 autocast forward
 (``torch.autocast("cpu", torch.bfloat16)``; the weights and the optimizer
 stay float32). The coefficient applies to the attention logits and to the
@@ -15,8 +15,8 @@ loss ``c * mean_rows Z^2`` of each call, PaLM's z-loss form, whose ``c``
 does not depend on the number of rows). Every ``--every`` steps the mean
 ``|Z|`` (logsumexp) of the attention rows and of the LM-head rows, and the
 held-out loss, are measured on fixed held-out batches, in float32
-(:func:`~squinchcomm.bench.tinygpt.z_means`,
-:func:`~squinchcomm.bench.tinygpt.estimate_loss`). At the end: the mean
+(:func:`~squinchcomm.models.tinygpt.z_means`,
+:func:`~squinchcomm.models.tinygpt.estimate_loss`). At the end: the mean
 training loss of the last steps and the held-out loss, per run, and the
 bf16 - fp32 held-out loss gap per coefficient.
 
@@ -39,9 +39,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from squinchcomm.bench import corpus as corpus_mod
-from squinchcomm.bench.common import versions, write_results
-from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT, batch_tensors, estimate_loss, z_means
+from squinchcomm.bench.common import add_model_args, option, versions, write_results
+from squinchcomm.models import corpus as corpus_mod
+from squinchcomm.models.tinygpt import GPTConfig, TinyGPT, batch_tensors, estimate_loss, z_means
 from squinchcomm.nn.zreg import REDUCTIONS
 
 __all__ = ["main", "train_run", "add_training_args", "training_corpus", "machine_info", "PRECISIONS",
@@ -132,9 +132,7 @@ def add_training_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=4)
+    add_model_args(p, layers=2, width=128, heads=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -172,7 +170,7 @@ def _parse(argv):
         args.n_layer, args.n_embd, args.n_head = 1, 32, 2
     for name in ("steps", "every", "batch", "seq", "n_layer", "n_embd", "n_head", "threads"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            p.error(f"{option(name)} must be >= 1, got {getattr(args, name)}")
     return args
 
 

@@ -10,5 +10,6 @@ them. Each module is standalone:
 - :mod:`squinchcomm.nn.visibility`: visibility-mask attention from per-key
   ``[start, limit)`` query ranges, O(N) mask memory;
 - :mod:`squinchcomm.nn.distill`: Gumbel top-k distillation storage with
-  unbiased importance weights, sharded files and a student loss.
+  unbiased importance weights, sharded files, a teacher dump per (step, rank)
+  of a data-parallel run and a student loss.
 """

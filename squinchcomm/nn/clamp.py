@@ -48,8 +48,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["fake_quant", "dynamic_limit", "DynamicClamp", "sqnr_db",
-           "measure_error_vs_scale", "MODES", "DEFAULT_MULTIPLIER"]
+__all__ = ["fake_quant", "dynamic_limit", "DynamicClamp", "sqnr_db", "MODES",
+           "DEFAULT_MULTIPLIER"]
 
 MODES = ("std", "rms", "weight", "constant")
 DEFAULT_MULTIPLIER = 12.0
@@ -223,43 +223,3 @@ class DynamicClamp(nn.Module):
             return f"bits={self.bits}, mode='constant', limit={self.limit}"
         power = f", power={self.power}" if self.mode == "weight" else ""
         return f"bits={self.bits}, mode={self.mode!r}, multiplier={self.multiplier}{power}"
-
-
-def measure_error_vs_scale(scales=(1.0, 0.3, 0.1, 0.03, 0.01), bits: int = 8,
-                           multiplier: float = DEFAULT_MULTIPLIER, tokens: int = 512,
-                           d_in: int = 256, d_ff: int = 1024, seed: int = 0) -> list:
-    """Quantization error of ReLU^2 FFN activations vs the FFN weight scale.
-
-    Steps: 1. draw unit-normal inputs ``h`` (tokens, d_in) and a weight ``W``
-    (d_ff, d_in) with unit pre-activation RMS; 2. tune the constant limit at
-    scale 1 as ``multiplier * rms`` of the activations there; 3. for each
-    scale ``s``, quantize ``relu(h @ (s W).T) ** 2`` with the constant limit
-    and with each dynamic mode (``"weight"`` with ``power=2``).
-
-    Returns:
-        One dict per scale: ``scale``, ``sqnr_db`` (mode -> dB) and
-        ``zeroed`` (mode -> fraction of nonzero activations quantized to 0).
-    """
-    _check_bits(bits)
-    gen = torch.Generator().manual_seed(seed)
-    # Step 1
-    h = torch.randn(tokens, d_in, generator=gen)
-    w = torch.randn(d_ff, d_in, generator=gen) / math.sqrt(d_in)
-    # Step 2
-    const = DynamicClamp(bits, "constant", limit=float(multiplier * _rms(torch.relu(h @ w.T) ** 2)))
-    clamps = {"constant": const,
-              **{m: DynamicClamp(bits, m, multiplier, power=2.0 if m == "weight" else 1.0)
-                 for m in ("std", "rms", "weight")}}
-    # Step 3
-    rows = []
-    for s in scales:
-        ws = w * s
-        y = torch.relu(h @ ws.T) ** 2  # (tokens, d_ff)
-        nonzero = y != 0
-        row = {"scale": float(s), "sqnr_db": {}, "zeroed": {}}
-        for name, clamp in clamps.items():
-            q = clamp(y, weight=ws)
-            row["sqnr_db"][name] = sqnr_db(y, q)
-            row["zeroed"][name] = ((q == 0) & nonzero).sum().item() / max(nonzero.sum().item(), 1)
-        rows.append(row)
-    return rows

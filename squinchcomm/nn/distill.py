@@ -41,6 +41,11 @@ Example::
         w.write(s)
     for s in Reader("distill/", rank=rank, world=world):
         loss = distill_loss(student(x), s)
+
+For a data-parallel student run, :func:`dump_teacher` writes one shard per
+(step, rank) of the run and the run's parameters beside them
+(:data:`TEACHER_META`); :func:`open_teacher` checks those parameters and
+returns the rank's :class:`Reader`, whose shards come in step order.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -66,6 +72,9 @@ __all__ = [
     "read_shard",
     "Writer",
     "Reader",
+    "TEACHER_META",
+    "dump_teacher",
+    "open_teacher",
 ]
 
 MAGIC = b"SQDISTK\n"
@@ -421,3 +430,89 @@ class Reader:
     def __iter__(self):
         for path in self.paths:
             yield read_shard(path)[1]
+
+
+# ----------------------------------------------------------------------------
+# Offline distillation of a data-parallel run: one shard per (step, rank).
+# ----------------------------------------------------------------------------
+TEACHER_META = "teacher.json"  # a dump's parameters, beside its shards
+
+
+@torch.no_grad()
+def dump_teacher(
+    teacher_logits: Callable[[int, int], torch.Tensor],
+    directory: str,
+    vocab: int,
+    positions: int,
+    steps: int,
+    world: int = 1,
+    k: int = 32,
+    temperature: float = 1.0,
+    seed: int = 0,
+    meta: dict | None = None,
+) -> list[str]:
+    """Store a teacher's Gumbel top-k samples for the batches a student run will train on.
+
+    Position mapping: shard ``i = (s - 1) * world + r`` holds the sample of
+    ``teacher_logits(s, r)``, the teacher's logits of exactly the inputs that
+    rank ``r`` trains on at step ``s`` (1-based), its ``positions`` positions
+    in the order the student's logits flatten. :class:`Reader` (or
+    :func:`open_teacher`) gives rank ``r`` the shards ``r, r + world, ...``,
+    i.e. steps 1, 2, ... in order. The parameters are saved in
+    ``directory/teacher.json`` (:data:`TEACHER_META`) so that a student can
+    check it uses the same ones.
+
+    Args:
+        teacher_logits: ``(step, rank) -> [..., vocab]`` teacher logits (run
+            under ``torch.no_grad``; put the teacher in eval mode first).
+        directory: where the shards go; must not already hold shards.
+        vocab: the vocabulary size.
+        positions: positions of each batch (e.g. ``batch * seq``).
+        steps, world: those of the student run.
+        k: entries sampled per position.
+        temperature: the teacher's softmax temperature.
+        seed: seeds the Gumbel noise; saved in the metadata.
+        meta: more parameters of the run to save (e.g. batch, seq).
+
+    Returns:
+        The shard paths.
+    """
+    for name, value in (("steps", steps), ("positions", positions), ("world", world)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    gen = torch.Generator().manual_seed(seed)
+    with Writer(directory, vocab, k, temperature, positions_per_shard=positions) as writer:
+        for step in range(1, steps + 1):
+            for rank in range(world):
+                logits = teacher_logits(step, rank)  # [..., V]
+                if logits.numel() != positions * vocab:
+                    raise ValueError(f"teacher_logits({step}, {rank}) has shape "
+                                     f"{tuple(logits.shape)}, not {positions} positions of "
+                                     f"vocab {vocab}: one shard per (step, rank) needs both.")
+                writer.write(sample(logits.float().cpu().log_softmax(-1), k, temperature,
+                                    generator=gen))
+    run = {"steps": steps, "seed": seed, "world": world, "k": k, "temperature": temperature,
+           **(meta or {})}
+    with open(os.path.join(directory, TEACHER_META), "w") as f:
+        json.dump(run, f, indent=1)
+    return writer.paths
+
+
+def open_teacher(directory: str, rank: int = 0, world: int = 1, steps: int | None = None,
+                 **expected) -> Reader:
+    """Return rank ``rank``'s :class:`Reader` of a :func:`dump_teacher` directory.
+
+    Raises ValueError unless the dump was made for this run: the same
+    ``world`` and ``expected`` parameters (e.g. ``batch=8, seq=128, seed=0``)
+    and at least ``steps`` steps.
+    """
+    with open(os.path.join(directory, TEACHER_META)) as f:
+        meta = json.load(f)
+    wrong = {key: (meta.get(key), value) for key, value in {**expected, "world": world}.items()
+             if meta.get(key) != value}
+    if steps is not None and meta["steps"] < steps:
+        wrong["steps"] = (meta["steps"], steps)
+    if wrong:
+        raise ValueError(f"{directory} was dumped for other windows: (dump, this run) "
+                         f"{wrong}; dump the teacher with this run's settings.")
+    return Reader(directory, rank, world)

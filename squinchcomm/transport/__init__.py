@@ -14,14 +14,12 @@ by the code that asks for them::
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from typing import Any
 
 from squinchcomm.transport.base import DoneWork, PollingWork, Transport, Work
 
 __all__ = ["Transport", "Work", "DoneWork", "PollingWork", "MPITransport", "TorchTransport",
-           "NcclTransport", "init_process_group_from_env", "get", "exit_past_gloo"]
+           "NcclTransport", "init_process_group_from_env", "get"]
 
 # name -> (module, attribute), imported on first access.
 _LAZY = {
@@ -59,22 +57,3 @@ def get(name: str, **kwargs) -> Transport:
     if name not in _ENGINES:
         raise ValueError(f"unknown transport {name!r}: pass one of {', '.join(sorted(_ENGINES))}")
     return __getattr__(_ENGINES[name])(**kwargs)
-
-
-def exit_past_gloo(code: int | None = 0) -> None:
-    """End the process now, skipping interpreter teardown, if a torch.distributed
-    group is up; otherwise return (the caller exits normally).
-
-    torch 2.13's gloo sometimes aborts a rank at interpreter exit after all the
-    work is done ("terminate called without an active exception"), and
-    ``destroy_process_group()`` sometimes aborts too; ``os._exit()`` skips the
-    C++ destructors. Output is flushed first. Not when MPI is loaded: MPI must
-    finalize at exit (through mpi4py) or mpirun reports a failure. Imports
-    nothing: it looks at the modules already loaded.
-    """
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or "mpi4py.MPI" in sys.modules or not dist.is_initialized():
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code if isinstance(code, int) else (0 if code is None else 1))

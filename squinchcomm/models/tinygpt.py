@@ -1,8 +1,8 @@
-"""A tiny GPT-style byte-level transformer, and real gradients from training it.
+"""A tiny GPT-style byte-level transformer.
 
-Used by the benchmarks (the quality table measures the codecs on these
-gradients) and by the training examples. It imports torch, so only benchmark
-and example code imports it; nothing in the library core does.
+Used by the training examples and the benchmarks (the gradients of
+:mod:`squinchcomm.bench.gradients`). It imports torch, so only example and
+benchmark code imports it; nothing in the library core does.
 
 The model follows nanoGPT (Karpathy): token + learned position embeddings,
 ``n_layer`` pre-LayerNorm blocks of causal self-attention and a GELU MLP, a
@@ -29,14 +29,14 @@ them, bit for bit):
   :func:`~squinchcomm.nn.visibility.visibility_attention`;
   :func:`separator_doc_ids` and :func:`document_visibility` build the mask of
   corpus windows that cross file boundaries.
-- Gumbel top-k distillation: :func:`dump_teacher` stores a teacher's
-  samples for the training windows a student run will draw (the mapping is
-  in its docstring); the student reads them with
-  :class:`~squinchcomm.nn.distill.Reader`.
+- Gumbel top-k distillation: the teacher's logits of the windows a student
+  run draws go to :func:`squinchcomm.nn.distill.dump_teacher`, the student
+  reads them with :func:`~squinchcomm.nn.distill.open_teacher` (see
+  ``examples/gpt_train.py``).
 
 Example:
     >>> import torch
-    >>> from squinchcomm.bench.tinygpt import GPTConfig, TinyGPT
+    >>> from squinchcomm.models.tinygpt import GPTConfig, TinyGPT
     >>> model = TinyGPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16))
     >>> logits, loss = model(torch.zeros(3, 16, dtype=torch.long),
     ...                      torch.zeros(3, 16, dtype=torch.long))
@@ -46,19 +46,15 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from squinchcomm.bench import corpus as corpus_mod
-from squinchcomm.nn import distill
+from squinchcomm.models import corpus as corpus_mod
 from squinchcomm.nn import visibility as visibility_mod
 from squinchcomm.nn.clamp import DEFAULT_MULTIPLIER, MODES as CLAMP_MODES, DynamicClamp
 from squinchcomm.nn.zreg import REDUCTIONS, ZRegStats, zreg_attention, zreg_logits
@@ -72,16 +68,8 @@ __all__ = [
     "z_means",
     "separator_doc_ids",
     "document_visibility",
-    "dump_teacher",
-    "TEACHER_META",
-    "ParamSlice",
-    "GradientSnapshot",
-    "TrainResult",
-    "param_layout",
-    "flat_gradients",
     "batch_tensors",
     "estimate_loss",
-    "train_and_capture",
 ]
 
 
@@ -474,125 +462,8 @@ def document_visibility(doc_ids: torch.Tensor) -> Visibility:
 
 
 # ----------------------------------------------------------------------------
-# Offline distillation: a teacher's Gumbel top-k samples of training windows.
+# Batches and evaluation.
 # ----------------------------------------------------------------------------
-TEACHER_META = "teacher.json"  # the dump's parameters, beside the shards
-
-
-@torch.no_grad()
-def dump_teacher(model: TinyGPT, data: np.ndarray, directory: str, steps: int, batch: int,
-                 seq: int, seed: int, world: int = 1, k: int = 32, temperature: float = 1.0,
-                 packed_docs: bool = False) -> list[str]:
-    """Store a teacher's Gumbel top-k samples for the windows a student run will train on.
-
-    Position mapping: a student rank trains at step ``s`` (1-based) on the
-    windows ``sample_windows(data, batch, seq, seed, step=s, rank=r)``. Shard
-    ``i = (s - 1) * world + r`` holds the teacher's sample for exactly those
-    windows, ``batch * seq`` positions in (window, position) order: position
-    ``t`` of window ``b`` is the teacher's distribution of the next token
-    after ``inputs[b, :t + 1]``, aligned with the student's logits
-    ``[b, t]``. :class:`~squinchcomm.nn.distill.Reader` gives rank ``r`` the
-    shards ``r, r + world, ...``, i.e. steps 1, 2, ... in order. The
-    parameters are saved in ``directory/teacher.json`` so that a student can
-    check it uses the same ones.
-
-    Args:
-        model: the teacher (any :class:`TinyGPT` with the same vocabulary).
-        data: the training bytes (``Corpus.train``).
-        directory: where the shards go; must not already hold shards.
-        steps, batch, seq, seed, world: those of the student run.
-        k: entries sampled per position.
-        temperature: the teacher's softmax temperature.
-        packed_docs: run the teacher with the packed-document mask
-            (:func:`separator_doc_ids`), as a student trained with it sees text.
-
-    Returns:
-        The shard paths.
-    """
-    for name, value in (("steps", steps), ("batch", batch), ("seq", seq), ("world", world)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    try:
-        with distill.Writer(directory, model.config.vocab_size, k, temperature,
-                            positions_per_shard=batch * seq) as writer:
-            for step in range(1, steps + 1):
-                for rank in range(world):
-                    windows = corpus_mod.sample_windows(data, batch, seq, seed, step, rank)
-                    x, _ = batch_tensors(windows, device)  # (B, T)
-                    vis = document_visibility(separator_doc_ids(x)) if packed_docs else None
-                    logits, _ = model(x, visibility=vis)  # (B, T, V)
-                    writer.write(distill.sample(logits.float().cpu().log_softmax(-1), k,
-                                                temperature, generator=gen))
-    finally:
-        model.train(was_training)
-    meta = {"steps": steps, "batch": batch, "seq": seq, "seed": seed, "world": world,
-            "k": k, "temperature": temperature, "packed_docs": packed_docs}
-    with open(os.path.join(directory, TEACHER_META), "w") as f:
-        json.dump(meta, f, indent=1)
-    return writer.paths
-
-
-# ----------------------------------------------------------------------------
-# Training and gradient capture.
-# ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ParamSlice:
-    """Where one parameter's gradient lives in the flattened vector."""
-
-    name: str
-    shape: tuple[int, ...]
-    offset: int
-    numel: int
-
-
-@dataclass
-class GradientSnapshot:
-    """The gradient of one training step, as a data-parallel rank would send it.
-
-    Attributes:
-        step: 1-based step whose backward pass produced it.
-        loss: the training loss of that step.
-        flat: float32 (num_params,) all gradients concatenated in
-            ``named_parameters`` order (see :func:`param_layout`).
-    """
-
-    step: int
-    loss: float
-    flat: np.ndarray = field(repr=False)
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train_and_capture` returns."""
-
-    model: TinyGPT = field(repr=False)
-    layout: list[ParamSlice] = field(repr=False)
-    snapshots: list[GradientSnapshot]
-    losses: list[float] = field(repr=False)
-    val_loss: float
-    seconds: float
-
-
-def param_layout(model: nn.Module) -> list[ParamSlice]:
-    """Return the offset of each parameter in the flattened gradient vector."""
-    out, offset = [], 0
-    for name, p in model.named_parameters():
-        out.append(ParamSlice(name, tuple(p.shape), offset, p.numel()))
-        offset += p.numel()
-    return out
-
-
-def flat_gradients(model: nn.Module) -> np.ndarray:
-    """Return all ``.grad`` tensors as one float32 NumPy vector (zeros where None)."""
-    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
-             for _, p in model.named_parameters()]
-    return torch.cat(parts).to(torch.float32).cpu().numpy()
-
-
 def batch_tensors(windows: np.ndarray, device: str | torch.device = "cpu"):
     """Split (B, T + 1) uint8 windows into int64 inputs and targets, each (B, T)."""
     w = torch.from_numpy(windows.astype(np.int64)).to(device)
@@ -617,72 +488,3 @@ def estimate_loss(model: TinyGPT, data: np.ndarray, batch: int, seq: int, seed: 
         losses.append(model(x, y, visibility=vis)[1].item())
     model.train(was_training)
     return float(np.mean(losses))
-
-
-def train_and_capture(config: GPTConfig = GPTConfig(), steps: int = 30,
-                      capture_steps: tuple[int, ...] = (1, 30), batch: int = 16,
-                      seq: int | None = None, lr: float = 3e-3, seed: int = 0,
-                      data: corpus_mod.Corpus | None = None,
-                      device: str | torch.device = "cpu") -> TrainResult:
-    """Train a :class:`TinyGPT` on the stdlib corpus and capture real gradients.
-
-    Steps:
-        1. Build the model (seeded init) and an AdamW optimizer.
-        2. For each step, draw a deterministic batch (``seed``, step), run
-           forward and backward.
-        3. At each step in ``capture_steps``, copy the raw gradient (before the
-           optimizer update; this is what data-parallel ranks would average).
-        4. Update, and at the end measure the validation loss.
-
-    Args:
-        config: model shape.
-        steps: optimizer steps to run.
-        capture_steps: 1-based steps whose gradients to return.
-        batch: sequences per step.
-        seq: context length; default ``config.block_size``.
-        lr: AdamW learning rate (constant; betas 0.9 / 0.95 as in GPT training).
-        seed: seeds the data order (the init seed is ``config.init_seed``).
-        data: a loaded :class:`~squinchcomm.bench.corpus.Corpus`; default
-            :func:`~squinchcomm.bench.corpus.load_corpus`.
-        device: torch device.
-
-    Returns:
-        A :class:`TrainResult` with the snapshots, losses and parameter layout.
-
-    Example:
-        >>> r = train_and_capture(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=32),
-        ...                       steps=2, capture_steps=(2,), batch=2)
-        >>> r.snapshots[0].flat.shape == (r.model.num_params(),)
-        True
-    """
-    seq = config.block_size if seq is None else seq
-    if steps < 1 or batch < 1 or not 1 <= seq <= config.block_size:
-        raise ValueError(f"need steps >= 1, batch >= 1 and 1 <= seq <= block_size "
-                         f"({config.block_size}); got steps={steps}, batch={batch}, seq={seq}.")
-    bad = [s for s in capture_steps if not 1 <= s <= steps]
-    if bad:
-        raise ValueError(f"capture_steps {bad} are outside 1..steps={steps}; "
-                         "pick steps within the run or raise steps.")
-    data = corpus_mod.load_corpus() if data is None else data
-    t0 = time.perf_counter()
-    # Step 1: model and optimizer.
-    model = TinyGPT(config).to(device)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    snapshots, losses = [], []
-    for step in range(1, steps + 1):
-        # Step 2: forward and backward on this step's batch.
-        x, y = batch_tensors(corpus_mod.sample_windows(data.train, batch, seq, seed, step),
-                             device)
-        opt.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
-        loss.backward()
-        losses.append(loss.item())
-        # Step 3: capture before the update changes anything.
-        if step in capture_steps:
-            snapshots.append(GradientSnapshot(step, loss.item(), flat_gradients(model)))
-        # Step 4: update.
-        opt.step()
-    val_loss = estimate_loss(model, data.val, batch, seq, seed + 1, device=device)
-    return TrainResult(model, param_layout(model), snapshots, losses, val_loss,
-                       time.perf_counter() - t0)

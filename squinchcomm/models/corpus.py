@@ -22,7 +22,7 @@ How the corpus is built (deterministic for a given Python installation):
 Only NumPy and the standard library are imported.
 
 Example:
-    >>> from squinchcomm.bench import corpus
+    >>> from squinchcomm.models import corpus
     >>> c = corpus.load_corpus(max_bytes=1 << 20)
     >>> c.train.dtype, c.train.size + c.val.size <= 1 << 20
     (dtype('uint8'), True)
