@@ -80,7 +80,7 @@ from pathlib import Path
 from squinchcomm import __version__
 from squinchcomm.bench.common import parse_size, versions
 from squinchcomm.codec.format import BLOCK, BLOCK_BYTES
-from squinchcomm.collectives import _chunk_bounds
+from squinchcomm.collectives import chunk_bounds
 
 __all__ = ["main", "parse_rate", "parse_time", "ring_factor", "wire_bytes", "pipeline_chunks",
            "allreduce_times", "crossover_bps", "codec_seconds", "validate", "BYTES_PER_ELEMENT"]
@@ -137,7 +137,7 @@ def pipeline_chunks(n: int, pipeline_bytes: int) -> int:
     if pipeline_bytes < 0:
         raise ValueError(f"pipeline_bytes={pipeline_bytes}: pass 0 (no pipelining) or a "
                          "positive chunk size in fp32 bytes, like 16M")
-    return len(_chunk_bounds(n, pipeline_bytes // 4)) - 1
+    return len(chunk_bounds(n, pipeline_bytes // 4)) - 1
 
 
 def allreduce_times(n: int, ranks: int, rate_bps: float, efficiency: float, alpha: float,
