@@ -360,11 +360,6 @@ def engine_for(transport) -> Engine:
         return engine
 
 
-def drain_all(timeout: float | None = None) -> bool:
-    """Wait for every engine's queue; False if one did not finish in time."""
-    return all(e.drain(timeout) for e in list(_ENGINES))
-
-
 def _after_fork_in_child():
     for e in _ENGINES:
         e._after_fork()

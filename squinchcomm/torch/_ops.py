@@ -43,7 +43,6 @@ __all__ = ["Average", "Sum", "Adasum", "Min", "Max", "Product", "TorchHandle",
 # Horovod's reduction constants (horovod.common.basics values).
 Average, Sum, Adasum, Min, Max, Product = 0, 1, 2, 3, 4, 5
 _OP_NAMES = {Average: "average", Sum: "sum"}
-_FLOAT_KINDS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------
