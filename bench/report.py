@@ -26,6 +26,8 @@ import json
 import math
 from pathlib import Path
 
+from squinchcomm import wire_bytes
+
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Squinch's wire bytes per element over fp32's and bf16's: the speedup limits.
 WIRE_LIMIT = {"fp32": 4 / 0.75, "16-bit": 2 / 0.75}
@@ -159,9 +161,9 @@ def plot_error_vs_bits(quality: dict | None, allreduce: dict | None, size: int, 
     if allreduce is not None:
         ax = axes.pop(0)
         world = allreduce.get("world_size", 4)
-        ring = 2 * (world - 1) / world
         for m, r in rows_at(allreduce, size).items():
-            bits = r["wire_mb"] * 1e6 * 8 / (r["count"] * ring)
+            # bits per element: the wire bytes relative to an fp32 ring's 32 bits
+            bits = 32 * r["wire_mb"] * 1e6 / wire_bytes(r["count"], world, "none")
             # With error feedback one call's error is not the point: each call also
             # pays back earlier residuals; the mean of the calls' results is.
             ef = r.get("error_feedback")

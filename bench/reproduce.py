@@ -17,6 +17,7 @@ command this script ran. Steps:
     collectives  reduce_scatter and allgather at 1 Gbit/s, 1-64 MiB
     hier      2 hosts x 2 ranks at 1 Gbit/s, 64 MiB: flat vs hierarchical Squinch
     train     the GPT training step per compression method, 4 hosts at each rate
+    overlap   the step unshaped vs 200 Mbit/s and 1 Gbit/s, 2 and 4 hosts (wire hidden?)
     model     the speedup model from the pipeline numbers, checked against the shaped runs
     companions  Z-Reg, QAT, Dynamic Clamping, visibility attention, distillation
     parity    loss parity: 13 gradient methods x 5 seeds on 4 ranks, Z-Reg at 1e-4 (~100 min)
@@ -44,8 +45,9 @@ def _py(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def _shaped(rate: str, log: str, bench: list[str], ranks_per_host: int = 1) -> list[str]:
-    return _py("bench/shaped_cluster.py", "--ranks", "4", "--ranks-per-host",
+def _shaped(rate: str, log: str, bench: list[str], ranks_per_host: int = 1,
+            ranks: int = 4) -> list[str]:
+    return _py("bench/shaped_cluster.py", "--ranks", str(ranks), "--ranks-per-host",
                str(ranks_per_host), "--rate", rate, "--timeout", "3600", "--log", log, "--",
                *bench)
 
@@ -63,6 +65,13 @@ def steps(out: Path) -> dict[str, list[tuple[list[str], str | None]]]:
     train = [(_shaped(r, o(f"shaped_train_4rank_{r}.txt"),
                       ["train", "--json", o(f"shaped_train_4rank_{r}.json")]), None)
              for r in RATES]
+    # Issue 12's proof: the step on an unshaped link against 200 Mbit/s and
+    # 1 Gbit/s, 4 MiB buckets (bench/results/overlap/NOTES.md).
+    overlap = [(_shaped(r, o(f"overlap/after_{n}rank_{r}.txt"),
+                        ["train", "--methods", "squinch,ddp_squinch", "--bucket-bytes", "4M",
+                         "--first-bucket-bytes", "4M", "--json",
+                         o(f"overlap/after_{n}rank_{r}.json")], ranks=n), None)
+               for n in (2, 4) for r in ("none", "200mbit", "1gbit")]
     return {
         "codec": [(["env", "NUMBA_NUM_THREADS=2", *_py("-m", "squinchcomm.bench", "codec", "-b",
                                                        "1M", "-e", "256M", "-f", "4", "-n", "10",
@@ -84,6 +93,7 @@ def steps(out: Path) -> dict[str, list[tuple[list[str], str | None]]]:
                            "squinch_hier_ef", "--json", o("shaped_hier_2x2_1gbit.json")],
                           ranks_per_host=2), None)],
         "train": train,
+        "overlap": overlap,
         # The prediction uses the single-process pipeline numbers (a rank with the
         # machine to itself); the validation uses each run's own stage times,
         # since there 4 ranks share the 2 cores.
@@ -134,11 +144,11 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"--only {args.only!r}: unknown step(s) {bad}; choose from "
                          f"{', '.join(plan)}")
-    needs_root = {"shaped", "collectives", "hier", "train"} & set(chosen)
+    needs_root = {"shaped", "collectives", "hier", "train", "overlap"} & set(chosen)
     if needs_root and os.geteuid() != 0 and not args.list:
         raise SystemExit(f"steps {sorted(needs_root)} build network namespaces and need root: "
                          "run with sudo, or leave them out with --only")
-    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overlap").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **_MPI_ENV, PYTHONPATH=str(ROOT))
     for step in chosen:
         for cmd, stdout in plan[step]:

@@ -120,8 +120,9 @@ def build(hosts: int, rate: str, delay: str | None):
         sh("ip", "netns", "exec", host, "ip", "link", "set", "lo", "up")
         sh("ip", "netns", "exec", bridge, "ip", "link", "set", veth_b, "master", "br0")
         sh("ip", "netns", "exec", bridge, "ip", "link", "set", veth_b, "up")
-        shape(host, "eth0", rate, delay)  # host -> bridge
-        shape(bridge, veth_b, rate, delay)  # bridge -> host
+        if rate != "none":  # none: the same namespaces, links unshaped (the reference)
+            shape(host, "eth0", rate, delay)  # host -> bridge
+            shape(bridge, veth_b, rate, delay)  # bridge -> host
 
 
 def bench_command(tokens: list[str]) -> list[str]:
@@ -147,9 +148,10 @@ def describe(hosts: int, per_host: int, rate: str, delay: str | None) -> str:
     """The network line benchmarks record (plot_shaped.py reads 'every link <rate>')."""
     ranks = f"{per_host} ranks each, sharing its link" if per_host > 1 else "1 rank each"
     return (f"shaped cluster: {hosts} hosts x {ranks} (network namespaces on one machine), "
-            f"every link {rate} each way (tc tbf)"
-            f"{', +' + delay + ' latency each way (netem)' if delay else ''}, "
-            "torch gloo over veth + bridge")
+            + ("links unshaped (veth, no tc)" if rate == "none" else
+               f"every link {rate} each way (tc tbf)")
+            + (f", +{delay} latency each way (netem)" if delay else "")
+            + ", torch gloo over veth + bridge")
 
 
 class Rank:
@@ -292,7 +294,8 @@ def main(argv=None):
     p.add_argument("--ranks", type=int, default=4, help="ranks in all (default 4)")
     p.add_argument("--ranks-per-host", type=int, default=1,
                    help="ranks per host namespace, sharing its link (default 1)")
-    p.add_argument("--rate", default="1gbit", help="tc rate per link and direction, e.g. 200mbit")
+    p.add_argument("--rate", default="1gbit", help="tc rate per link and direction, e.g. "
+                   "200mbit; none: unshaped links (the same cluster, as a reference)")
     p.add_argument("--delay", default=None, help="added one-way latency, e.g. 1ms (netem)")
     p.add_argument("--timeout", type=float, default=900, help="seconds before everything is "
                                                               "killed (default 900)")
@@ -309,8 +312,11 @@ def main(argv=None):
     hosts = args.ranks // args.ranks_per_host
     if hosts > 250:
         raise SystemExit(f"{hosts} hosts: at most 250 fit the 10.77.0.0/24 subnet")
-    if not re.fullmatch(r"\d+(\.\d+)?(kbit|mbit|gbit)", args.rate):
-        raise SystemExit(f"--rate {args.rate!r}: pass a tc rate like 200mbit, 1gbit or 10gbit")
+    if args.rate != "none" and not re.fullmatch(r"\d+(\.\d+)?(kbit|mbit|gbit)", args.rate):
+        raise SystemExit(f"--rate {args.rate!r}: pass a tc rate like 200mbit, 1gbit or 10gbit, "
+                         "or none (unshaped links, the reference to compare with)")
+    if args.rate == "none" and args.delay:
+        raise SystemExit("--delay needs a --rate (netem sits below the tbf shaper)")
     if args.delay and not re.fullmatch(r"\d+(\.\d+)?(us|ms|s)", args.delay):
         raise SystemExit(f"--delay {args.delay!r}: pass a netem delay like 500us or 1ms")
     command = bench_command(tokens)

@@ -17,7 +17,7 @@ import numpy as np
 from mpi4py import MPI
 
 import squinchcomm  # squinchcomm: the library
-from squinchcomm.codec import encoded_nbytes
+from squinchcomm import wire_bytes
 
 
 def gradient(step, rank, n):
@@ -59,8 +59,8 @@ def main():
         if len(set(digests)) != 1:
             raise SystemExit(f"step {step}: results differ across ranks: {digests}")
     if rank == 0:
-        wire = 2 * (world - 1) / world * encoded_nbytes(n)  # the algorithm's wire model
-        fp32_wire = 2 * (world - 1) / world * 4 * n
+        wire = wire_bytes(n, world, "squinch")  # the algorithm's wire model
+        fp32_wire = wire_bytes(n, world, "none")
         print(f"ranks {world}  tensor {args.mib:g} MiB fp32  steps {args.steps}")
         print(f"results bit-identical on all ranks: yes (sha256 {digests[0][:16]}...)")
         print(f"relative RMS error vs exact fp64 average: {np.sqrt(sum_err / sum_ref):.4f} per step, "

@@ -268,3 +268,27 @@ def test_scripts_exit_cleanly_with_their_own_status(tmp_path, mode, code):
     assert proc.returncode == code, proc.stderr[-2000:]
     assert "submitted" in proc.stdout
     assert "terminate called" not in proc.stderr
+
+
+def test_mpi_below_thread_multiple_is_refused_with_the_fix():
+    """The engine calls MPI from its progress thread: an MPI initialised with a
+    lower thread level must be refused at construction, not crash later."""
+    pytest.importorskip("mpi4py")
+    script = textwrap.dedent("""
+        import mpi4py
+        mpi4py.rc.thread_level = "funneled"
+        from mpi4py import MPI
+        from squinchcomm.errors import TransportError
+        from squinchcomm.transport.mpi import MPITransport
+        try:
+            MPITransport()
+        except TransportError as e:
+            print("refused:", e)
+        else:
+            print("accepted")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused:" in proc.stdout and "'funneled'" in proc.stdout, proc.stdout
+    assert "THREAD_MULTIPLE" in proc.stdout and "thread_level" in proc.stdout

@@ -125,10 +125,10 @@ from typing import Callable
 
 import numpy as np
 
-from squinchcomm import __version__, codec, config
+from squinchcomm import __version__, config
 from squinchcomm.bench.common import add_sweep_args, size_sweep, versions
 from squinchcomm.codec import oracle
-from squinchcomm.collectives import Communicator, shard_bounds
+from squinchcomm.collectives import Communicator, shard_bounds, wire_bytes
 
 __all__ = ["main", "run", "allreduce_main", "reduce_scatter_main", "allgather_main",
            "COLLECTIVES", "METHODS", "STAGES", "DTYPES", "Method", "bus_factor"]
@@ -202,11 +202,12 @@ def bus_factor(collective: str, world: int) -> float:
     return (2 if collective == "allreduce" else 1) * (world - 1) / world
 
 
-def _payload(compression: str, n: int, itemsize: int) -> float:
-    """Bytes of a whole ``n``-element tensor on the wire."""
-    if compression == "squinch":
-        return float(codec.encoded_nbytes(n))
-    return {"none": 4.0, "fp16": 2.0, "bf16": 2.0, "input": float(itemsize)}[compression] * n
+def _wire(collective: str, compression: str, n: int, world: int, itemsize: int) -> float:
+    """Bytes each rank sends for one call over ``n`` elements (the library's
+    :func:`~squinchcomm.wire_bytes`; ``input``: uncompressed in the input dtype)."""
+    if compression == "input":
+        return wire_bytes(n, world, "none", collective=collective) * itemsize / 4
+    return wire_bytes(n, world, compression, collective=collective)
 
 
 # ---------------------------------------------------------------------------- data
@@ -361,7 +362,6 @@ class _Bench:
 
     # ------------------------------------------------------------ runners
     def runner(self, name: str, m: Method, b: _Buffers) -> _Runner:
-        factor = bus_factor(self.collective, self.world)
         if self.collective == "allreduce":
             r = self._allreduce(name, m, b)
         elif self.collective == "reduce_scatter":
@@ -369,8 +369,8 @@ class _Bench:
         else:
             r = self._allgather(name, m, b)
         if r.wire is None:
-            payload = _payload(m.compression, b.n, self.itemsize)
-            r.wire = lambda: factor * payload
+            wire = _wire(self.collective, m.compression, b.n, self.world, self.itemsize)
+            r.wire = lambda: wire
         return r
 
     def _allreduce(self, name: str, m: Method, b: _Buffers) -> _Runner:
@@ -401,9 +401,9 @@ class _Bench:
             return _Runner(_returning(run, whole), refill=True)
         psgd = tm.PowerSGD(out, int(name[len("powersgd"):]), group, self.seed)
         psgd.warm_up(lambda: np.copyto(b.y, b.x))
-        factor = bus_factor("allreduce", self.world)
         return _Runner(_returning(psgd, whole), refill=True,
-                       wire=lambda: factor * psgd.sent_elements * self.itemsize)
+                       wire=lambda: _wire("allreduce", "input", psgd.sent_elements,
+                                          self.world, self.itemsize))
 
     def _hier_wire(self, n: int):
         """Bytes leaving the node per rank: the cross-node Squinch allreduce of
@@ -411,8 +411,7 @@ class _Bench:
         h = self.comm_hier
         bounds = shard_bounds(n, h.local_size)
         piece = bounds[h.local_rank + 1] - bounds[h.local_rank]
-        cross = h.cross_size
-        wire = 2 * (cross - 1) / cross * codec.encoded_nbytes(piece)
+        wire = wire_bytes(piece, h.cross_size, "squinch")
         return lambda: wire
 
     def _reduce_scatter(self, name: str, m: Method, b: _Buffers) -> _Runner:

@@ -80,6 +80,7 @@ from pathlib import Path
 from squinchcomm import __version__
 from squinchcomm.bench.common import parse_size, versions
 from squinchcomm.codec.format import BLOCK, BLOCK_BYTES
+from squinchcomm import collectives
 from squinchcomm.collectives import chunk_bounds
 
 __all__ = ["main", "parse_rate", "parse_time", "ring_factor", "wire_bytes", "pipeline_chunks",
@@ -127,8 +128,9 @@ def ring_factor(ranks: int) -> float:
 
 
 def wire_bytes(n: int, ranks: int, method: str = "squinch") -> float:
-    """Bytes one rank sends per allreduce of ``n`` elements: 2(N-1)/N * n * bytes/element."""
-    return ring_factor(ranks) * n * BYTES_PER_ELEMENT[method]
+    """Bytes one rank sends per allreduce of ``n`` elements (``method``: fp32,
+    bf16 or squinch): the library's :func:`squinchcomm.wire_bytes`."""
+    return collectives.wire_bytes(int(n), ranks, method)
 
 
 def pipeline_chunks(n: int, pipeline_bytes: int) -> int:

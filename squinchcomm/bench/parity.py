@@ -98,10 +98,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from squinchcomm import Communicator, __version__, codec
+from squinchcomm import Communicator, __version__
 from squinchcomm.bench.common import add_model_args, option, params_digest, versions
 from squinchcomm.bench.torch_methods import FlatBucket, PowerSGD, all_gather_single, share_cores
 from squinchcomm.codec import baselines
+from squinchcomm.collectives import wire_bytes
 from squinchcomm.models.corpus import load_corpus, sample_windows
 from squinchcomm.models.tinygpt import GPTConfig, TinyGPT, batch_tensors
 from squinchcomm.transport.torch_dist import init_process_group_from_env
@@ -173,23 +174,21 @@ class _Reducer:
     def __init__(self, method: Method, buffer: torch.Tensor, shapes, seed: int):
         self.method, self.buffer = method, buffer
         n, world = buffer.numel(), dist.get_world_size()
-        ring = 2 * (world - 1) / world
         self.local_bytes = 0.0  # hierarchical: fp32 bytes inside the node per step
         if method.kind == "wire":
             # A fresh error-feedback state and call count per run, over groups built once.
             self.comm, self.seed = _base_communicator(method.hierarchical), seed
             # Every run starts from call 0 with no residuals, whatever ran before it.
             self.comm.load_state_dict({"calls": 0, "error_feedback": {}})
-            per = codec.encoded_nbytes if method.compression == "squinch" else (lambda k: 2 * k)
-            if method.hierarchical:
-                local, cross = self.comm.local_size, self.comm.cross_size
-                self.wire = 2 * (cross - 1) / cross * per(-(-n // local))
-                self.local_bytes = (2 * (local - 1) / local + (local - 1) / local) * 4 * n
-            else:
-                self.wire = ring * per(n)
+            local = self.comm.local_size if method.hierarchical else 1
+            self.wire = wire_bytes(n, world, method.compression,
+                                   hierarchical=method.hierarchical, local_size=local)
+            if method.hierarchical:  # fp32 reduce-scatter + allgather inside the node
+                self.local_bytes = (wire_bytes(n, local, "none", collective="reduce_scatter")
+                                    + wire_bytes(n, local, "none", collective="allgather"))
         elif method.kind == "fp16_hook":
             self.bucket = FlatBucket(buffer, shapes)
-            self.wire = ring * 2 * n
+            self.wire = wire_bytes(n, world, "fp16")
         elif method.kind == "powersgd":
             self.powersgd = PowerSGD(buffer, rank=4, group=dist.group.WORLD, seed=seed,
                                      shapes=shapes)
@@ -197,7 +196,7 @@ class _Reducer:
         elif method.kind == "int4":
             self.wire = (world - 1) * baselines.payload_nbytes("int4", n, block=INT4_BLOCK)
         else:
-            self.wire = ring * 4 * n
+            self.wire = wire_bytes(n, world, "none")
 
     def __call__(self, exact: torch.Tensor) -> None:
         """Average ``self.buffer`` over the ranks in place (``exact``: the fp32 average)."""
@@ -235,7 +234,7 @@ class _Reducer:
         """Bytes this rank sent per step (mean over the run)."""
         if self.method.kind == "powersgd":
             world = dist.get_world_size()
-            return 2 * (world - 1) / world * 4 * float(np.mean(self.sent))
+            return wire_bytes(round(float(np.mean(self.sent))), world, "none")
         return self.wire
 
 

@@ -24,7 +24,6 @@ as a few rows at small sizes; those travel uncompressed.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch

@@ -75,9 +75,10 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersg
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import squinchcomm.torch as hvd
-from squinchcomm import __version__, codec
-from squinchcomm.bench.common import params_digest, versions
+from squinchcomm import __version__
+from squinchcomm.bench.common import params_digest, parse_size, versions
 from squinchcomm.bench.torch_methods import START_POWERSGD_ITER, share_cores
+from squinchcomm.collectives import wire_bytes
 from squinchcomm.models.corpus import load_corpus, sample_windows
 from squinchcomm.models.tinygpt import GPTConfig, TinyGPT, batch_tensors
 from squinchcomm.torch import ddp_hooks
@@ -89,7 +90,6 @@ METHODS = ("hvd_fp32", "hvd_fp16", "hvd_bf16", "squinch", "squinch_ef",
            "ddp_fp32", "ddp_fp16", "ddp_powersgd4", "ddp_squinch")
 LOSS_STEPS = 5  # the loss column averages this many final timed steps
 POWERSGD_RANK = 4
-_BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2}
 # method -> (wire format of a gradient element, sent by squinchcomm: whose small
 # buffers go fp32). PowerSGD is counted by its own state instead.
 _WIRE = {"hvd_fp32": ("fp32", True), "hvd_fp16": ("fp16", True), "hvd_bf16": ("bf16", True),
@@ -133,15 +133,8 @@ def wire_bytes_per_rank(method: str, buffers: list[int], world: int,
         3000.0
     """
     kind, library = _WIRE[method]
-    payload = 0
-    for n in buffers:
-        if library and 4 * n < min_compress_bytes:
-            payload += 4 * n
-        elif kind == "squinch":
-            payload += codec.encoded_nbytes(n)
-        else:
-            payload += _BYTES_PER_ELEMENT[kind] * n
-    return 2 * (world - 1) / world * payload
+    return sum(wire_bytes(n, world, "none" if library and 4 * n < min_compress_bytes else kind)
+               for n in buffers)
 
 
 def _recording(hook, sizes: list):
@@ -192,7 +185,8 @@ class _Run:
             return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
         if method.startswith("ddp_"):
-            self.net = DDP(self.model)  # broadcasts rank 0's weights
+            cap = {} if args.bucket_bytes is None else {"bucket_cap_mb": args.bucket_bytes / 2**20}
+            self.net = DDP(self.model, **cap)  # broadcasts rank 0's weights
             if method == "ddp_fp16":
                 self.net.register_comm_hook(None, _recording(default_hooks.fp16_compress_hook,
                                                              self.buckets))
@@ -218,7 +212,8 @@ class _Run:
             self.net = self.model
             self.optimizer = hvd.DistributedOptimizer(
                 adamw(self.model.parameters()), named_parameters=self.model.named_parameters(),
-                compression=compression[method], op=hvd.Average)
+                compression=compression[method], op=hvd.Average,
+                fusion_threshold=args.bucket_bytes, first_bucket_bytes=args.first_bucket_bytes)
 
     def step(self, x, y):
         """One training step (zero_grad, forward, backward, step); returns the loss."""
@@ -238,13 +233,14 @@ class _Run:
         """Bytes per rank per step over the timed steps (``start``: wire_counter() before)."""
         if self.powersgd is not None:  # fp32 P, Q and uncompressed tensors, allreduced
             elements = (self.powersgd.total_numel_after_compression - start) / steps
-            return 2 * (world - 1) / world * 4 * elements
+            return wire_bytes(round(elements), world, "none")
         if self.buckets:  # a recording hook: the buckets of the timed steps
             timed = self.buckets[start:]
             return wire_bytes_per_rank(self.method, timed, world, min_compress_bytes) / steps
-        # hvd_* (one fused buffer) and ddp_fp32 (every element, fp32)
-        return wire_bytes_per_rank(self.method, [self.model.num_params()], world,
-                                   min_compress_bytes)
+        # hvd_*: the optimizer's buckets; ddp_fp32: every element, fp32
+        sizes = ([n for _, n in self.optimizer.buckets] if hasattr(self.optimizer, "buckets")
+                 else [self.model.num_params()])
+        return wire_bytes_per_rank(self.method, sizes, world, min_compress_bytes)
 
     def close(self):
         if hasattr(self.optimizer, "remove_hooks"):
@@ -257,16 +253,27 @@ def _ranks_on_this_machine() -> int:
     return names.count(socket.gethostname())
 
 
+def _bucket_mib(run: _Run, last_step_start: int) -> list[float]:
+    """MiB of fp32 gradients per bucket, in reduction order: the optimizer's
+    buckets, or those a recording DDP hook saw in the last step (else empty)."""
+    if hasattr(run.optimizer, "buckets"):
+        return [4 * n / 2**20 for _, n in run.optimizer.buckets]
+    if run.powersgd is None:
+        return [4 * n / 2**20 for n in run.buckets[last_step_start:]]
+    return []
+
+
 def run_method(method: str, config, args, data, min_compress_bytes: int) -> dict:
     """Train with one method; collective. Returns its row (the same on every rank)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     run = _Run(method, config, args)
-    times, losses, wire_start = [], [], 0
+    times, losses, wire_start, last_start = [], [], 0, 0
     for step in range(1, args.warmup + args.steps + 1):
         x, y = batch_tensors(sample_windows(data.train, args.batch, args.seq, args.seed,
                                             step=step, rank=rank))
         if step == args.warmup + 1:
             wire_start = run.wire_counter()
+        last_start = run.wire_counter()
         dist.barrier()
         t0 = time.perf_counter()
         loss = run.step(x, y)
@@ -275,7 +282,8 @@ def run_method(method: str, config, args, data, min_compress_bytes: int) -> dict
             times.append(dt)
             losses.append(loss.item())
     mine = dict(times=times, losses=losses, digest=params_digest(run.model),
-                wire=run.wire_bytes(wire_start, args.steps, world, min_compress_bytes))
+                wire=run.wire_bytes(wire_start, args.steps, world, min_compress_bytes),
+                buckets=_bucket_mib(run, last_start))
     run.close()
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
@@ -286,7 +294,7 @@ def run_method(method: str, config, args, data, min_compress_bytes: int) -> dict
     return dict(method=method, time_ms=t * 1e3,
                 tokens_per_s=world * args.batch * args.seq / t,
                 loss=statistics.fmean(mean_losses[-LOSS_STEPS:]),
-                wire_mb=everyone[0]["wire"] / 1e6,
+                wire_mb=everyone[0]["wire"] / 1e6, buckets_mib=everyone[0]["buckets"],
                 params_identical=len({e["digest"] for e in everyone}) == 1,
                 step_times_ms=[v * 1e3 for v in slowest], losses=mean_losses)
 
@@ -312,6 +320,10 @@ def _header(args, info) -> str:
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')})  NUMBA_NUM_THREADS "
         f"{os.environ.get('NUMBA_NUM_THREADS', 'unset')}  min_compress_bytes "
         f"{info['min_compress_bytes']}  host {platform.node()}",
+        "# buckets: cap " + _size(args.bucket_bytes, "SQUINCHCOMM_FUSION_THRESHOLD or 64 MiB "
+                                  "(hvd), 25 MiB (DDP)")
+        + ", hvd first bucket " + _size(args.first_bucket_bytes,
+                                        "SQUINCHCOMM_FIRST_BUCKET_BYTES or 1 MiB"),
         f"# {info['corpus']}",
         "# " + "  ".join(f"{k} {val}" for k, val in versions().items()),
         "# time = median over timed steps of the slowest rank, zero_grad..optimizer.step "
@@ -328,6 +340,10 @@ def _header(args, info) -> str:
     ])
 
 
+def _size(nbytes, default: str) -> str:
+    return default if nbytes is None else f"{nbytes / 2**20:g} MiB"
+
+
 def _row(r) -> str:
     speedup = f"{r['speedup']:.2f}" if r["speedup"] is not None else "-"
     return (f"  {r['method']:>13} {r['time_ms']:>10.1f} {r['tokens_per_s']:>10,.0f} "
@@ -339,6 +355,11 @@ def _footer(rows) -> str:
     bad = [r["method"] for r in rows if not r["params_identical"]]
     lines = ["#", "# parameters bit-identical on every rank: "
              + ("all methods" if not bad else "NOT for " + ", ".join(bad))]
+    for r in rows:
+        if r["buckets_mib"]:
+            lines.append(f"# buckets {r['method']}: {len(r['buckets_mib'])} of "
+                         + " ".join(f"{b:.2f}" for b in r["buckets_mib"])
+                         + " MiB (fp32 gradients, in reduction order)")
     if not os.environ.get("SQUINCHCOMM_BENCH_NETWORK"):  # set by bench/shaped_cluster.py
         lines.append("# one machine: gradients move through shared memory/loopback, so "
                      "compression cannot win on time here; run it on a shaped cluster")
@@ -363,6 +384,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     p.add_argument("--hierarchical", action="store_true",
                    help="squinchcomm methods sum inside a node uncompressed, compress across")
+    p.add_argument("--bucket-bytes", type=parse_size, default=None, metavar="SIZE",
+                   help="bucket cap, e.g. 4M: DistributedOptimizer's fusion_threshold and "
+                        "DDP's bucket_cap_mb (default: their own defaults)")
+    p.add_argument("--first-bucket-bytes", type=parse_size, default=None, metavar="SIZE",
+                   help="DistributedOptimizer's first_bucket_bytes (DDP's first bucket is "
+                        "its own 1 MiB)")
     p.add_argument("--json", metavar="FILE", help="rank 0 writes rows and parameters as JSON")
     args = p.parse_args(argv)
     # Validate before any collective, so every rank fails the same way at once.

@@ -48,11 +48,14 @@ from squinchcomm.collectives import ErrorFeedback
 from squinchcomm.torch import _ops
 from squinchcomm.torch.compression import Compression, as_compression
 
-__all__ = ["DistributedOptimizer", "DEFAULT_FUSION_THRESHOLD"]
+__all__ = ["DistributedOptimizer", "DEFAULT_FUSION_THRESHOLD", "DEFAULT_FIRST_BUCKET_BYTES"]
 
 #: Bucket size cap in bytes when neither ``fusion_threshold`` nor
 #: ``SQUINCHCOMM_FUSION_THRESHOLD`` is given (Horovod's default fusion buffer).
 DEFAULT_FUSION_THRESHOLD = 64 * 1024 * 1024
+#: First-bucket cap when neither ``first_bucket_bytes`` nor
+#: ``SQUINCHCOMM_FIRST_BUCKET_BYTES`` is given (DDP's first bucket).
+DEFAULT_FIRST_BUCKET_BYTES = 1024 * 1024
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -68,6 +71,7 @@ class _Bucket:
         self.buffer: torch.Tensor | None = None  # allocated on first use, then reused
         self.ready = 0
         self.handle = None  # the allreduce in flight (squinchcomm.collectives.Handle)
+        self.first = False  # the first bucket of its dtype and device (first_bucket_bytes cap)
 
     @property
     def nbytes(self) -> int:
@@ -84,7 +88,8 @@ class _DistributedOptimizer:
 
     # ------------------------------------------------------------ setup
     def _sq_setup(self, named_parameters, compression, backward_passes_per_step, op,
-                  gradient_predivide_factor, fusion_threshold, communicator, sparse_as_dense):
+                  gradient_predivide_factor, fusion_threshold, communicator, sparse_as_dense,
+                  first_bucket_bytes=None):
         base = communicator if communicator is not None else _ops.communicator()
         self._sq_compression = as_compression(compression)
         op_name = _ops._op(None, op)
@@ -105,6 +110,12 @@ class _DistributedOptimizer:
         if threshold < 0:
             raise ValueError(f"fusion_threshold={fusion_threshold}: pass bytes >= 0 (0: one "
                              "bucket per parameter)")
+        first = (config.env_int("FIRST_BUCKET_BYTES", DEFAULT_FIRST_BUCKET_BYTES)
+                 if first_bucket_bytes is None else int(first_bucket_bytes))
+        if first < 0:
+            raise ValueError(f"first_bucket_bytes={first_bucket_bytes}: pass bytes >= 0 (0: the "
+                             "first bucket holds one parameter)")
+        first = min(first, threshold)
 
         params, seen = [], set()
         for group in self.param_groups:
@@ -120,16 +131,19 @@ class _DistributedOptimizer:
                                  "DistributedOptimizer reduces float32/float16/bfloat16 "
                                  "parameters; cast the model (model.float())")
 
-        # Step 1: static buckets in reverse registration order.
+        # Step 1: static buckets in reverse registration order; the first of each
+        # dtype and device small (its allreduce starts early in backward).
         self._sq_buckets: list[_Bucket] = []
         open_buckets: dict[tuple, _Bucket] = {}
         for p in reversed(trainable):
             key = (p.device, p.dtype)
             b = open_buckets.get(key)
-            if b is not None and b.params and b.nbytes + p.numel() * p.element_size() > threshold:
+            cap = first if b is not None and b.first else threshold
+            if b is not None and b.params and b.nbytes + p.numel() * p.element_size() > cap:
                 b = None
             if b is None:
                 b = _Bucket(len(self._sq_buckets), p.dtype, p.device)
+                b.first = key not in open_buckets
                 self._sq_buckets.append(b)
                 open_buckets[key] = b
             b.add(p)
@@ -339,6 +353,11 @@ class _DistributedOptimizer:
                            world=self._sq_comm.size)
 
     @property
+    def buckets(self) -> list[tuple[str, int]]:
+        """The static buckets as (name, elements), in the order they are reduced."""
+        return [(b.name, b.numel) for b in self._sq_buckets]
+
+    @property
     def error_feedback(self):
         """This optimizer's :class:`~squinchcomm.collectives.ErrorFeedback` state."""
         return self._sq_ef
@@ -358,7 +377,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
                          backward_passes_per_step=1, op=_ops.Average,
                          gradient_predivide_factor=1.0, fusion_threshold=None, num_groups=0,
                          groups=None, sparse_as_dense=False, process_set=None,
-                         communicator=None):
+                         communicator=None, first_bucket_bytes=None):
     """Wrap ``optimizer`` so that ``step()`` uses gradients averaged over all ranks.
 
     The result is an instance of a subclass of ``optimizer``'s class sharing
@@ -378,12 +397,18 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
         gradient_predivide_factor: divide by f before the sum and by size/f
             after (Average only).
         fusion_threshold: bucket size cap in bytes (default
-            ``SQUINCHCOMM_FUSION_THRESHOLD`` or 64 MiB; 0: one per parameter).
+            ``SQUINCHCOMM_FUSION_THRESHOLD`` or :data:`DEFAULT_FUSION_THRESHOLD`;
+            0: one per parameter).
         num_groups, groups: Horovod's explicit grouping; not supported (use
             fusion_threshold); must be left at their defaults.
         sparse_as_dense: densify sparse gradients instead of raising.
         process_set: not supported (None).
         communicator: the Communicator to use (default: the one from hvd.init()).
+        first_bucket_bytes: size cap of the first bucket (the last layers'
+            gradients, ready first), as DDP's small first bucket: its
+            allreduce starts early in backward (default
+            ``SQUINCHCOMM_FIRST_BUCKET_BYTES`` or
+            :data:`DEFAULT_FIRST_BUCKET_BYTES`; never above fusion_threshold).
 
     Returns:
         The wrapped optimizer.
@@ -408,5 +433,6 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
     # works for optimizers whose __init__ needs arguments, and keeps loaded state).
     wrapped.__dict__.update(optimizer.__dict__)
     wrapped._sq_setup(named_parameters, compression, backward_passes_per_step, op,
-                      gradient_predivide_factor, fusion_threshold, communicator, sparse_as_dense)
+                      gradient_predivide_factor, fusion_threshold, communicator, sparse_as_dense,
+                      first_bucket_bytes)
     return wrapped

@@ -31,6 +31,22 @@ def _displs(counts: Sequence[int]) -> np.ndarray:
         np.zeros(0, np.int64)
 
 
+_THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")
+
+
+def _check_thread_level(mpi) -> None:
+    """The engine calls MPI from its progress thread while the application may
+    call MPI from its own: that needs MPI_THREAD_MULTIPLE (mpi4py's default)."""
+    provided = mpi.Query_thread()
+    if provided < mpi.THREAD_MULTIPLE:
+        level = _THREAD_LEVELS[provided] if 0 <= provided < 4 else str(provided)
+        raise TransportError(
+            f"MPI was initialised with thread level '{level}', but squinchcomm's engine calls MPI "
+            "from a background progress thread and needs MPI_THREAD_MULTIPLE: leave "
+            "mpi4py.rc.thread_level at its default 'multiple' (or call "
+            "MPI.Init_thread(MPI.THREAD_MULTIPLE)), with an MPI built with thread support")
+
+
 class MPITransport(Transport):
     """A transport over an mpi4py communicator.
 
@@ -45,6 +61,7 @@ class MPITransport(Transport):
 
     def __init__(self, comm=None, cuda_aware: bool | None = None):
         self._mpi = require("mpi4py.MPI", "mpi", "The MPI transport")
+        _check_thread_level(self._mpi)
         self.comm = comm if comm is not None else self._mpi.COMM_WORLD.Dup()
         # Errors come back as exceptions (wrapped in TransportError), never abort silently.
         self.comm.Set_errhandler(self._mpi.ERRORS_RETURN)

@@ -333,6 +333,56 @@ def test_misuse_errors(world):
     loss_fn(model, *batch(0, world.rank)).backward()
 
 
+class _FourParams(torch.nn.Module):
+    """Parameters of 1000, 10, 1000 and 10 float32 elements (4000/40 bytes),
+    registered in that order: backward makes them ready in reverse."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.ones(1000))
+        self.b = torch.nn.Parameter(torch.ones(10))
+        self.c = torch.nn.Parameter(torch.ones(1000))
+        self.d = torch.nn.Parameter(torch.ones(10))
+
+
+@pytest.mark.parametrize("first, expected", [
+    # Reverse order d(40 B), c(4000), b(40), a(4000) under an 8000-byte cap.
+    # A 100-byte first bucket closes before c; the next takes c+b (4040),
+    # adding a would make 8040 > 8000.
+    (100, [["d"], ["c", "b"], ["a"]]),
+    # The default first cap (1 MiB) is clipped to the 8000-byte threshold:
+    # d+c+b = 4080, + a = 8080 > 8000.
+    (None, [["d", "c", "b"], ["a"]]),
+    # 0: the first bucket holds one parameter.
+    (0, [["d"], ["c", "b"], ["a"]]),
+])
+def test_bucket_layout_first_bucket_small(world, first, expected):
+    model = _FourParams()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(),
+                                   fusion_threshold=8000, first_bucket_bytes=first)
+    sizes = {"a": 1000, "b": 10, "c": 1000, "d": 10}
+    assert [n for _, n in opt.buckets] == [sum(sizes[k] for k in b) for b in expected]
+    # The layout works: a step averages every parameter's gradient exactly.
+    ((model.a * (world.rank + 1)).sum() + model.b.sum() + model.c.sum()
+     + model.d.sum()).backward()
+    opt.synchronize()
+    mean = (world.size + 1) / 2
+    assert torch.allclose(model.a.grad, torch.full((1000,), mean), rtol=0, atol=2 * Q * world.size)
+    opt.remove_hooks()
+
+
+def test_bucket_size_errors(world):
+    model = _FourParams()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="first_bucket_bytes=-1"):
+        hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                 first_bucket_bytes=-1)
+    with pytest.raises(ValueError, match="fusion_threshold=-5"):
+        hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                 fusion_threshold=-5)
+
+
 def test_gradient_predivide_and_sum(world):
     model = make_model(seed=8)
     opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
