@@ -43,12 +43,11 @@ extern "C" __global__ void squinch_encode(const void* __restrict__ x, int kind,
                                           const float* __restrict__ tables) {
   __shared__ float tab[squinch::kTabSize];
   stage_tables(tab, tables);
-  const bool vec = squinch::is_aligned(x, 16) && squinch::is_aligned(residual, 16);
-  const bool even = squinch::is_aligned(out, 2);
+  const squinch::Paths path = squinch::encode_paths(x, out, residual);
   const unsigned long long nb = squinch::num_blocks(n);
   for (unsigned long long b = first_block(); b < nb; b += block_stride()) {
-    squinch::encode_step(x, kind, n, b, out, residual, stochastic != 0, key, offset, tab, vec,
-                         even);
+    squinch::encode_step(x, kind, n, b, out, residual, stochastic != 0, key, offset, tab,
+                         path.vec, path.even);
   }
 }
 
@@ -58,11 +57,10 @@ extern "C" __global__ void squinch_decode(const unsigned char* __restrict__ payl
                                           int kind, const float* __restrict__ tables) {
   __shared__ float tab[squinch::kTabSize];
   stage_tables(tab, tables);
-  const bool vec = squinch::is_aligned(out, 16);
-  const bool even = squinch::is_aligned(payload, 2);
+  const squinch::Paths path = squinch::decode_paths(payload, out);
   const unsigned long long nb = squinch::num_blocks(n);
   for (unsigned long long b = first_block(); b < nb; b += block_stride()) {
-    squinch::decode_step(payload, n, b, out, kind, tab, vec, even);
+    squinch::decode_step(payload, n, b, out, kind, tab, path.vec, path.even);
   }
 }
 
@@ -74,11 +72,10 @@ extern "C" __global__ void squinch_decode_accumulate(const unsigned char* __rest
                                                      const float* __restrict__ tables) {
   __shared__ float tab[squinch::kTabSize];
   stage_tables(tab, tables);
-  const bool vec = squinch::is_aligned(out, 16);
-  const bool even = squinch::is_aligned(payloads, 2) && stride % 2 == 0;
+  const squinch::Paths path = squinch::accumulate_paths(payloads, stride, out);
   const unsigned long long nb = squinch::num_blocks(n);
   for (unsigned long long b = first_block(); b < nb; b += block_stride()) {
-    squinch::accumulate_step(payloads, k, stride, n, b, out, scale, tab, vec, even);
+    squinch::accumulate_step(payloads, k, stride, n, b, out, scale, tab, path.vec, path.even);
   }
 }
 
@@ -94,12 +91,10 @@ extern "C" __global__ void squinch_reduce_encode(const unsigned char* __restrict
                                                  const float* __restrict__ tables) {
   __shared__ float tab[squinch::kTabSize];
   stage_tables(tab, tables);
-  const bool vec = squinch::is_aligned(residual, 16);
-  const bool even = squinch::is_aligned(payloads, 2) && stride % 2 == 0
-                    && squinch::is_aligned(out, 2);
+  const squinch::Paths path = squinch::reduce_encode_paths(payloads, stride, out, residual);
   const unsigned long long nb = squinch::num_blocks(n);
   for (unsigned long long b = first_block(); b < nb; b += block_stride()) {
     squinch::reduce_encode_step(payloads, k, stride, n, b, out, residual, scale,
-                                stochastic != 0, key, offset, tab, vec, even);
+                                stochastic != 0, key, offset, tab, path.vec, path.even);
   }
 }

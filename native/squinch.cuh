@@ -289,13 +289,73 @@ SQ_HD bool is_aligned(const void* p, u64 bytes) {
 /// Number of blocks of n elements.
 SQ_HD u64 num_blocks(u64 n) { return (n + kBlock - 1) / kBlock; }
 
+/// Which load/store paths a launch may take, decided once per launch from
+/// its pointers: `vec` = the float / uint16 arrays are 16-byte aligned (two
+/// 16-byte accesses per block), `even` = the payload pointers (and row
+/// stride) are 2-byte aligned (three 2-byte accesses per block). The kernels
+/// and tests/native/host_check.cu both call these.
+struct Paths {
+  bool vec;
+  bool even;
+};
+
+/// squinch_encode: input x, payload out, residual res (may be null).
+SQ_HD Paths encode_paths(const void* x, const u8* out, const float* res) {
+  Paths p = {is_aligned(x, 16) && is_aligned(res, 16), is_aligned(out, 2)};
+  return p;
+}
+
+/// squinch_decode: payload in, out the float32 / uint16 output.
+SQ_HD Paths decode_paths(const u8* payload, const void* out) {
+  Paths p = {is_aligned(out, 16), is_aligned(payload, 2)};
+  return p;
+}
+
+/// squinch_decode_accumulate: k payload rows `stride` bytes apart, float32 out.
+SQ_HD Paths accumulate_paths(const u8* payloads, u64 stride, const float* out) {
+  Paths p = {is_aligned(out, 16), is_aligned(payloads, 2) && stride % 2 == 0};
+  return p;
+}
+
+/// squinch_reduce_encode: payload rows, payload out, residual res (may be null).
+SQ_HD Paths reduce_encode_paths(const u8* payloads, u64 stride, const u8* out,
+                                const float* res) {
+  Paths p = {is_aligned(res, 16),
+             is_aligned(payloads, 2) && stride % 2 == 0 && is_aligned(out, 2)};
+  return p;
+}
+
+/// Read a T (a vector type or u16) from p, which the caller has checked is
+/// aligned for T. The device reads it in one access; the host copies the
+/// bytes (no type punning, so no -fno-strict-aliasing is needed).
+template <typename T>
+SQ_HD T load_as(const void* p) {
+#if defined(__CUDA_ARCH__)
+  return *static_cast<const T*>(p);
+#else
+  T v;
+  __builtin_memcpy(&v, p, sizeof(T));
+  return v;
+#endif
+}
+
+/// Write a T to p (aligned for T), as load_as reads it.
+template <typename T>
+SQ_HD void store_as(void* p, T v) {
+#if defined(__CUDA_ARCH__)
+  *static_cast<T*>(p) = v;
+#else
+  __builtin_memcpy(p, &v, sizeof(T));
+#endif
+}
+
 /// Load elements 8b..8b+7 of p (zeros past n): two 16-byte loads when `vec`
 /// (p 16-byte aligned) and the block is whole, else scalar loads.
 SQ_HD void load_f32x8(const float* p, u64 n, u64 b, bool vec, float v[8]) {
   const u64 i0 = kBlock * b;
   if (vec && i0 + kBlock <= n) {
-    const float4 lo = reinterpret_cast<const float4*>(p + i0)[0];
-    const float4 hi = reinterpret_cast<const float4*>(p + i0)[1];
+    const float4 lo = load_as<float4>(p + i0);
+    const float4 hi = load_as<float4>(p + i0 + 4);
     v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w;
     v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
   } else {
@@ -311,8 +371,8 @@ SQ_HD void store_f32x8(float* p, u64 n, u64 b, bool vec, const float v[8]) {
     float4 lo, hi;
     lo.x = v[0]; lo.y = v[1]; lo.z = v[2]; lo.w = v[3];
     hi.x = v[4]; hi.y = v[5]; hi.z = v[6]; hi.w = v[7];
-    reinterpret_cast<float4*>(p + i0)[0] = lo;
-    reinterpret_cast<float4*>(p + i0)[1] = hi;
+    store_as<float4>(p + i0, lo);
+    store_as<float4>(p + i0 + 4, hi);
   } else {
     SQ_UNROLL
     for (int j = 0; j < kBlock; ++j) {
@@ -325,7 +385,7 @@ SQ_HD void store_f32x8(float* p, u64 n, u64 b, bool vec, const float v[8]) {
 SQ_HD void load_u16x8(const u16* p, u64 n, u64 b, bool vec, u16 h[8]) {
   const u64 i0 = kBlock * b;
   if (vec && i0 + kBlock <= n) {
-    const uint4 w = reinterpret_cast<const uint4*>(p + i0)[0];
+    const uint4 w = load_as<uint4>(p + i0);
     const u32 words[4] = {w.x, w.y, w.z, w.w};
     SQ_UNROLL
     for (int j = 0; j < kBlock; ++j) h[j] = static_cast<u16>(words[j / 2] >> (16 * (j % 2)));
@@ -344,7 +404,7 @@ SQ_HD void store_u16x8(u16* p, u64 n, u64 b, bool vec, const u16 h[8]) {
     w.y = static_cast<u32>(h[2]) | (static_cast<u32>(h[3]) << 16);
     w.z = static_cast<u32>(h[4]) | (static_cast<u32>(h[5]) << 16);
     w.w = static_cast<u32>(h[6]) | (static_cast<u32>(h[7]) << 16);
-    reinterpret_cast<uint4*>(p + i0)[0] = w;
+    store_as<uint4>(p + i0, w);
   } else {
     SQ_UNROLL
     for (int j = 0; j < kBlock; ++j) {
@@ -358,11 +418,10 @@ SQ_HD Block load_block(const u8* p, u64 b, bool even) {
   const u8* s = p + kBlockBytes * b;
   u32 b0, b1, w;
   if (even) {
-    const u16* h = reinterpret_cast<const u16*>(s);
-    const u32 h0 = h[0];
+    const u32 h0 = load_as<u16>(s);
     b0 = h0 & 0xFFu;
     b1 = h0 >> 8;
-    w = static_cast<u32>(h[1]) | (static_cast<u32>(h[2]) << 16);
+    w = static_cast<u32>(load_as<u16>(s + 2)) | (static_cast<u32>(load_as<u16>(s + 4)) << 16);
   } else {
     b0 = s[0];
     b1 = s[1];
@@ -377,10 +436,9 @@ SQ_HD Block load_block(const u8* p, u64 b, bool even) {
 SQ_HD void store_block(u8* p, u64 b, bool even, Block blk) {
   u8* s = p + kBlockBytes * b;
   if (even) {
-    u16* h = reinterpret_cast<u16*>(s);
-    h[0] = static_cast<u16>(blk.q | (blk.signs << 8));
-    h[1] = static_cast<u16>(blk.word);
-    h[2] = static_cast<u16>(blk.word >> 16);
+    store_as<u16>(s, static_cast<u16>(blk.q | (blk.signs << 8)));
+    store_as<u16>(s + 2, static_cast<u16>(blk.word));
+    store_as<u16>(s + 4, static_cast<u16>(blk.word >> 16));
   } else {
     s[0] = static_cast<u8>(blk.q);
     s[1] = static_cast<u8>(blk.signs);

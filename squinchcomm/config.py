@@ -93,3 +93,9 @@ def timeout() -> float:
 def mpi_cuda_aware() -> bool:
     """Whether MPI may touch GPU memory (``SQUINCHCOMM_MPI_CUDA_AWARE``)."""
     return env_bool("MPI_CUDA_AWARE", False)
+
+
+def cuda_debug() -> bool:
+    """SQUINCHCOMM_CUDA_DEBUG (default 0): synchronize and check for errors
+    after every CUDA kernel launch, so a failure names the kernel that caused it."""
+    return env_bool("CUDA_DEBUG", False)

@@ -131,3 +131,37 @@ def test_torch_errors():
         codec.encode(X, out=torch.empty(18, dtype=torch.uint8))
     with pytest.raises(ValueError, match="device 'meta' are not supported"):
         codec.encode(torch.zeros(8, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["numba", "oracle"])
+def test_overlapping_buffers_are_refused(backend):
+    """The kernels (declared __restrict__) and the host backends do not work
+    in place: a written buffer that shares memory with another argument is an
+    error, not undefined behaviour; adjacent views of one buffer are fine."""
+    n = 64
+    mem = np.zeros(4 * n, np.float32)  # one allocation, viewed several ways
+    x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    mem[:n] = x
+    with pytest.raises(ValueError, match="residual overlaps x"):
+        codec.encode(mem[:n], residual=mem[n // 2: n // 2 + n], backend=backend)
+    with pytest.raises(ValueError, match="out overlaps x"):
+        codec.encode(mem[:n], out=mem.view(np.uint8)[8: 8 + codec.encoded_nbytes(n)],
+                     backend=backend)
+    payload_mem = mem.view(np.uint8)[4 * n: 4 * n + codec.encoded_nbytes(n)]
+    # Adjacent views of one allocation do not overlap.
+    codec.encode(mem[:n], out=payload_mem, residual=mem[2 * n: 3 * n], backend=backend)
+    with pytest.raises(ValueError, match="out overlaps payload"):
+        codec.decode(payload_mem, n, out=mem[n: 2 * n], backend=backend)
+    stack = np.stack([codec.encode(x), codec.encode(-x)])
+    with pytest.raises(ValueError, match="out overlaps payloads"):
+        codec.reduce_encode(stack, n, out=stack[1], backend=backend)
+    acc = np.zeros(stack.size + 4 * n + 16, np.uint8)
+    acc[: stack.size] = stack.reshape(-1)
+    with pytest.raises(ValueError, match="out overlaps payloads"):
+        codec.decode_accumulate(acc[: stack.size].reshape(stack.shape), n,
+                                acc[8: 8 + 4 * n].view(np.float32), backend=backend)
+    res = np.zeros(n, np.float32)
+    with pytest.raises(ValueError, match="residual overlaps payloads"):
+        codec.reduce_encode(acc[: stack.size].reshape(stack.shape), n,
+                            residual=acc[: 4 * n].view(np.float32), backend=backend)
+    codec.reduce_encode(stack, n, residual=res, backend=backend)  # separate buffers work

@@ -294,6 +294,37 @@ def test_round_trip_through_all_kernels(cp, cuda):
     assert_bits_equal(cp.asnumpy(d_y), want, "round trip")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_above_two_to_the_31_elements(cp, cuda, rounding):
+    """One input of 2^31 + 13 elements (8 GiB): 64-bit indices in the
+    grid-stride loop, payload offsets past 2^32 bytes, rounding draws at
+    global indices past 2^31. Slices around the 2^31 boundary, the start and
+    the partial last block are compared with the oracle run on the slice at
+    the same global offset (blocks are independent)."""
+    n = 2**31 + 13
+    free, _ = cp.cuda.runtime.memGetInfo()
+    if free < 26 * 2**30:
+        pytest.skip(f"needs 26 GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+    d_x = cp.random.default_rng(5).standard_normal(n, dtype=cp.float32)
+    d_p = cp.empty(fmt.encoded_nbytes(n), cp.uint8)
+    stochastic = rounding == "stochastic"
+    cuda.encode(d_x, "float32", d_p, stochastic, 77, 0, None)
+    d_y = cp.empty(n, cp.float32)
+    cuda.decode(d_p, n, d_y, "float32")
+    for lo, hi in ((0, 4096), (2**31 - 4096, 2**31 + 4096), (n - 1000 - 5, n)):
+        lo -= lo % 8
+        x = cp.asnumpy(d_x[lo:hi])
+        want = oracle.encode(x, rounding, 77, lo)
+        b0 = 6 * (lo // 8)
+        got = cp.asnumpy(d_p[b0: b0 + want.size])
+        assert_bits_equal(got, want, f"payload of [{lo}, {hi})")
+        assert_bits_equal(cp.asnumpy(d_y[lo:hi]), oracle.decode(want, hi - lo),
+                          f"decode of [{lo}, {hi})")
+    del d_x, d_p, d_y
+    cp.get_default_memory_pool().free_all_blocks()
+
+
 # ---------------------------------------------------------------- no GPU needed
 def test_import_is_lazy():
     """Importing the backend compiles nothing and does not import CuPy."""

@@ -1,11 +1,14 @@
-"""The CUDA backend's format logic, run on the CPU and compared with the oracle.
+"""The CUDA kernels, run on the CPU and compared with the oracle bit for bit.
 
-native/squinch.cuh holds every per-block step of the CUDA kernels as
-``__host__ __device__`` functions; tests/native/host_check.cu runs them in
-plain loops on the host. Building that driver with nvcc (no GPU needed) and
-comparing its output with :mod:`squinchcomm.codec.oracle` bit for bit checks
-the kernels' arithmetic, packing, conversions and alignment fallbacks on a
-machine without a GPU. Skipped when nvcc is not on PATH.
+tests/native/host_check.cu includes native/squinch.cu itself, the
+``__global__`` functions and the ``__host__ __device__`` code of squinch.cuh,
+and runs the kernels under tests/native/cuda_host.h's emulated launch (blocks
+in turn, a block's threads as real threads with ``__syncthreads`` a barrier,
+shared memory scribbled between blocks). Built with the host C++ compiler (no
+CUDA toolkit, no GPU), it checks the kernels' grid-stride loops, alignment
+paths, table staging, arithmetic, packing and conversions against
+:mod:`squinchcomm.codec.oracle` on misaligned and odd-sized buffers, under the
+launch geometry codec/cuda.py computes and under deliberately small grids.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from squinchcomm.codec import cuda as cuda_backend
 from squinchcomm.codec import format as fmt
 from squinchcomm.codec import oracle
 from squinch_data import (assert_bits_equal, bf16_reference, every_level_payload,
@@ -34,6 +38,11 @@ SIZES = [0, 1, 7, 8, 9, 1000, 4099]
 OFFSETS = [0, 12345, 2**32 - 5, 2**64 - 20]  # crossing the 32-bit and 64-bit wraps
 # Each packed-table offset of native/squinch.cuh and the format.py table it indexes
 # (names only: the numbers come from the header and from format.packed_tables()).
+# Launches (grid, threads per CTA). None: what codec/cuda.py launches
+# (cuda._grid with 256 threads), with the grid capped at 3 CTAs as on a tiny GPU,
+# so large inputs take the grid-stride loop.
+LAUNCH_CAP = 3
+LAUNCHES = {"serial": (1, 1), "strided": (3, 32), "cuda": None}
 TABLE_OFFSETS = {"kTabScale": "SCALE", "kTabInv": "INV_SCALE", "kTabT": "THRESHOLD",
                  "kTabF": "LEVEL_FRACTION", "kTabMid": "MIDPOINT", "kTabStep": "LEVEL_STEP"}
 
@@ -44,6 +53,7 @@ class HostCheck:
 
     def __init__(self, exe: Path, folder: Path):
         self.exe, self.folder = exe, folder
+        self.launch = None  # (grid, threads), or None: codec/cuda.py's geometry
         self.tables = folder / "tables.bin"
         fmt.packed_tables().tofile(self.tables)
         self._count = itertools.count()
@@ -52,6 +62,11 @@ class HostCheck:
         d = self.folder / f"call{next(self._count)}"
         d.mkdir()
         return d
+
+    def _geometry(self, n: int) -> tuple[int, int]:
+        if self.launch is not None:
+            return self.launch
+        return cuda_backend._grid(fmt.num_blocks(n), LAUNCH_CAP), cuda_backend._THREADS
 
     def _run(self, *args) -> str:
         proc = subprocess.run([str(self.exe), *map(str, args)], capture_output=True, text=True)
@@ -71,14 +86,16 @@ class HostCheck:
             residual.tofile(d / "res")
             res_in = d / "res"
         self._run("encode", self.tables, KINDS[kind], x.size, d / "x", int(stochastic),
-                  fmt.stream_key(seed), offset, res_in, d / "out", d / "res_out", shift)
+                  fmt.stream_key(seed), offset, res_in, d / "out", d / "res_out", shift,
+                  *self._geometry(x.size))
         res = None if residual is None else np.fromfile(d / "res_out", np.float32)
         return np.fromfile(d / "out", np.uint8), res
 
     def decode(self, payload, n, kind, shift):
         d = self._dir()
         payload.tofile(d / "p")
-        self._run("decode", self.tables, KINDS[kind], n, d / "p", d / "out", shift)
+        self._run("decode", self.tables, KINDS[kind], n, d / "p", d / "out", shift,
+                  *self._geometry(n))
         return np.fromfile(d / "out", np.float32 if kind == "float32" else np.uint16)
 
     def accumulate(self, payloads, n, out, scale, shift):
@@ -87,7 +104,7 @@ class HostCheck:
         out.tofile(d / "o")
         scale_bits = int(np.float32(scale).view(np.uint32))
         self._run("accumulate", self.tables, payloads.shape[0], n, d / "p", d / "o",
-                  scale_bits, d / "out", shift)
+                  scale_bits, d / "out", shift, *self._geometry(n))
         return np.fromfile(d / "out", np.float32)
 
     def reduce(self, payloads, n, scale, stochastic, seed, offset, residual, shift):
@@ -100,9 +117,18 @@ class HostCheck:
         scale_bits = int(np.float32(scale).view(np.uint32))
         self._run("reduce", self.tables, payloads.shape[0], n, d / "p", scale_bits,
                   int(stochastic), fmt.stream_key(seed), offset, res_in, d / "out",
-                  d / "res_out", shift)
+                  d / "res_out", shift, *self._geometry(n))
         res = None if residual is None else np.fromfile(d / "res_out", np.float32)
         return np.fromfile(d / "out", np.uint8), res
+
+    def paths(self) -> dict[tuple[int, str], tuple[bool, bool]]:
+        """{(byte shift, kernel): (vec, even)} from the header's *_paths."""
+        out = {}
+        for line in self._run("paths").splitlines():
+            shift, *rest = line.split()
+            for i in range(0, len(rest), 3):
+                out[int(shift), rest[i]] = (rest[i + 1] == "1", rest[i + 2] == "1")
+        return out
 
     def convert(self, f32, u16):
         d = self._dir()
@@ -113,19 +139,41 @@ class HostCheck:
                 np.fromfile(d / "c", np.float32), np.fromfile(d / "e", np.float32))
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory) -> HostCheck:
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc is not on PATH")
-    folder = tmp_path_factory.mktemp("host_check")
+def _compiler() -> str | None:
+    return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def build_host_check(folder: Path, extra=()) -> Path:
+    """Compile tests/native/host_check.cu (which includes native/squinch.cu) for
+    the CPU with warnings as errors and strict aliasing on (the kernels copy
+    bytes on the host instead of type punning), no FMA contraction (the host
+    path relies on plain IEEE float32 operations)."""
     exe = folder / "host_check"
-    # No -ffast-math: the host path relies on plain IEEE float32 operations.
-    cmd = [nvcc, "-x", "cu", "-std=c++17", "-O2", "-Xcompiler", "-fno-strict-aliasing",
-           "-I", str(NATIVE), str(DRIVER), "-o", str(exe)]
+    cmd = [_compiler(), "-std=c++17", "-O2", "-pthread", "-ffp-contract=off",
+           "-fstrict-aliasing", "-Wall", "-Wextra", "-Werror", *extra,
+           "-I", str(NATIVE), "-I", str(DRIVER.parent), "-x", "c++", str(DRIVER),
+           "-o", str(exe)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
-    return HostCheck(exe, folder)
+    return exe
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory) -> HostCheck:
+    if _compiler() is None:
+        pytest.skip("no C++ compiler on PATH")
+    folder = tmp_path_factory.mktemp("host_check")
+    check = HostCheck(build_host_check(folder), folder)
+    yield check
+    check.launch = None
+
+
+@pytest.fixture(params=list(LAUNCHES), ids=list(LAUNCHES))
+def launch(request, host):
+    """Run the test under each launch geometry."""
+    host.launch = LAUNCHES[request.param]
+    yield host
+    host.launch = None
 
 
 # ---------------------------------------------------------------- tests
@@ -154,7 +202,7 @@ def check_table_layout(offsets: dict[str, int]):
 
 
 def test_packed_table_layout_matches_header_text():
-    """Without nvcc: the offsets as written in native/squinch.cuh."""
+    """Without a compiler: the offsets as written in native/squinch.cuh."""
     text = (NATIVE / "squinch.cuh").read_text()
     check_table_layout({k: int(v) for k, v in re.findall(r"\b(kTab\w+) = (\d+)", text)})
 
@@ -162,6 +210,69 @@ def test_packed_table_layout_matches_header_text():
 def test_packed_table_layout_matches_compiled_header(host):
     """The offsets the compiler resolves from native/squinch.cuh (host_check layout)."""
     check_table_layout(host.layout())
+
+
+def test_launch_paths_follow_pointer_alignment(host):
+    """The kernels' path flags (squinch::*_paths, the one function kernels and
+    this driver share): 16-byte vector accesses only when every float/uint16
+    array is 16-byte aligned, 2-byte payload accesses only when every payload
+    pointer and the row stride are even; a null residual constrains nothing."""
+    got = host.paths()
+    for shift in (0, 1, 2):
+        vec, even = shift == 0, shift % 2 == 0
+        assert got[shift, "encode"] == (vec, even)
+        assert got[shift, "encode_nores"] == (vec, even)
+        assert got[shift, "decode"] == (vec, even)
+        assert got[shift, "accumulate"] == (vec, even)
+        assert got[shift, "accumulate_odd"] == (vec, False)  # stride 3: rows alternate parity
+        assert got[shift, "reduce"] == (vec, even)
+        assert got[shift, "reduce_nores"] == (True, even)  # no float array at all
+
+
+# n with more 8-element blocks than the strided launch's 96 threads and than
+# the capped cuda launch's 3 x 256, so both run their grid-stride loops.
+STRIDE_N = 8 * 800 + 5
+
+
+@pytest.mark.parametrize("shift", [0, 1], ids=["aligned", "misaligned"])
+def test_every_kernel_under_every_launch(launch, shift):
+    """Each kernel under a serial, a small strided and the backend's own launch
+    geometry: the grid-stride loop covers every block exactly once, whatever
+    the grid, and each CTA stages the tables before any thread reads them."""
+    host, n = launch, STRIDE_N
+    rng = np.random.default_rng([shift, 77])
+    x = random_values(rng, n, True)
+    residual = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+    got, got_res = host.encode(x, "float32", True, 9, 2**32 - 3, residual.copy(), shift)
+    want_res = residual.copy()
+    assert_bits_equal(got, oracle.encode(x, "stochastic", 9, 2**32 - 3, want_res), "encode")
+    assert_bits_equal(got_res, want_res, "encode residual")
+
+    bits = to_kind(x, "bfloat16")
+    got, _ = host.encode(bits, "bfloat16", False, 0, 0, None, shift)
+    assert_bits_equal(got, oracle.encode(from_kind(bits, "bfloat16")), "encode bf16")
+
+    payloads = scribble_tail(random_payloads(rng, 3, n), n, rng)
+    ref = oracle.decode(payloads[0], n)
+    assert_bits_equal(host.decode(payloads[0], n, "float16", shift), f16_reference(ref),
+                      "decode f16")
+    out = random_values(rng, n, specials=False)
+    assert_bits_equal(host.accumulate(payloads, n, out.copy(), 1 / 3, shift),
+                      oracle.decode_accumulate(payloads, n, out.copy(), 1 / 3), "accumulate")
+    got, got_res = host.reduce(payloads, n, 0.5, True, 4, 8, residual.copy(), shift)
+    want_res = residual.copy()
+    assert_bits_equal(got, oracle.reduce_encode(payloads, n, 0.5, "stochastic", 4, 8, want_res),
+                      "reduce_encode")
+    assert_bits_equal(got_res, want_res, "reduce_encode residual")
+
+
+def test_launch_grid_matches_the_backend():
+    """codec/cuda.py's grid: one thread per block, capped, never zero."""
+    t = cuda_backend._THREADS
+    assert cuda_backend._grid(1, 100) == 1
+    assert cuda_backend._grid(t, 100) == 1
+    assert cuda_backend._grid(t + 1, 100) == 2
+    assert cuda_backend._grid(10**9, 100) == 100
 
 
 @pytest.mark.parametrize("n", SIZES)

@@ -21,4 +21,6 @@ COMMANDS = {
     "qat": "squinchcomm.bench.qat",
     # the loss-parity experiment, issue 7
     "parity": "squinchcomm.bench.parity",
+    # the device check for a lent GPU machine, issue 13
+    "gpu-check": "squinchcomm.bench.gpu_check",
 }

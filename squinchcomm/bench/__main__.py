@@ -16,8 +16,9 @@ def main(argv=None):
     module, _, function = COMMANDS[argv[0]].partition(":")
     # Interpreter exit drains the engines and takes the gloo group down
     # (squinchcomm.collectives.engine), so nothing is needed after the command.
-    getattr(importlib.import_module(module), function or "main")(argv[1:])
-    return 0
+    result = getattr(importlib.import_module(module), function or "main")(argv[1:])
+    # Commands return their results (rows, a report); an int is an exit status.
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 if __name__ == "__main__":

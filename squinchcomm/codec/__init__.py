@@ -80,6 +80,9 @@ def encode(x, *, rounding: str = "nearest", seed: int = 0, offset: int = 0, out=
     stochastic = _check_rounding(rounding, seed, offset)
     dst = _output(out, "out", "uint8", encoded_nbytes(n), src)
     res = None if residual is None else _arrays.flat_buffer(residual, "residual", "float32", n, src)
+    _arrays.check_disjoint(("out", dst), ("x", src), ("residual", res))
+    if res is not None:
+        _arrays.check_disjoint(("residual", res), ("x", src))
     if n:
         impl = _backend(src, backend)
         with _arrays.stream_context(src):
@@ -109,6 +112,7 @@ def decode(payload, n: int, *, dtype="float32", out=None, backend: str | None = 
     if kind == "bfloat16" and out is None:
         _arrays.check_bfloat16_output(src.family)
     dst = _output(out, "out", kind, n, src)
+    _arrays.check_disjoint(("out", dst), ("payload", src))
     if n:
         impl = _backend(src, backend)
         with _arrays.stream_context(src):
@@ -133,6 +137,7 @@ def decode_accumulate(payloads, n: int, out, *, scale: float = 1.0, backend: str
     stack = _payload_stack(payloads, n)
     dst = _arrays.flat_buffer(out, "out", "float32", n, stack)
     scale = _check_scale(scale)
+    _arrays.check_disjoint(("out", dst), ("payloads", stack))
     if n:
         impl = _backend(stack, backend)
         with _arrays.stream_context(stack):
@@ -158,6 +163,9 @@ def reduce_encode(payloads, n: int, *, scale: float = 1.0, rounding: str = "near
     dst = _output(out, "out", "uint8", encoded_nbytes(n), stack)
     res = None if residual is None else _arrays.flat_buffer(residual, "residual", "float32", n,
                                                             stack)
+    _arrays.check_disjoint(("out", dst), ("payloads", stack), ("residual", res))
+    if res is not None:
+        _arrays.check_disjoint(("residual", res), ("payloads", stack))
     if n:
         impl = _backend(stack, backend)
         with _arrays.stream_context(stack):

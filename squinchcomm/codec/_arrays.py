@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Flat", "KINDS", "flat_input", "flat_any", "flat_buffer", "new_buffer", "wrap", "internal",
-           "normalize_dtype", "check_bfloat16_output", "stream_context"]
+__all__ = ["Flat", "KINDS", "flat_input", "flat_any", "flat_buffer", "new_buffer", "wrap",
+           "internal", "normalize_dtype", "check_bfloat16_output", "stream_context",
+           "check_disjoint"]
 
 KINDS = ("float32", "float16", "bfloat16")
 _BITS_KINDS = ("float16", "bfloat16")
@@ -155,6 +156,31 @@ def flat_buffer(x, name: str, kind: str, size: int, like: Flat) -> Flat:
     if buf.family == "numpy" and not buf.data.flags.writeable:
         raise ValueError(f"{name} is read-only; pass a writable array")
     return buf
+
+
+def _extent(f: Flat) -> tuple[int, int]:
+    """[first byte, one past the last byte) of a flat buffer's data."""
+    data = f.data
+    start = data.data.ptr if f.on_gpu else data.__array_interface__["data"][0]
+    return start, start + data.nbytes
+
+
+def check_disjoint(written: tuple[str, Flat], *others: tuple[str, Flat | None]) -> None:
+    """Raise ValueError when the buffer a kernel writes shares memory with
+    another argument: the kernels declare every pointer ``__restrict__`` (and
+    the host backends read and write in blocks), so aliasing would be
+    undefined behaviour, not an in-place update."""
+    name, buf = written
+    if buf.data.nbytes == 0:
+        return
+    lo, hi = _extent(buf)
+    for other_name, other in others:
+        if other is None or other.data.nbytes == 0 or other.device != buf.device:
+            continue
+        olo, ohi = _extent(other)
+        if lo < ohi and olo < hi:
+            raise ValueError(f"{name} overlaps {other_name} in memory; the codec does not "
+                             f"work in place: pass a separate {name} buffer")
 
 
 def _where(f: Flat) -> str:

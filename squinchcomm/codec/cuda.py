@@ -7,7 +7,8 @@ first use (never at import: importing this module does not import CuPy),
 once per device, and the shared float32 tables of
 :mod:`squinchcomm.codec.format` are uploaded once per device beside it.
 Kernels launch on CuPy's current stream, one launch per operation, and return
-without synchronizing.
+without synchronizing; with ``SQUINCHCOMM_CUDA_DEBUG=1`` every launch is
+followed by a synchronize and an error check that names the kernel.
 
 The entry points have the signatures of :mod:`squinchcomm.codec.cpu`; their
 arrays are flat, C-contiguous CuPy arrays on the current device, already
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from squinchcomm import config
 from squinchcomm.codec import format as fmt
 from squinchcomm.errors import BackendError
 
@@ -47,7 +49,7 @@ class _DeviceState:
 
     def __init__(self, kernels: dict, tables, max_grid: int):
         self.kernels = kernels
-        self.tables = tables  # cupy float32 (816,), format.packed_tables()
+        self.tables = tables  # cupy float32, format.packed_tables()
         self.max_grid = max_grid
 
 
@@ -110,6 +112,12 @@ def _device_state():
     return cupy, state
 
 
+def _grid(nblocks: int, max_grid: int) -> int:
+    """CTAs for ``nblocks`` 8-element blocks: one thread each, at most
+    ``max_grid`` CTAs (the kernels' grid-stride loops cover the rest)."""
+    return max(1, min((nblocks + _THREADS - 1) // _THREADS, max_grid))
+
+
 def _launch(name: str, n: int, *args) -> None:
     """Launch kernel ``name`` over the ceil(n / 8) blocks of n elements on the
     current stream; every kernel takes the device tables as its last argument."""
@@ -117,11 +125,26 @@ def _launch(name: str, n: int, *args) -> None:
     if nblocks == 0:
         return
     _, state = _device_state()
-    grid = min((nblocks + _THREADS - 1) // _THREADS, state.max_grid)
+    grid = _grid(nblocks, state.max_grid)
     try:
         state.kernels[name]((grid,), (_THREADS,), args + (state.tables,))
     except Exception as exc:
         raise BackendError(f"CUDA kernel {name} failed to launch: {exc}") from exc
+    if config.cuda_debug():
+        _check_finished(name, grid)
+
+
+def _check_finished(name: str, grid: int) -> None:
+    """Debug mode: wait for the launch and raise its error, if any, here."""
+    import cupy
+
+    try:
+        cupy.cuda.get_current_stream().synchronize()
+        cupy.cuda.runtime.getLastError()  # raises on a sticky or launch error
+    except Exception as exc:
+        raise BackendError(
+            f"CUDA kernel {name} (grid {grid} x {_THREADS} threads) failed: {exc} "
+            "(SQUINCHCOMM_CUDA_DEBUG=1 checks after every launch)") from exc
 
 
 def encode(x, kind, out, stochastic, seed, offset, residual):

@@ -1,29 +1,36 @@
-// host_check.cu: run the __host__ __device__ code of native/squinch.cuh on the
-// CPU, so tests/test_native_host.py can compare the CUDA backend's logic with
-// the NumPy oracle bit for bit on a machine without a GPU.
+// host_check.cu: run the CUDA kernels of native/squinch.cu on the CPU, so
+// tests/test_native_host.py can compare them with the NumPy oracle bit for bit
+// on a machine without a GPU.
 //
-// Build: nvcc -x cu -std=c++17 -I native tests/native/host_check.cu -o host_check
-// No CUDA runtime call is made: the *_step functions run in plain loops over
-// the blocks, in the order a grid-stride loop would cover them.
+// Build (any C++17 compiler on ELF; no CUDA toolkit needed):
+//   g++ -std=c++17 -O2 -pthread -ffp-contract=off -I native -I tests/native
+//       -x c++ tests/native/host_check.cu -o host_check
+// tests/native/cuda_host.h stands in for the CUDA runtime: squinch.cu is
+// included as it is, and its __global__ functions run under an emulated
+// <<<GRID, BLOCK>>> launch (blocks in turn, each block's threads concurrent,
+// __syncthreads a barrier, shared memory scribbled between blocks).
 //
 // Usage (all arrays are raw little-endian files; `-` = no residual; `shift`
 // = 1 places every array one element / byte off its alignment, to exercise
-// the scalar fallbacks instead of the vector loads):
-//   host_check encode     TABLES KIND N X STOCH KEY OFFSET RES_IN OUT RES_OUT SHIFT
-//   host_check decode     TABLES KIND N PAYLOAD OUT SHIFT
-//   host_check accumulate TABLES K N PAYLOADS OUT_IN SCALE_BITS OUT SHIFT
+// the scalar fallbacks instead of the vector loads; GRID BLOCK: the launch):
+//   host_check encode     TABLES KIND N X STOCH KEY OFFSET RES_IN OUT RES_OUT SHIFT GRID BLOCK
+//   host_check decode     TABLES KIND N PAYLOAD OUT SHIFT GRID BLOCK
+//   host_check accumulate TABLES K N PAYLOADS OUT_IN SCALE_BITS OUT SHIFT GRID BLOCK
 //   host_check reduce     TABLES K N PAYLOADS SCALE_BITS STOCH KEY OFFSET RES_IN OUT RES_OUT SHIFT
+//                         GRID BLOCK
+//   host_check paths      (prints the *_paths flags for aligned and shifted pointers)
 //   host_check convert    F32_IN U16_IN OUT_F16 OUT_BF16 OUT_F16_TO_F32 OUT_BF16_TO_F32
 //   host_check layout     (prints the packed-table offsets, `NAME VALUE` per line)
 // KIND: 0 float32, 1 float16 bits, 2 bfloat16 bits; KEY, OFFSET, SCALE_BITS
 // are decimal integers (SCALE_BITS: the float32's bits).
+#include "cuda_host.h"
+#include "squinch.cu"
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
-
-#include "squinch.cuh"
 
 namespace {
 
@@ -94,6 +101,19 @@ struct Residual {
   float* ptr() { return present ? buf.as<float>() : nullptr; }
 };
 
+/// The GRID BLOCK arguments of a kernel command.
+struct Launch {
+  unsigned grid, block;
+  explicit Launch(char** a)
+      : grid(static_cast<unsigned>(to_u64(a[0]))), block(static_cast<unsigned>(to_u64(a[1]))) {
+    if (grid == 0 || block == 0) die("GRID and BLOCK must be >= 1");
+  }
+  template <typename... Params, typename... Args>
+  void run(void (*kernel)(Params...), Args... args) const {
+    cuda_host::launch(kernel, grid, block, args...);
+  }
+};
+
 int cmd_encode(char** a) {
   // TABLES KIND N X STOCH KEY OFFSET RES_IN OUT RES_OUT SHIFT
   const std::vector<float> tab = read_tables(a[0]);
@@ -101,6 +121,7 @@ int cmd_encode(char** a) {
   const u64 n = to_u64(a[2]);
   const size_t esize = kind == squinch::kKindF32 ? 4 : 2;
   const size_t shift = std::atoi(a[10]);
+  const Launch launch(a + 11);
   Buffer x = read_file(a[3], shift * esize);
   const bool stochastic = std::atoi(a[4]) != 0;
   const u32 key = static_cast<u32>(to_u64(a[5]));
@@ -108,13 +129,8 @@ int cmd_encode(char** a) {
   Residual res(a[7], shift * 4);
   const u64 nb = squinch::num_blocks(n);
   Buffer out(6 * nb, shift);
-  // The same alignment checks as squinch_encode.
-  const bool vec = squinch::is_aligned(x.data, 16) && squinch::is_aligned(res.ptr(), 16);
-  const bool even = squinch::is_aligned(out.data, 2);
-  for (u64 b = 0; b < nb; ++b) {
-    squinch::encode_step(x.data, kind, n, b, out.data, res.ptr(), stochastic, key, offset,
-                         tab.data(), vec, even);
-  }
+  launch.run(squinch_encode, static_cast<const void*>(x.data), kind, n, out.data, res.ptr(),
+             stochastic ? 1 : 0, key, offset, tab.data());
   write_file(a[8], out.data, out.size);
   if (res.present) write_file(a[9], res.buf.data, res.buf.size);
   return 0;
@@ -126,14 +142,12 @@ int cmd_decode(char** a) {
   const int kind = std::atoi(a[1]);
   const u64 n = to_u64(a[2]);
   const size_t shift = std::atoi(a[5]);
+  const Launch launch(a + 6);
   const size_t esize = kind == squinch::kKindF32 ? 4 : 2;
   Buffer p = read_file(a[3], shift);
   Buffer out(esize * n, shift * esize);
-  const bool vec = squinch::is_aligned(out.data, 16);
-  const bool even = squinch::is_aligned(p.data, 2);
-  for (u64 b = 0; b < squinch::num_blocks(n); ++b) {
-    squinch::decode_step(p.data, n, b, out.data, kind, tab.data(), vec, even);
-  }
+  launch.run(squinch_decode, static_cast<const u8*>(p.data), n,
+             static_cast<void*>(out.data), kind, tab.data());
   write_file(a[4], out.data, out.size);
   return 0;
 }
@@ -144,16 +158,13 @@ int cmd_accumulate(char** a) {
   const int k = std::atoi(a[1]);
   const u64 n = to_u64(a[2]);
   const size_t shift = std::atoi(a[7]);
+  const Launch launch(a + 8);
   Buffer P = read_file(a[3], shift);
   Buffer out = read_file(a[4], shift * 4);
   const float scale = bits_to_float(to_u64(a[5]));
   const u64 stride = 6 * squinch::num_blocks(n);
-  const bool vec = squinch::is_aligned(out.data, 16);
-  const bool even = squinch::is_aligned(P.data, 2) && stride % 2 == 0;
-  for (u64 b = 0; b < squinch::num_blocks(n); ++b) {
-    squinch::accumulate_step(P.data, k, stride, n, b, out.as<float>(), scale, tab.data(), vec,
-                             even);
-  }
+  launch.run(squinch_decode_accumulate, static_cast<const u8*>(P.data), k, stride, n,
+             out.as<float>(), scale, tab.data());
   write_file(a[6], out.data, out.size);
   return 0;
 }
@@ -164,6 +175,7 @@ int cmd_reduce(char** a) {
   const int k = std::atoi(a[1]);
   const u64 n = to_u64(a[2]);
   const size_t shift = std::atoi(a[11]);
+  const Launch launch(a + 12);
   Buffer P = read_file(a[3], shift);
   const float scale = bits_to_float(to_u64(a[4]));
   const bool stochastic = std::atoi(a[5]) != 0;
@@ -173,15 +185,32 @@ int cmd_reduce(char** a) {
   const u64 nb = squinch::num_blocks(n);
   const u64 stride = 6 * nb;
   Buffer out(6 * nb, shift);
-  const bool vec = squinch::is_aligned(res.ptr(), 16);
-  const bool even = squinch::is_aligned(P.data, 2) && stride % 2 == 0
-                    && squinch::is_aligned(out.data, 2);
-  for (u64 b = 0; b < nb; ++b) {
-    squinch::reduce_encode_step(P.data, k, stride, n, b, out.data, res.ptr(), scale, stochastic,
-                                key, offset, tab.data(), vec, even);
-  }
+  launch.run(squinch_reduce_encode, static_cast<const u8*>(P.data), k, stride, n, out.data,
+             res.ptr(), scale, stochastic ? 1 : 0, key, offset, tab.data());
   write_file(a[9], out.data, out.size);
   if (res.present) write_file(a[10], res.buf.data, res.buf.size);
+  return 0;
+}
+
+int cmd_paths(char**) {
+  // The path flags of each kernel for a 64-byte aligned base pointer and for
+  // it plus 1 and 2 bytes (the row stride 6 is even, 3 is odd).
+  alignas(64) static u8 base[64];
+  const u8* p[3] = {base, base + 1, base + 2};
+  for (int i = 0; i < 3; ++i) {
+    const float* f = reinterpret_cast<const float*>(p[i]);
+    const squinch::Paths e = squinch::encode_paths(p[i], p[i], f);
+    const squinch::Paths e0 = squinch::encode_paths(p[i], p[i], nullptr);
+    const squinch::Paths d = squinch::decode_paths(p[i], p[i]);
+    const squinch::Paths c = squinch::accumulate_paths(p[i], 6, f);
+    const squinch::Paths c3 = squinch::accumulate_paths(p[i], 3, f);
+    const squinch::Paths r = squinch::reduce_encode_paths(p[i], 6, p[i], f);
+    const squinch::Paths r0 = squinch::reduce_encode_paths(p[i], 6, p[i], nullptr);
+    std::printf("%d encode %d %d encode_nores %d %d decode %d %d accumulate %d %d "
+                "accumulate_odd %d %d reduce %d %d reduce_nores %d %d\n",
+                i, e.vec, e.even, e0.vec, e0.even, d.vec, d.even, c.vec, c.even, c3.vec, c3.even,
+                r.vec, r.even, r0.vec, r0.even);
+  }
   return 0;
 }
 
@@ -229,9 +258,10 @@ int main(int argc, char** argv) {
     int nargs;
     int (*run)(char**);
   };
-  const Command commands[] = {{"encode", 11, cmd_encode},         {"decode", 6, cmd_decode},
-                              {"accumulate", 8, cmd_accumulate}, {"reduce", 12, cmd_reduce},
-                              {"convert", 6, cmd_convert},       {"layout", 0, cmd_layout}};
+  const Command commands[] = {{"encode", 13, cmd_encode},         {"decode", 8, cmd_decode},
+                              {"accumulate", 10, cmd_accumulate}, {"reduce", 14, cmd_reduce},
+                              {"paths", 0, cmd_paths},            {"convert", 6, cmd_convert},
+                              {"layout", 0, cmd_layout}};
   if (argc >= 2) {
     for (const Command& c : commands) {
       if (std::strcmp(argv[1], c.name) == 0) {
@@ -240,5 +270,6 @@ int main(int argc, char** argv) {
       }
     }
   }
-  die("usage: host_check encode|decode|accumulate|reduce|convert|layout ARGS... (see the source)");
+  die("usage: host_check encode|decode|accumulate|reduce|paths|convert|layout ARGS... "
+      "(see the source)");
 }

@@ -1,0 +1,93 @@
+"""bench/gpu_check.sh, the device check, runs end to end on a CPU machine
+(every GPU part reported as skipped, logs and summary written), and its part
+runner keeps to its budgets: a part past its budget is stopped and reported,
+a part with too little time left is skipped, a failing command fails its part."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from squinchcomm.bench import gpu_check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_check_on_a_machine_without_gpu_skips_every_part(tmp_path):
+    if gpu_check.gpu_reason() is None:
+        pytest.skip("this machine has a GPU: the check would really run")
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    names = [p["name"] for p in summary["parts"]]
+    assert names == ["kernels", "arrays", "torch", "bench", "sanitizer", "parity"]
+    assert summary["gpu"] is False
+    for part in summary["parts"]:
+        assert part["status"] == "skipped" and part["reason"].startswith("no GPU:"), part
+    assert sum(p["budget_s"] for p in summary["parts"]) <= 540  # fits the 9 minutes
+    # The table is printed last, one line per part.
+    table = proc.stdout.strip().splitlines()[-7:]
+    assert table[0].split()[:2] == ["part", "status"]
+    assert [line.split()[0] for line in table[1:]] == names
+    assert (tmp_path / "summary.txt").read_text().strip().splitlines() == table
+
+
+def test_script_needs_an_output_folder():
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "usage: bench/gpu_check.sh OUT_FOLDER" in proc.stderr
+
+
+def test_unknown_part_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--out", str(tmp_path), "--only", "kernels,warp_drive"])
+
+
+def _part(commands, budget=30.0, minimum=0.0):
+    return gpu_check.Part("p", "a test part", budget, minimum, commands)
+
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_part_runner_statuses(tmp_path):
+    env = {"PATH": "/usr/bin:/bin"}
+    ok = gpu_check.run_part(1, _part([_py("print('3 passed, 2 skipped in 1.0s')"),
+                                      _py("print('\\x1b[32m== 1 passed in 0.1s ==')")]),
+                            tmp_path, 100, env)
+    assert ok.status == "passed" and ok.numbers == {"passed": 4, "skipped": 2}
+    assert "3 passed" in (tmp_path / ok.log).read_text()
+
+    bad = gpu_check.run_part(2, _part([_py("import sys; sys.exit(4)"), _py("print('never')")]),
+                             tmp_path, 100, env)
+    assert bad.status == "failed" and bad.reason.startswith("exit 4")
+    assert "never" not in (tmp_path / bad.log).read_text()  # stops at the first failure
+
+    slow = gpu_check.run_part(3, _part([_py("import time; time.sleep(30)")], budget=1.5),
+                              tmp_path, 100, env)
+    assert slow.status == "timeout" and slow.seconds < 10
+
+    short = gpu_check.run_part(4, _part([_py("pass")], minimum=20), tmp_path, 10, env)
+    assert short.status == "skipped" and "10 s left" in short.reason
+
+    absent = gpu_check.run_part(5, _part([["no-such-tool-xyz", "--flag"]]), tmp_path, 100, env)
+    assert absent.status == "skipped" and "no-such-tool-xyz is not installed" in absent.reason
+
+
+def test_whole_check_budget_skips_later_parts(tmp_path, monkeypatch):
+    """When the parts before it used the time, a part is skipped, not started."""
+    monkeypatch.setattr(gpu_check, "gpu_reason", lambda: None)
+    fake = [gpu_check.Part("first", "", 2.0, 0.0, [_py("import time; time.sleep(1.5)")]),
+            gpu_check.Part("second", "", 10.0, 5.0, [_py("pass")])]
+    monkeypatch.setattr(gpu_check, "parts", lambda out: fake)
+    monkeypatch.setattr(gpu_check, "machine", lambda: {})
+    summary = gpu_check.check(tmp_path, budget_s=6.0)
+    first, second = summary["parts"]
+    assert first["status"] == "passed"
+    assert second["status"] == "skipped" and "part needs >= 5 s" in second["reason"]
