@@ -362,3 +362,24 @@ def test_nvrtc_compiles_kernels():
                  "squinch_reduce_encode"):
         assert f".entry {name}(" in ptx
     assert "fma.rn.f32" not in ptx
+
+
+def test_debug_mode_names_the_failing_kernel(monkeypatch):
+    """SQUINCHCOMM_CUDA_DEBUG=1: a fault found by the synchronize after a launch
+    is raised as BackendError naming the kernel and its grid (a stand-in for
+    CuPy's stream here; on a GPU, test_encode_float32 runs with the real one
+    under bench/gpu_check.sh, which sets the variable)."""
+    import types
+
+    from squinchcomm.codec import cuda
+    from squinchcomm.errors import BackendError
+
+    class FaultyStream:
+        def synchronize(self):
+            raise RuntimeError("cudaErrorIllegalAddress: an illegal memory access")
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(get_current_stream=FaultyStream))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(BackendError, match=r"squinch_decode \(grid 7 x 256 threads\) failed: "
+                                           r"cudaErrorIllegalAddress"):
+        cuda._check_finished("squinch_decode", 7)

@@ -175,6 +175,9 @@ def scenario_match(seed: int) -> None:
             x, y = batch(seed, rank, step)
             opt.zero_grad(set_to_none=False)
             torch.nn.functional.cross_entropy(model(x), y).backward()
+            # Buckets complete in any order (named allreduces run on several
+            # lanes): compare them across ranks in bucket order.
+            log.sort(key=lambda entry: entry[0])
             layouts.append([(i, inp.numel()) for i, inp, _, _ in log])
             # Per-parameter bounds from every rank's bucket inputs.
             bound = {}

@@ -139,8 +139,9 @@ def _check_finished(name: str, grid: int) -> None:
     import cupy
 
     try:
+        # A fault inside the kernel (illegal address, trap) surfaces here as
+        # CUDARuntimeError; launch errors were raised by the launch itself.
         cupy.cuda.get_current_stream().synchronize()
-        cupy.cuda.runtime.getLastError()  # raises on a sticky or launch error
     except Exception as exc:
         raise BackendError(
             f"CUDA kernel {name} (grid {grid} x {_THREADS} threads) failed: {exc} "

@@ -24,8 +24,11 @@ The rules:
    same on every rank whatever the timing. Inside one operation several
    exchanges are in flight at once (the pipelined allreduce keeps chunk k's
    all-to-all on the wire while it encodes chunk k+1), in an order fixed by
-   the algorithm. Two operations are never interleaved: that would make the
-   order of exchanges depend on when each rank's operations arrived.
+   the algorithm. Two operations of one engine are never interleaved: that
+   would make the order of exchanges depend on when each rank's operations
+   arrived. Several operations are in flight only on separate channels: a
+   Communicator's lanes (duplicated transports, one engine each; its i-th
+   named allreduce runs on lane i % lanes, the same on every rank).
 3. Operations progress without the caller: ``Handle.wait()`` only waits.
 4. CUDA: at submission the producer's device and stream (torch's current
    stream for torch tensors, CuPy's for CuPy arrays) are captured and an
@@ -95,6 +98,11 @@ class Handle:
         if self._device is not None:
             self._device.consumer_wait()
         return self._result
+
+    def wait_done(self):
+        """Block until the operation has ended, successfully or not (no result,
+        no error: for ordering one operation after another)."""
+        self._done.wait()
 
     def exception(self) -> BaseException | None:
         """The operation's error once done (None while running or on success)."""
@@ -277,7 +285,7 @@ class DeviceCapture:
         s = self.engine.streams
         self.done = s.record(self.stream, self.device)
         s.wait(self.producer, self.done)
-        if config.env_bool("CUDA_DEBUG", False):
+        if config.cuda_debug():
             try:
                 s.synchronize(self.stream)
             except Exception as exc:

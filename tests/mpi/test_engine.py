@@ -147,3 +147,48 @@ def test_reduce_scatter_over_uneven_splits_matches_the_oracle(comm, compression)
                                 backend="oracle")
         acc = acc + part
     assert np.array_equal(shard, acc * np.float32(1 / comm.size))
+
+
+def test_named_allreduces_on_two_lanes_equal_one_lane(comm):
+    """Named allreduces alternate between two lanes (two engines over
+    duplicated transports), so two are in flight at once; one name crossing
+    lanes still runs after its previous allreduce (its residual), so a
+    sequence with error feedback and stochastic rounding, submitted without
+    waiting and with rank-dependent delays, gives bit for bit what one lane
+    gives when every call is waited for."""
+    from squinchcomm.collectives import Communicator, ErrorFeedback
+
+    one = Communicator(comm.transport, lanes=1, min_compress_bytes=0, timeout=60)
+    two = Communicator(comm.transport, lanes=2, min_compress_bytes=0, timeout=60)
+    names = ["a", "a", "b", "a", "b", "c"]  # lanes 0 1 0 1 0 1: "a" crosses lanes
+    sizes = {"a": 50_001, "b": 7_000, "c": 300_000}
+    ef_one, ef_two = ErrorFeedback(), ErrorFeedback()
+    big = data(69, comm.rank, 2_000_000)  # an unnamed allreduce holds lane 0 back
+    one.allreduce(big)
+    want = [one.allreduce(data(70 + i, comm.rank, sizes[nm]), name=nm, error_feedback=ef_one,
+                          rounding="stochastic") for i, nm in enumerate(names)]
+    first = two.allreduce_async(big)  # lane 0 is busy: the second "a" (lane 1) must wait
+    handles = []
+    for i, nm in enumerate(names):
+        time.sleep(0.01 * ((comm.rank + i) % 2))
+        handles.append(two.allreduce_async(data(70 + i, comm.rank, sizes[nm]), name=nm,
+                                           error_feedback=ef_two, rounding="stochastic"))
+    engines = [h._engine for h in handles]
+    assert engines[0] is not engines[1] and engines[0] is engines[2] is engines[4]
+    assert engines[1] is engines[3] is engines[5]
+    for i, h in enumerate(handles):
+        got = h.wait()
+        assert got.tobytes() == want[i].tobytes(), f"call {i} ({names[i]}) differs"
+        same_everywhere(comm, got)
+    first.wait()
+    two.synchronize(60)
+
+
+def test_lane_count_is_checked(comm):
+    from squinchcomm.collectives import Communicator
+
+    with pytest.raises(ValueError, match="lanes=0"):
+        Communicator(comm.transport, lanes=0)
+    if comm.size > 1:
+        with pytest.raises(ValueError, match="different lane counts"):
+            Communicator(comm.transport, lanes=1 + comm.rank % 2, timeout=60)
