@@ -175,8 +175,8 @@ def scenario_match(seed: int) -> None:
             x, y = batch(seed, rank, step)
             opt.zero_grad(set_to_none=False)
             torch.nn.functional.cross_entropy(model(x), y).backward()
-            # Buckets complete in any order (named allreduces run on several
-            # lanes): compare them across ranks in bucket order.
+            # The log is in completion order; compare buckets across ranks in
+            # bucket order whatever order they completed in.
             log.sort(key=lambda entry: entry[0])
             layouts.append([(i, inp.numel()) for i, inp, _, _ in log])
             # Per-parameter bounds from every rank's bucket inputs.

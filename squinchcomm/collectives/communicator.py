@@ -66,22 +66,13 @@ class Communicator:
             bytes runs in chunks of this size, the exchange of one chunk
             overlapping the codec work of the next; 0 turns it off. The
             result does not depend on it (chunks are block-aligned).
-        lanes: named allreduces (gradient buckets) are spread over this many
-            engines, each over its own duplicate of the transport, so one
-            bucket's codec work overlaps another's exchange (default
-            ``SQUINCHCOMM_LANES`` or 2; 1: one engine, strict submission order).
 
     Every collective also takes per-call options (compression, rounding,
     hierarchical, error_feedback, check_metadata, seed) that override these
     defaults for that call only. Operations run in submission order on the
     group's engine thread (:mod:`squinchcomm.collectives.engine`), shared
     with every other Communicator over the same process group or MPI
-    communicator, and progress without being polled. The exception is the
-    named allreduce: the i-th one of this communicator runs on lane
-    ``i % lanes`` (its own engine and duplicated transport; the same lane on
-    every rank, since ranks submit in the same order), after the previous
-    allreduce of the same name; so named allreduces may finish out of
-    submission order, as Horovod's do.
+    communicator, and progress without being polled.
     """
 
     def __init__(self, transport=None, *, compression: str | None = None,
@@ -89,7 +80,7 @@ class Communicator:
                  min_compress_bytes: int | None = None, check_metadata: bool | None = None,
                  hierarchical: bool | None = None, node_size: int | None = None,
                  timeout: float | None = None, seed: int = 0,
-                 pipeline_bytes: int | None = None, lanes: int | None = None):
+                 pipeline_bytes: int | None = None):
         self.transport = _as_transport(transport)
         self.compression = _choice("compression", compression if compression is not None else
                                    config.env_choice("COMPRESSION", COMPRESSIONS, "squinch"),
@@ -110,9 +101,6 @@ class Communicator:
                              "positive chunk size in bytes of fp32")
         self.timeout = config.timeout() if timeout is None else float(timeout)
         self.seed = int(seed)
-        lanes = config.env_int("LANES", 2, minimum=1) if lanes is None else int(lanes)
-        if lanes < 1:
-            raise ValueError(f"lanes={lanes}: pass 1 (one engine) or more")
         self.error_feedback = ErrorFeedback()
         #: Set to a dict to accumulate seconds per stage of the compressed
         #: allreduce (encode, alltoall, reduce_encode, allgather, decode).
@@ -123,16 +111,13 @@ class Communicator:
         hierarchical = (config.env_bool("HIERARCHICAL", False) if hierarchical is None
                         else bool(hierarchical))
         node_size = config.env_int("NODE_SIZE", 0) if node_size is None else int(node_size)
-        self._build_groups(node_size, lanes)
+        self._build_groups(node_size)
         self.hierarchical = hierarchical and self._can_split()
-        self._named = 0  # named allreduces submitted: the next one's lane
-        self._last_of: dict[str, Handle] = {}  # name -> its latest allreduce
 
     # ------------------------------------------------------------ topology
-    def _build_groups(self, node_size: int, lanes: int):
-        """Split the transport into this node's ranks and one rank per node,
-        and duplicate it once per extra lane. Collective; runs on the engine
-        thread, behind any operation in flight."""
+    def _build_groups(self, node_size: int):
+        """Split the transport into this node's ranks and one rank per node.
+        Collective; runs on the engine thread, behind any operation in flight."""
         t = self.transport
 
         def build():
@@ -142,19 +127,15 @@ class Communicator:
                 local = t.split(t.rank // node_size, t.rank)
             else:
                 local = t.node_split()
-            locals_ = t.allgather_object((local.rank, local.size, lanes), self.timeout)
-            if len({s for _, s, _ in locals_}) != 1:
-                raise ValueError(f"nodes have different rank counts {sorted({s for _, s, _ in locals_})}: "
+            locals_ = t.allgather_object((local.rank, local.size), self.timeout)
+            if len({s for _, s in locals_}) != 1:
+                raise ValueError(f"nodes have different rank counts {sorted({s for _, s in locals_})}: "
                                  "hierarchical mode needs equal nodes (set node_size=)")
-            if len({n for _, _, n in locals_}) != 1:
-                raise ValueError(f"ranks asked for different lane counts {[n for _, _, n in locals_]} "
-                                 "(lanes= / SQUINCHCOMM_LANES, by rank): set the same on every rank")
-            cross = t.split(local.rank, t.rank)
-            return local, cross, [t] + [t.split(0, t.rank) for _ in range(lanes - 1)]
+            return local, t.split(local.rank, t.rank)
             yield  # a generator: the engine runs it like any operation
 
-        self.local, self.cross, self.lanes = self.engine.submit(
-            build(), what="Communicator() setup", timeout=self.timeout).wait()
+        self.local, self.cross = self.engine.submit(build(), what="Communicator() setup",
+                                                    timeout=self.timeout).wait()
 
     def _can_split(self) -> bool:
         return self.local.size > 1 and self.cross.size > 1
@@ -233,23 +214,15 @@ class Communicator:
         meta = self._meta("allreduce", call, name=name, op=op, compression=comp,
                           ef=plan.ef is not None, hierarchical=hier, rounding=plan.rounding)
         sub = {"local": self.local, "cross": self.cross} if hier else {}
-        t, after = self._lane(name, hier)
-        engine = engine_for(t)
 
         def run():
-            if after is not None and after._engine is not engine:
-                after.wait_done()  # the previous allreduce of this name (its residual) first
-            yield from self._check(meta, check_metadata, transport=t)
-            yield from alg.allreduce(t, plan, _arrays.internal(call.flat), call.n,
+            yield from self._check(meta, check_metadata)
+            yield from alg.allreduce(self.transport, plan, _arrays.internal(call.flat), call.n,
                                      _arrays.internal(dst), **sub,
                                      average_of=self.size if op == "average" else 0)
             return out if out is not None else _reshape(_arrays.wrap(dst), call.shape)
 
-        handle = self._submit(run(), "allreduce", name, call.flat, keep=(call, dst),
-                              engine=engine)
-        if name is not None:
-            self._track(name, handle)
-        return handle
+        return self._submit(run(), "allreduce", name, call.flat, keep=(call, dst))
 
     # ------------------------------------------------------------ reduce-scatter
     def reduce_scatter(self, x, **kwargs):
@@ -413,12 +386,11 @@ class Communicator:
         return self._submit(run(), "allgather_object", None, None).wait()
 
     def synchronize(self, timeout: float | None = None):
-        """Wait until every operation submitted so far has finished (every lane)."""
-        for t in self.lanes:
-            if not engine_for(t).drain(timeout):
-                from squinchcomm.errors import TransportError
+        """Wait until every operation submitted so far has finished."""
+        if not self.engine.drain(timeout):
+            from squinchcomm.errors import TransportError
 
-                raise TransportError(f"operations still running after {timeout:g} s")
+            raise TransportError(f"operations still running after {timeout:g} s")
 
     def state_dict(self) -> dict:
         """This rank's collective state: the call counter (it seeds the
@@ -434,36 +406,10 @@ class Communicator:
             self._calls = int(state["calls"])
 
     # ------------------------------------------------------------ helpers
-    def _lane(self, name, hier: bool):
-        """(transport, the in-flight allreduce of the same name or None) for an
-        allreduce: the i-th named one of this communicator goes to lane
-        i % lanes, the same lane on every rank; the others to lane 0."""
-        with self._calls_lock:
-            after = self._last_of.get(name) if name is not None else None
-            if name is None or hier:
-                return self.transport, after
-            t = self.lanes[self._named % len(self.lanes)]
-            self._named += 1
-            return t, after
-
-    def _track(self, name: str, handle: Handle):
-        """Remember ``handle`` as ``name``'s latest allreduce while it runs."""
-        with self._calls_lock:
-            self._last_of[name] = handle
-
-        def forget(h):
-            with self._calls_lock:
-                if self._last_of.get(name) is h:
-                    del self._last_of[name]
-
-        handle.add_done_callback(forget)
-
-    def _submit(self, op, what: str, name, flat: _arrays.Flat | None, keep=(),
-                engine=None) -> Handle:
+    def _submit(self, op, what: str, name, flat: _arrays.Flat | None, keep=()) -> Handle:
         label = f"{what}" + (f" of '{name}'" if name else "") + f" on rank {self.rank}"
         gpu = (flat.family, flat.device) if flat is not None and flat.on_gpu else None
-        return (engine or self.engine).submit(op, what=label, timeout=self.timeout, gpu=gpu,
-                                              keep=keep)
+        return self.engine.submit(op, what=label, timeout=self.timeout, gpu=gpu, keep=keep)
 
     def _next_call(self) -> int:
         """A per-communicator call id, equal on every rank (collectives are
@@ -541,7 +487,7 @@ class Communicator:
         return {"collective": what, "shape": call.shape, "dtype": call.flat.kind,
                 "device": "gpu" if call.flat.on_gpu else "host", **extra}
 
-    def _check(self, meta: dict, check_metadata, ignore=(), exchange=False, transport=None):
+    def _check(self, meta: dict, check_metadata, ignore=(), exchange=False):
         """(in the operation) Gather every rank's call description and raise
         the same ValueError on every rank if they disagree (instead of a hang
         or garbage). Returns all ranks' descriptions; ``exchange`` forces the
@@ -549,7 +495,7 @@ class Communicator:
         check = self.check_metadata if check_metadata is None else bool(check_metadata)
         if not check and not exchange:
             return None
-        metas = (transport or self.transport).allgather_object(meta, self.timeout)
+        metas = self.transport.allgather_object(meta, self.timeout)
         if check:
             check_agreement(meta["collective"], metas, [k for k in meta if k not in ignore],
                             ". Every rank must call the same collective with the same shape, "

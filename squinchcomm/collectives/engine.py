@@ -24,11 +24,8 @@ The rules:
    same on every rank whatever the timing. Inside one operation several
    exchanges are in flight at once (the pipelined allreduce keeps chunk k's
    all-to-all on the wire while it encodes chunk k+1), in an order fixed by
-   the algorithm. Two operations of one engine are never interleaved: that
-   would make the order of exchanges depend on when each rank's operations
-   arrived. Several operations are in flight only on separate channels: a
-   Communicator's lanes (duplicated transports, one engine each; its i-th
-   named allreduce runs on lane i % lanes, the same on every rank).
+   the algorithm. Two operations are never interleaved: that would make the
+   order of exchanges depend on when each rank's operations arrived.
 3. Operations progress without the caller: ``Handle.wait()`` only waits.
 4. CUDA: at submission the producer's device and stream (torch's current
    stream for torch tensors, CuPy's for CuPy arrays) are captured and an
@@ -98,11 +95,6 @@ class Handle:
         if self._device is not None:
             self._device.consumer_wait()
         return self._result
-
-    def wait_done(self):
-        """Block until the operation has ended, successfully or not (no result,
-        no error: for ordering one operation after another)."""
-        self._done.wait()
 
     def exception(self) -> BaseException | None:
         """The operation's error once done (None while running or on success)."""
