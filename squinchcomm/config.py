@@ -20,9 +20,10 @@ Constructor and function arguments always win; these are only the defaults.
 from __future__ import annotations
 
 import os
+import re
 
-__all__ = ["PREFIX", "env_choice", "env_float", "env_int", "env_bool", "codec_backend",
-           "timeout", "mpi_cuda_aware"]
+__all__ = ["PREFIX", "env_choice", "env_float", "env_int", "env_bytes", "env_bool", "parse_size",
+           "codec_backend", "timeout", "mpi_cuda_aware", "cuda_debug"]
 
 PREFIX = "SQUINCHCOMM_"
 
@@ -65,6 +66,29 @@ def env_int(name: str, default: int, minimum: int = 0) -> int:
     if not raw.lstrip("-").isdigit() or int(raw) < minimum:
         raise ValueError(f"{PREFIX}{name}={raw!r} must be an integer >= {minimum}")
     return int(raw)
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse nccl-tests style sizes: ``1024``, ``64K``, ``16M``, ``1G`` (powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:I?B)?\s*", str(text), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"size {text!r}: use a byte count like 1024, 64K, 16M or 1G")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def env_bytes(name: str, default: int) -> int:
+    """Read a byte count (``65536``, ``64K``, ``16M``, ``1G``); ValueError naming the variable."""
+    raw = _raw(name)
+    if raw is None:
+        return default
+    try:
+        return parse_size(raw)
+    except ValueError:
+        raise ValueError(f"{PREFIX}{name}={raw!r} must be a byte count like 65536, 64K, 16M "
+                         "or 1G") from None
 
 
 def env_bool(name: str, default: bool) -> bool:

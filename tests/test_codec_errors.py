@@ -165,3 +165,31 @@ def test_overlapping_buffers_are_refused(backend):
         codec.reduce_encode(acc[: stack.size].reshape(stack.shape), n,
                             residual=acc[: 4 * n].view(np.float32), backend=backend)
     codec.reduce_encode(stack, n, residual=res, backend=backend)  # separate buffers work
+
+
+@pytest.mark.parametrize("dtype", [">f2", ">f4"])
+def test_non_native_byte_order_is_refused_with_the_fix(dtype):
+    """Big-endian input used to encode to garbage ('>f2') or fail inside Numba
+    ('>f4'); it is a ValueError that names the conversion."""
+    x = np.linspace(-1, 1, 16).astype(dtype)
+    with pytest.raises(ValueError, match=r"byte order .*newbyteorder\('='\)"):
+        codec.encode(x)
+    fixed = x.astype(x.dtype.newbyteorder("="))
+    assert np.abs(codec.decode(codec.encode(fixed), 16) - fixed.astype(np.float32)).max() < 0.08
+    with pytest.raises(ValueError, match="byte order"):
+        codec.decode(codec.encode(fixed), 16, out=np.zeros(16, ">f4"))
+
+
+@pytest.mark.parametrize("statement", ["import squinchcomm.torch",
+                                       "import squinchcomm.nn.zreg",
+                                       "import squinchcomm; squinchcomm.init('torch')"])
+def test_missing_torch_names_the_extra(statement):
+    """Without torch, the torch parts raise MissingDependencyError naming the
+    extra (a bare ModuleNotFoundError before)."""
+    code = ("import sys; sys.modules['torch'] = None\n"  # import torch now fails
+            f"try:\n    {statement}\n"
+            "except Exception as exc:\n    print(type(exc).__name__, exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert "MissingDependencyError" in proc.stdout, proc.stdout + proc.stderr
+    assert "pip install 'squinchcomm[torch]'" in proc.stdout

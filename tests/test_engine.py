@@ -292,3 +292,37 @@ def test_mpi_below_thread_multiple_is_refused_with_the_fix():
     assert proc.returncode == 0, proc.stderr
     assert "refused:" in proc.stdout and "'funneled'" in proc.stdout, proc.stdout
     assert "THREAD_MULTIPLE" in proc.stdout and "thread_level" in proc.stdout
+
+
+def test_communicator_options_are_validated_and_sizes_take_suffixes():
+    """timeout must be positive (0, -1 and NaN were accepted); byte-size
+    variables take the CLI's suffixes (SQUINCHCOMM_PIPELINE_BYTES=16M was
+    rejected); a bad size names the variable."""
+    code = textwrap.dedent("""
+        import os
+        from mpi4py import MPI
+        from squinchcomm import Communicator
+        for bad in (0, -1, float("nan")):
+            try:
+                Communicator(MPI.COMM_SELF, timeout=bad)
+            except ValueError as exc:
+                assert "timeout=" in str(exc) and "> 0" in str(exc), exc
+            else:
+                raise AssertionError(f"timeout={bad} accepted")
+        os.environ["SQUINCHCOMM_PIPELINE_BYTES"] = "16M"
+        os.environ["SQUINCHCOMM_MIN_COMPRESS_BYTES"] = "64KiB"
+        comm = Communicator(MPI.COMM_SELF)
+        assert comm.pipeline_bytes == 16 << 20 and comm.min_compress_bytes == 64 << 10
+        os.environ["SQUINCHCOMM_PIPELINE_BYTES"] = "16Q"
+        try:
+            Communicator(MPI.COMM_SELF)
+        except ValueError as exc:
+            assert "SQUINCHCOMM_PIPELINE_BYTES='16Q'" in str(exc), exc
+        else:
+            raise AssertionError("16Q accepted")
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SQUINCHCOMM_")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr

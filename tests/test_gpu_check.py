@@ -91,3 +91,20 @@ def test_whole_check_budget_skips_later_parts(tmp_path, monkeypatch):
     first, second = summary["parts"]
     assert first["status"] == "passed"
     assert second["status"] == "skipped" and "part needs >= 5 s" in second["reason"]
+
+
+def test_bench_help_lists_every_command():
+    """``python -m squinchcomm.bench --help`` lists the commands, one line
+    each, and exits 0 (it used to exit 2 with one line); an unknown command
+    exits 2 with the same list."""
+    from squinchcomm.bench import COMMANDS
+
+    ok = subprocess.run([sys.executable, "-m", "squinchcomm.bench", "--help"],
+                        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    listed = [line.split()[0] for line in ok.stdout.splitlines() if line.startswith("  ")]
+    assert listed == list(COMMANDS)
+    assert all(len(line.split()) > 2 for line in ok.stdout.splitlines() if line.startswith("  "))
+    bad = subprocess.run([sys.executable, "-m", "squinchcomm.bench", "warp"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown command 'warp'" in bad.stderr

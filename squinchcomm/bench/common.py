@@ -5,20 +5,12 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import platform
-import re
+
+from squinchcomm.config import parse_size
 
 __all__ = ["parse_size", "size_sweep", "add_sweep_args", "write_results", "versions",
            "cpu_model", "params_digest"]
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str | int) -> int:
-    """Parse nccl-tests style sizes: ``1024``, ``64K``, ``16M``, ``1G`` (powers of 1024)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)B?\s*", str(text), flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"size {text!r}: use a byte count like 1024, 64K, 16M or 1G")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
 def size_sweep(minbytes, maxbytes, factor: int) -> list[int]:

@@ -127,6 +127,10 @@ def _flat(x, name: str, allowed: tuple[str, ...] | None) -> Flat:
         data, device = x.reshape(-1), (x.device.id if family == "cupy" else None)
         if kind in _BITS_KINDS:
             data = data.view(np.uint16)
+    if family != "torch" and not x.dtype.isnative:
+        raise ValueError(f"{name} has the non-native byte order dtype {x.dtype.str!r}; the codec "
+                         f"reads native-endian data: convert it with "
+                         f"{name}.astype({name}.dtype.newbyteorder('='))")
     if allowed is not None and kind not in allowed:
         raise ValueError(f"{name} has dtype {kind}; supported: {', '.join(allowed)} "
                          f"(cast it, e.g. {name}.astype(np.float32) / {name}.float())")

@@ -139,7 +139,7 @@ def _accumulator(kind: str) -> str:
     for float64, int64 for integers (exact)."""
     if kind == "float64":
         return "float64"
-    if kind in _INTEGER:
+    if kind in _INTEGER or kind == "bool":
         return "int64"
     return "float32"
 
@@ -153,7 +153,11 @@ def _widen(x: _arrays.Flat, acc: str, xp):
 
 def _scale_into(buf, scale: float, average_of: int, dst: _arrays.Flat, xp):
     """``dst = buf * scale`` in ``buf``'s dtype; integer averages truncate
-    toward zero (``average_of`` ranks), like Horovod's integer average."""
+    toward zero (``average_of`` ranks), like Horovod's integer average; bool
+    results are the logical or (any rank's True), whatever the op, as in Horovod."""
+    if dst.kind == "bool":
+        dst.data[:] = buf > 0
+        return dst
     if buf.dtype.kind in "iu":
         if average_of > 1:
             buf = xp.sign(buf) * (xp.abs(buf) // average_of)

@@ -90,16 +90,19 @@ class Communicator:
                                 codec.ROUNDINGS)
         self.error_feedback_default = (config.env_bool("ERROR_FEEDBACK", False)
                                        if error_feedback is None else bool(error_feedback))
-        self.min_compress_bytes = (config.env_int("MIN_COMPRESS_BYTES", 65536)
+        self.min_compress_bytes = (config.env_bytes("MIN_COMPRESS_BYTES", 65536)
                                    if min_compress_bytes is None else int(min_compress_bytes))
         self.check_metadata = (config.env_bool("CHECK_METADATA", True)
                                if check_metadata is None else bool(check_metadata))
-        self.pipeline_bytes = (config.env_int("PIPELINE_BYTES", 16 << 20)
+        self.pipeline_bytes = (config.env_bytes("PIPELINE_BYTES", 16 << 20)
                                if pipeline_bytes is None else int(pipeline_bytes))
         if self.pipeline_bytes < 0:
             raise ValueError(f"pipeline_bytes={pipeline_bytes!r}: pass 0 (no pipelining) or a "
                              "positive chunk size in bytes of fp32")
         self.timeout = config.timeout() if timeout is None else float(timeout)
+        if not self.timeout > 0:  # NaN included
+            raise ValueError(f"timeout={timeout!r}: pass the seconds to wait for peers (> 0), "
+                             "or None for SQUINCHCOMM_TIMEOUT (default 300)")
         self.seed = int(seed)
         self.error_feedback = ErrorFeedback()
         #: Set to a dict to accumulate seconds per stage of the compressed
@@ -449,10 +452,10 @@ class Communicator:
     def _compression(self, compression, call: _Call) -> str:
         comp = _choice("compression", compression or self.compression, COMPRESSIONS)
         if call.flat.kind not in _FLOAT_KINDS:
-            if call.flat.kind == "bool" or call.flat.kind.startswith("complex"):
-                raise ValueError(f"cannot reduce {call.flat.kind} data: cast it to float32 "
-                                 "(or an integer type)")
-            return "none"  # float64 and integers: exact sums, uncompressed
+            if call.flat.kind.startswith("complex"):
+                raise ValueError(f"cannot reduce {call.flat.kind} data: reduce its real and "
+                                 "imaginary parts as float32 (x.real, x.imag)")
+            return "none"  # float64 and integers: exact sums; bool: logical or; uncompressed
         itemsize = 4 if call.flat.kind == "float32" else 2
         if comp != "none" and call.n * itemsize < self.min_compress_bytes:
             return "none"  # small tensors: latency dominates, compression only adds error

@@ -13,3 +13,7 @@ them. Each module is standalone:
   unbiased importance weights, sharded files, a teacher dump per (step, rank)
   of a data-parallel run and a student loss.
 """
+
+from squinchcomm.errors import require
+
+require("torch", "torch", "squinchcomm.nn")  # a clear error naming the extra

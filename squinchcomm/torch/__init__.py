@@ -24,6 +24,10 @@ order (every rank must issue the same collectives in the same order), not
 negotiated by name.
 """
 
+from squinchcomm.errors import require
+
+require("torch", "torch", "squinchcomm.torch")  # an error naming the extra
+
 from squinchcomm.torch._ops import (Adasum, Average, Max, Min, Product, Sum, TorchHandle,
                                     allgather, allgather_async, allgather_object, allreduce,
                                     allreduce_, allreduce_async, allreduce_async_, alltoall,
@@ -35,12 +39,16 @@ from squinchcomm.torch._ops import (Adasum, Average, Max, Min, Product, Sum, Tor
                                     grouped_allreduce_async, grouped_allreduce_async_, init,
                                     is_initialized, join, local_rank, local_size, mpi_built,
                                     nccl_built, poll, rank, reducescatter, shutdown, size,
-                                    synchronize)
+                                    synchronize, ccl_built, cuda_built, rocm_built,
+                                    mpi_enabled, gloo_enabled, mpi_threads_supported,
+                                    is_homogeneous, HorovodInternalError)
 from squinchcomm.torch.compression import Compression, WireCompression
 from squinchcomm.torch.optimizer import DistributedOptimizer
 
 __all__ = ["init", "shutdown", "is_initialized", "communicator", "rank", "size", "local_rank",
            "local_size", "cross_rank", "cross_size", "mpi_built", "gloo_built", "nccl_built",
+           "ccl_built", "cuda_built", "rocm_built", "mpi_enabled", "gloo_enabled",
+           "mpi_threads_supported", "is_homogeneous", "HorovodInternalError",
            "Average", "Sum", "Adasum", "Min", "Max", "Product", "Compression", "WireCompression",
            "TorchHandle", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
            "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async",

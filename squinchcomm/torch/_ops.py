@@ -28,11 +28,14 @@ import torch
 
 from squinchcomm import collectives
 from squinchcomm.collectives import Communicator, Handle
+from squinchcomm.errors import TransportError
 from squinchcomm.torch.compression import Compression, WireCompression, as_compression
 
 __all__ = ["Average", "Sum", "Adasum", "Min", "Max", "Product", "TorchHandle",
            "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
            "cross_rank", "cross_size", "mpi_built", "gloo_built", "nccl_built",
+           "ccl_built", "cuda_built", "rocm_built", "mpi_enabled", "gloo_enabled",
+           "mpi_threads_supported", "is_homogeneous", "HorovodInternalError",
            "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
            "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async",
            "grouped_allreduce_async_", "allgather", "allgather_async", "allgather_object",
@@ -127,6 +130,59 @@ def nccl_built() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_nccl_available()
+
+
+def ccl_built() -> bool:
+    """False: there is no oneCCL engine."""
+    return False
+
+
+def rocm_built() -> bool:
+    """False: the GPU kernels are CUDA only."""
+    return False
+
+
+def cuda_built() -> bool:
+    """Return True when CuPy is installed (the CUDA codec and NCCL transport can load)."""
+    import importlib.util
+
+    return importlib.util.find_spec("cupy") is not None
+
+
+def mpi_enabled() -> bool:
+    """Return True when the default communicator runs over MPI (after init)."""
+    from squinchcomm.transport.mpi import MPITransport
+
+    return isinstance(communicator().transport, MPITransport)
+
+
+def gloo_enabled() -> bool:
+    """Return True when the default communicator's process group has gloo
+    (for all tensors, or for CPU tensors beside NCCL) (after init)."""
+    from squinchcomm.transport.torch_dist import TorchTransport
+
+    transport = communicator().transport
+    return isinstance(transport, TorchTransport) and "gloo" in transport.backend
+
+
+def mpi_threads_supported() -> bool:
+    """Return True when MPI runs with MPI_THREAD_MULTIPLE (the MPI transport requires it)."""
+    if not mpi_built():
+        return False
+    from mpi4py import MPI
+
+    return MPI.Is_initialized() and MPI.Query_thread() == MPI.THREAD_MULTIPLE
+
+
+def is_homogeneous() -> bool:
+    """Return True when every node runs the same number of ranks (after init)."""
+    comm = communicator()
+    return comm.size == comm.local_size * comm.cross_size
+
+
+#: Horovod's error for a failed collective (a peer that died or timed out) is
+#: the library's TransportError: ``except hvd.HorovodInternalError`` catches it.
+HorovodInternalError = TransportError
 
 
 # ----------------------------------------------------------------------------

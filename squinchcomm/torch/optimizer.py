@@ -105,12 +105,12 @@ class _DistributedOptimizer:
         f = float(gradient_predivide_factor)
         self._sq_prescale, self._sq_postscale = (1.0 / f, f) if op_name == "average" else (1.0, 1.0)
         self._sq_sparse_as_dense = bool(sparse_as_dense)
-        threshold = (config.env_int("FUSION_THRESHOLD", DEFAULT_FUSION_THRESHOLD)
+        threshold = (config.env_bytes("FUSION_THRESHOLD", DEFAULT_FUSION_THRESHOLD)
                      if fusion_threshold is None else int(fusion_threshold))
         if threshold < 0:
             raise ValueError(f"fusion_threshold={fusion_threshold}: pass bytes >= 0 (0: one "
                              "bucket per parameter)")
-        first = (config.env_int("FIRST_BUCKET_BYTES", DEFAULT_FIRST_BUCKET_BYTES)
+        first = (config.env_bytes("FIRST_BUCKET_BYTES", DEFAULT_FIRST_BUCKET_BYTES)
                  if first_bucket_bytes is None else int(first_bucket_bytes))
         if first < 0:
             raise ValueError(f"first_bucket_bytes={first_bucket_bytes}: pass bytes >= 0 (0: the "
@@ -124,6 +124,8 @@ class _DistributedOptimizer:
                     seen.add(id(p))
                     params.append(p)
         self._sq_names = self._sq_name_params(named_parameters, params)
+        # Horovod's attribute, read by user code: parameter -> name.
+        self._parameter_names = {p: self._sq_names[id(p)] for p in params}
         trainable = [p for p in params if p.requires_grad]
         for p in trainable:
             if p.dtype not in _DTYPES:
@@ -153,8 +155,9 @@ class _DistributedOptimizer:
 
         # One check of the bucket layout now replaces a metadata check per allreduce.
         if base.check_metadata:
-            layout = [(b.name, b.numel, [self._sq_names[id(p)] for p in b.params])
-                      for b in self._sq_buckets]
+            # Shapes too: (8, 4) on one rank and (4, 8) on another have equal sizes.
+            layout = [(b.name, b.numel, [(self._sq_names[id(p)], tuple(p.shape))
+                                         for p in b.params]) for b in self._sq_buckets]
             mine = {"buckets": layout, "op": op_name, "bpps": self._sq_bpps,
                     "compression": repr(self._sq_compression)}
             collectives.check_agreement("DistributedOptimizer", base.allgather_object(mine),

@@ -47,11 +47,13 @@ import zlib
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
-from squinchcomm import config
-from squinchcomm.errors import TransportError
+from squinchcomm.errors import TransportError, require
+
+torch = require("torch", "torch", "the torch.distributed transport")
+import torch.distributed as dist  # noqa: E402
+
+from squinchcomm import config  # noqa: E402
 from squinchcomm.transport.base import DoneWork, Transport, Work
 
 __all__ = ["TorchTransport", "init_process_group_from_env"]

@@ -147,3 +147,16 @@ def test_reduce_scatter_over_uneven_splits_matches_the_oracle(comm, compression)
                                 backend="oracle")
         acc = acc + part
     assert np.array_equal(shard, acc * np.float32(1 / comm.size))
+
+
+@pytest.mark.parametrize("op", ["sum", "average"])
+def test_bool_allreduce_is_a_logical_or(comm, op):
+    """bool tensors reduce as Horovod's do, to the logical or of every rank's
+    values, whatever the op and the compression asked for (it raised before)."""
+    n = 997
+    xs = [np.random.default_rng([80, r]).random(n) < 0.1 for r in range(comm.size)]
+    y = comm.allreduce(xs[comm.rank], op=op, compression="squinch")
+    assert y.dtype == np.bool_ and y.shape == (n,)
+    assert np.array_equal(y, np.logical_or.reduce(xs))
+    same_everywhere(comm, y)
+

@@ -601,3 +601,45 @@ def test_mismatched_allreduce_raises_on_every_rank(world, mismatch):
     with pytest.raises(ValueError, match="ranks disagree"):
         hvd.synchronize(hvd.allreduce_async_(t, name="grad"))
     assert torch.equal(hvd.allreduce(torch.ones(7), op=hvd.Sum), torch.full((7,), world.size * 1.0))
+
+
+def test_horovod_queries_and_names(world):
+    """The build/runtime queries and names Horovod scripts and their test
+    helpers call, answered for the engine really in use."""
+    over_torch = os.environ.get("SQUINCHCOMM_TEST_TRANSPORT", "mpi") == "torch"
+    assert hvd.mpi_enabled() is (not over_torch)
+    assert hvd.gloo_enabled() is over_torch
+    assert hvd.mpi_threads_supported() is (MPI.Query_thread() == MPI.THREAD_MULTIPLE)
+    assert hvd.ccl_built() is False and hvd.rocm_built() is False
+    assert isinstance(hvd.cuda_built(), bool)
+    assert hvd.is_homogeneous() is (world.size % world.local_size == 0
+                                    and world.size == world.local_size * world.cross_size)
+    from squinchcomm.errors import TransportError
+
+    assert hvd.HorovodInternalError is TransportError
+    model = make_model()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters())
+    assert opt._parameter_names == {p: n for n, p in model.named_parameters()}
+    opt.remove_hooks()
+
+
+def test_bool_allreduce_is_a_logical_or(world):
+    flags = [torch.zeros(50, dtype=torch.bool) for _ in range(world.size)]
+    for r, f in enumerate(flags):
+        f[r::world.size + 1] = True
+    got = hvd.allreduce(flags[world.rank], name="flags")
+    assert got.dtype == torch.bool
+    want = torch.stack(flags).any(dim=0)
+    assert torch.equal(got, want)
+
+
+
+@pytest.mark.skipif(MPI.COMM_WORLD.Get_size() < 2, reason="needs ranks that disagree")
+def test_transposed_parameter_shapes_are_a_mismatch(world):
+    """(8, 4) on one rank and (4, 8) on another have the same size and name:
+    the layout check compares shapes too (it compared names and sizes only)."""
+    shape = (8, 4) if world.rank == 0 else (4, 8)
+    p = torch.nn.Parameter(torch.zeros(shape))
+    with pytest.raises(ValueError, match="DistributedOptimizer.*ranks disagree"):
+        hvd.DistributedOptimizer(torch.optim.SGD([p], lr=0.1), named_parameters=[("w", p)])
