@@ -94,6 +94,8 @@ def parse_args():
     args = p.parse_args()
     if not 0.0 <= args.distill_weight <= 1.0:
         p.error(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
+    if args.clamp == "constant" and args.clamp_limit is None:
+        p.error("--clamp constant needs --clamp-limit (the fixed clamp limit, e.g. 4.0)")
     return args
 
 

@@ -125,3 +125,13 @@ def test_gpt_example_distills_from_a_dumped_teacher(tmp_path):
     # Cross-entropy from the teacher to the student: at least the teacher's entropy, > 0.
     assert len(distill) == 1 and 0 < distill[0] < 10
     assert len(_losses(out)) == 1
+
+
+def test_clamp_constant_without_a_limit_is_an_argparse_error():
+    """It printed a traceback on every rank; now one usage error, exit 2,
+    before anything starts."""
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "gpt_train.py"), "--clamp",
+                           "constant"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert "--clamp constant needs --clamp-limit" in proc.stderr
+    assert "Traceback" not in proc.stderr

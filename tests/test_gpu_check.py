@@ -108,3 +108,25 @@ def test_bench_help_lists_every_command():
     bad = subprocess.run([sys.executable, "-m", "squinchcomm.bench", "warp"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "unknown command 'warp'" in bad.stderr
+
+
+def test_bench_numbers_read_the_codec_benchmark_json(tmp_path):
+    """The bench part's figures come from the codec benchmark's real JSON
+    (run here on the CPU backend and relabelled, since the part reads the
+    cuda rows): GB/s and x copy per op, and whether encode, decode and
+    reduce-encode all reach the 0.85 target."""
+    out = tmp_path / "codec.json"
+    proc = subprocess.run([sys.executable, "-m", "squinchcomm.bench", "codec", "--backends",
+                           "numba", "-b", "1M", "-e", "1M", "-n", "2", "-w", "1", "--json",
+                           str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    for row in data["rows"]:
+        row["backend"] = "cuda"
+    (tmp_path / "codec_gpu.json").write_text(json.dumps(data))
+    nums = gpu_check._numbers("bench", "", tmp_path)
+    ratios = {r["op"]: r["vs_copy"] for r in data["rows"]}
+    for op in ("encode", "encode_sr", "decode", "decode_acc", "reduce_encode"):
+        assert nums[f"{op}_x_copy"] == round(ratios[op], 3)
+    assert nums["codec_target_met"] is (min(ratios["encode"], ratios["decode"],
+                                            ratios["reduce_encode"]) >= 0.85)
