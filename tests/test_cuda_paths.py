@@ -16,7 +16,6 @@ import os
 import socket
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest, squinch_da
 from conftest import no_gpu  # noqa: E402
 from exact_grads import exact_grads, exact_model  # noqa: E402
 from squinch_data import assert_bits_equal  # noqa: E402
+from workers import exit_after  # noqa: E402
 
 from squinchcomm import codec  # noqa: E402
 
@@ -293,17 +293,13 @@ def test_torch_nccl_on_a_side_stream_equals_cpu(torch_cuda, tmp_path, kind):
         same_bits(gpu[name], cpu[name], f"{kind}: gradient {name}")
 
 
+def _worker(argv):
+    if argv[0] == "torch":
+        check_torch(*argv[1:])
+    else:
+        check_communicator_nccl()
+    print(f"{argv}: ok")
+
+
 if __name__ == "__main__":
-    code = 0
-    try:
-        if sys.argv[1] == "torch":
-            check_torch(*sys.argv[2:])
-        else:
-            check_communicator_nccl()
-        print(f"{sys.argv[1:]}: ok")
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_after(_worker, sys.argv[1:])

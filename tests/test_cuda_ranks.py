@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a worker script too
 from conftest import no_gpu  # noqa: E402
 from exact_grads import exact_grads, exact_model  # noqa: E402
-from workers import base_env, free_port, run_workers  # noqa: E402
+from workers import base_env, exit_after, free_port, run_workers  # noqa: E402
 
 WAIT = 60.0
 pytestmark = pytest.mark.gpu
@@ -170,33 +168,25 @@ CHECKS = {
 
 def worker_main(group: str, transport: str) -> None:
     """One rank: build the communicator over ``transport``, run ``group``'s checks."""
-    code = 0
-    try:
-        import cupy as cp
+    import cupy as cp
 
-        from squinchcomm.collectives import Communicator
+    from squinchcomm.collectives import Communicator
 
-        cp.cuda.Device(0).use()
-        if transport == "gloo":
-            from squinchcomm.transport.torch_dist import init_process_group_from_env
+    cp.cuda.Device(0).use()
+    if transport == "gloo":
+        from squinchcomm.transport.torch_dist import init_process_group_from_env
 
-            comm = Communicator(init_process_group_from_env(backend="gloo"),
-                                min_compress_bytes=0, timeout=WAIT)
-        else:
-            from mpi4py import MPI
+        comm = Communicator(init_process_group_from_env(backend="gloo"), min_compress_bytes=0,
+                            timeout=WAIT)
+    else:
+        from mpi4py import MPI
 
-            comm = Communicator(MPI.COMM_WORLD.Dup(), min_compress_bytes=0, timeout=WAIT)
-        for check in CHECKS[group]:
-            if check is check_torch_ddp_hook and transport != "gloo":
-                continue  # DDP needs a torch.distributed group
-            check(cp, comm)
-            print(f"rank {comm.rank}: {check.__name__} ok", flush=True)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        comm = Communicator(MPI.COMM_WORLD.Dup(), min_compress_bytes=0, timeout=WAIT)
+    for check in CHECKS[group]:
+        if check is check_torch_ddp_hook and transport != "gloo":
+            continue  # DDP needs a torch.distributed group
+        check(cp, comm)
+        print(f"rank {comm.rank}: {check.__name__} ok", flush=True)
 
 
 # ---------------------------------------------------------------- pytest side
@@ -249,4 +239,4 @@ def test_torch_cuda_across_ranks(gpu, transport):
 
 
 if __name__ == "__main__":
-    worker_main(sys.argv[1], sys.argv[2])
+    exit_after(worker_main, sys.argv[1], sys.argv[2])

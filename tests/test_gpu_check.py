@@ -130,3 +130,16 @@ def test_bench_numbers_read_the_codec_benchmark_json(tmp_path):
         assert nums[f"{op}_x_copy"] == round(ratios[op], 3)
     assert nums["codec_target_met"] is (min(ratios["encode"], ratios["decode"],
                                             ratios["reduce_encode"]) >= 0.85)
+
+
+def test_a_tool_the_machine_cannot_run_is_skipped_not_failed(tmp_path):
+    """compute-sanitizer answers "Device not supported" under gVisor: the part
+    says so as skipped; any other failure of the same part is a failure."""
+    env = {"PATH": "/usr/bin:/bin"}
+    says = _py("import sys; print('Device not supported'); sys.exit(1)")
+    part = gpu_check.Part("s", "", 30.0, 0.0, [says], unsupported="Device not supported")
+    res = gpu_check.run_part(1, part, tmp_path, 100, env)
+    assert res.status == "skipped" and "Device not supported" in res.reason
+    part = gpu_check.Part("s", "", 30.0, 0.0, [_py("import sys; sys.exit(3)")],
+                          unsupported="Device not supported")
+    assert gpu_check.run_part(2, part, tmp_path, 100, env).status == "failed"

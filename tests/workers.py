@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,18 @@ def run_workers(script: Path, args: list[str], envs: list[dict], deadline: float
     if any(p.returncode != 0 for p in procs):
         pytest.fail(f"{what} failed\n{report}")
     return outputs
+
+
+def exit_after(body, *args) -> None:
+    """Run a worker process's ``body(*args)`` and end the process: exit 0, or
+    print the traceback and exit 1. ``os._exit``: a failed rank may leave a
+    gloo or engine thread blocked, which a normal exit would wait for."""
+    code = 0
+    try:
+        body(*args)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -67,6 +67,10 @@ class Part:
     budget_s: float
     min_s: float
     commands: list[list[str]]
+    #: A failing command whose output matches this says the machine cannot run
+    #: the tool (compute-sanitizer under gVisor: "Device not supported"): the
+    #: part is reported skipped with that line, not failed.
+    unsupported: str | None = None
 
 
 @dataclass
@@ -103,7 +107,8 @@ def parts(out: Path) -> list[Part]:
                "256M", "-f", "4", "-n", "5", "--json", str(out / "pipeline_gpu.json")]]),
         Part("sanitizer", "compute-sanitizer memcheck + racecheck, every kernel once", 50, 20,
              [["compute-sanitizer", "--tool", tool, "--error-exitcode", "3", py, "-m",
-               "squinchcomm.bench.gpu_check", "--smoke"] for tool in ("memcheck", "racecheck")]),
+               "squinchcomm.bench.gpu_check", "--smoke"] for tool in ("memcheck", "racecheck")],
+             unsupported=r"Device not supported|not supported on this"),
         Part("parity", "loss parity smoke run on the GPU (1 rank, NCCL)", 40, 25,
              [[py, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m",
                "squinchcomm.bench", "parity", "--device", "cuda", "--quick", "--methods",
@@ -202,8 +207,14 @@ def run_part(index: int, part: Part, out: Path, left_s: float, env: dict) -> Res
                 res.status, res.reason = "timeout", f"{cmd[2:5]} ran past the part's budget"
                 break
             if proc.returncode != 0:
-                res.status = "failed"
-                res.reason = f"exit {proc.returncode}: {' '.join(cmd[1:6])}"
+                fh.flush()
+                found = (re.search(part.unsupported, log.read_text(errors="replace"))
+                         if part.unsupported else None)
+                if found:
+                    res.status, res.reason = "skipped", f"not supported here: {found.group(0)}"
+                else:
+                    res.status = "failed"
+                    res.reason = f"exit {proc.returncode}: {' '.join(cmd[1:6])}"
                 break
     res.seconds = round(time.monotonic() - t0, 1)
     res.numbers = _numbers(part.name, log.read_text(errors="replace"), out)
