@@ -41,7 +41,8 @@ from squinchcomm.torch._ops import (Adasum, Average, Max, Min, Product, Sum, Tor
                                     nccl_built, poll, rank, reducescatter, shutdown, size,
                                     synchronize, ccl_built, cuda_built, rocm_built,
                                     mpi_enabled, gloo_enabled, mpi_threads_supported,
-                                    is_homogeneous, HorovodInternalError)
+                                    is_homogeneous, HorovodInternalError, reducescatter_async,
+                                    grouped_reducescatter, grouped_allgather)
 from squinchcomm.torch.compression import Compression, WireCompression
 from squinchcomm.torch.optimizer import DistributedOptimizer
 
@@ -49,6 +50,7 @@ __all__ = ["init", "shutdown", "is_initialized", "communicator", "rank", "size",
            "local_size", "cross_rank", "cross_size", "mpi_built", "gloo_built", "nccl_built",
            "ccl_built", "cuda_built", "rocm_built", "mpi_enabled", "gloo_enabled",
            "mpi_threads_supported", "is_homogeneous", "HorovodInternalError",
+           "reducescatter_async", "grouped_reducescatter", "grouped_allgather",
            "Average", "Sum", "Adasum", "Min", "Max", "Product", "Compression", "WireCompression",
            "TorchHandle", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
            "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async",

@@ -40,7 +40,8 @@ __all__ = ["Average", "Sum", "Adasum", "Min", "Max", "Product", "TorchHandle",
            "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async",
            "grouped_allreduce_async_", "allgather", "allgather_async", "allgather_object",
            "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "broadcast_object",
-           "reducescatter", "alltoall", "barrier", "join", "synchronize", "poll",
+           "reducescatter", "reducescatter_async", "grouped_reducescatter", "grouped_allgather",
+           "alltoall", "barrier", "join", "synchronize", "poll",
            "broadcast_parameters", "broadcast_optimizer_state", "communicator"]
 
 # Horovod's reduction constants (horovod.common.basics values).
@@ -537,6 +538,24 @@ def alltoall(tensor, splits=None, name=None, process_set=None, compression=Compr
     return out if splits is None else (out, received)
 
 
+def reducescatter_async(tensor, name=None, compression=Compression.none, op=None,
+                        process_set=None, prescale_factor=1.0, postscale_factor=1.0
+                        ) -> TorchHandle:
+    """Start :func:`reducescatter`; return a handle (``synchronize`` gives the rows)."""
+    _check_process_set(process_set)
+    comm = communicator()
+    src = _contiguous(tensor)
+    rows, tail, per_row = _rows(src, "reducescatter")
+    splits = _row_splits(rows, comm.size)
+    options = _options(as_compression(compression))
+    del options["hierarchical"]  # the reduce-scatter has no hierarchical form
+    h = comm.reduce_scatter_async(src, counts=[s * per_row for s in splits], op=_op(None, op),
+                                  name=name, prescale=float(prescale_factor),
+                                  postscale=float(postscale_factor), **options)
+    shape = (splits[comm.rank],) + tail
+    return TorchHandle([h], lambda results: results[0][0].reshape(shape).to(tensor.dtype))
+
+
 def reducescatter(tensor, name=None, compression=Compression.none, op=None, process_set=None,
                   prescale_factor=1.0, postscale_factor=1.0):
     """Reduce ``tensor`` over ranks and return this rank's rows of the result.
@@ -550,17 +569,25 @@ def reducescatter(tensor, name=None, compression=Compression.none, op=None, proc
     Returns:
         This rank's rows of the reduced tensor, in ``tensor``'s dtype.
     """
-    _check_process_set(process_set)
-    comm = communicator()
-    src = _contiguous(tensor)
-    rows, tail, per_row = _rows(src, "reducescatter")
-    splits = _row_splits(rows, comm.size)
-    options = _options(as_compression(compression))
-    del options["hierarchical"]  # the reduce-scatter has no hierarchical form
-    shard, _ = comm.reduce_scatter(src, counts=[s * per_row for s in splits], op=_op(None, op),
-                                   name=name, prescale=float(prescale_factor),
-                                   postscale=float(postscale_factor), **options)
-    return shard.reshape((splits[comm.rank],) + tail).to(tensor.dtype)
+    return reducescatter_async(tensor, name, compression, op, process_set, prescale_factor,
+                               postscale_factor).wait()
+
+
+def grouped_reducescatter(tensors, name=None, compression=Compression.none, op=None,
+                          process_set=None, prescale_factor=1.0, postscale_factor=1.0):
+    """:func:`reducescatter` of each tensor, all started before the first is
+    waited for; returns the list of this rank's rows."""
+    handles = [reducescatter_async(t, None if name is None else f"{name}.{i}", compression, op,
+                                   process_set, prescale_factor, postscale_factor)
+               for i, t in enumerate(tensors)]
+    return [h.wait() for h in handles]
+
+
+def grouped_allgather(tensors, name=None, process_set=None):
+    """:func:`allgather` of each tensor, all started before the first is waited for."""
+    handles = [allgather_async(t, None if name is None else f"{name}.{i}", process_set)
+               for i, t in enumerate(tensors)]
+    return [h.wait() for h in handles]
 
 
 def barrier(process_set=None):

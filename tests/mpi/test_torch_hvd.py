@@ -643,3 +643,19 @@ def test_transposed_parameter_shapes_are_a_mismatch(world):
     p = torch.nn.Parameter(torch.zeros(shape))
     with pytest.raises(ValueError, match="DistributedOptimizer.*ranks disagree"):
         hvd.DistributedOptimizer(torch.optim.SGD([p], lr=0.1), named_parameters=[("w", p)])
+
+
+def test_reducescatter_async_and_grouped_forms(world):
+    """reducescatter_async, grouped_reducescatter and grouped_allgather give
+    what the one-tensor calls give (Horovod names a script may call)."""
+    g = torch.Generator().manual_seed(90 + world.rank)
+    xs = [torch.randn(3 * world.size + 1, 5, generator=g), torch.randn(world.size, 2, generator=g)]
+    singles = [hvd.reducescatter(x, compression=hvd.Compression.squinch) for x in xs]
+    h = hvd.reducescatter_async(xs[0], compression=hvd.Compression.squinch)
+    assert torch.equal(hvd.synchronize(h), singles[0])
+    grouped = hvd.grouped_reducescatter(xs, compression=hvd.Compression.squinch)
+    assert all(torch.equal(a, b) for a, b in zip(grouped, singles))
+    parts = [torch.arange(world.rank + 1, dtype=torch.int64), torch.full((2, 3), world.rank)]
+    gathered = hvd.grouped_allgather(parts, name="parts")
+    assert all(torch.equal(a, hvd.allgather(p)) for a, p in zip(gathered, parts))
+    assert gathered[0].numel() == sum(r + 1 for r in range(world.size))
