@@ -207,7 +207,7 @@ def _run(group: str, transport: str, ranks: int = 2) -> str:
         port = free_port()
         envs = [base_env(RANK=r, WORLD_SIZE=ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
                 for r in range(ranks)]
-        return "\n".join(run_workers(script, [group, transport], envs, 300,
+        return "\n".join(run_workers(script, [group, transport], envs, 100,
                                      f"{group} over gloo on {ranks} ranks"))
     mpirun = shutil.which("mpirun")
     if mpirun is None:

@@ -42,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -92,10 +93,10 @@ def parts(out: Path) -> list[Part]:
     """The check's parts, in order, writing their artefacts under ``out``."""
     py = sys.executable
     return [
-        Part("kernels", "CUDA kernels vs the oracle, NVRTC", 170, 60,
+        Part("kernels", "CUDA kernels vs the oracle, NVRTC", 150, 60,
              [_pytest("tests/test_cuda.py")]),
         Part("arrays", "codec.* and Communicator on CuPy/CUDA tensors, 1 rank NCCL, "
-             "2 ranks gloo and MPI", 110, 40,
+             "2 ranks gloo and MPI", 130, 40,
              [_pytest("tests/test_cuda_paths.py", "tests/test_transport_nccl.py",
                       "tests/test_cuda_ranks.py", "-k", "not torch_")]),
         Part("torch", "DistributedOptimizer and DDP hook on CUDA, streams, 1 and 2 ranks", 90, 30,
@@ -200,10 +201,13 @@ def run_part(index: int, part: Part, out: Path, left_s: float, env: dict) -> Res
             remaining = budget - (time.monotonic() - t0)
             fh.write(f"$ {' '.join(cmd)}  (timeout {remaining:.0f} s)\n")
             fh.flush()
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                      timeout=max(1.0, remaining), start_new_session=True)
+                proc.wait(timeout=max(1.0, remaining))
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the command and what it started
+                proc.wait()
                 res.status, res.reason = "timeout", f"{cmd[2:5]} ran past the part's budget"
                 break
             if proc.returncode != 0:
