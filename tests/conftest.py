@@ -53,3 +53,17 @@ def no_gpu(reason: str):
     if os.environ.get("SQUINCHCOMM_TEST_GPU") == "1":
         pytest.fail(f"SQUINCHCOMM_TEST_GPU=1 but {reason}")
     pytest.skip(reason)
+
+
+def cupy_gpu():
+    """CuPy, when it reaches a CUDA device (the device check's own probe,
+    squinchcomm.bench.gpu_check.gpu_reason); otherwise :func:`no_gpu`."""
+    from squinchcomm.bench.gpu_check import gpu_reason
+
+    reason = gpu_reason()
+    if reason is not None:
+        no_gpu(f"no usable CUDA GPU: {reason}")
+    import cupy
+
+    return cupy
+

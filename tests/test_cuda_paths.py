@@ -13,20 +13,17 @@ a usable GPU and fail instead when ``SQUINCHCOMM_TEST_GPU=1``; test names with
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest, squinch_data
-from conftest import no_gpu  # noqa: E402
+from conftest import cupy_gpu, no_gpu  # noqa: E402
 from exact_grads import exact_grads, exact_model  # noqa: E402
 from squinch_data import assert_bits_equal  # noqa: E402
-from workers import exit_after  # noqa: E402
+from workers import base_env, exit_after, free_port, run_workers  # noqa: E402
 
 from squinchcomm import codec  # noqa: E402
 
@@ -34,25 +31,9 @@ N = 10_007  # odd: a partial last block
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
 
-def _reason() -> str | None:
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return "no CUDA device"
-    except Exception as exc:
-        return f"CuPy cannot reach a GPU: {exc}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def cp():
-    reason = _reason()
-    if reason is not None:
-        no_gpu(f"no usable CUDA GPU: {reason}")
-    import cupy
-
-    return cupy
+    return cupy_gpu()
 
 
 @pytest.fixture(scope="module")
@@ -261,18 +242,9 @@ def check_torch(kind: str, device: str, out: str):
 
 
 def _run_worker(*args: str):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, TEST_PORT=str(port),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    try:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=240)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"worker {args} did not finish within 240 s (deadlock?)\n{exc.output}")
-    assert proc.returncode == 0, proc.stdout[-8000:]
+    """Run this file as a one-rank worker; fail with its output if it fails."""
+    run_workers(Path(__file__).resolve(), list(args), [base_env(TEST_PORT=free_port())], 240,
+                f"worker {args}")
 
 
 def test_communicator_nccl_equals_host(cp):

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a worker script too
-from conftest import no_gpu  # noqa: E402
+from conftest import cupy_gpu  # noqa: E402
 from exact_grads import exact_grads, exact_model  # noqa: E402
 from workers import base_env, exit_after, free_port, run_workers  # noqa: E402
 
@@ -192,13 +192,7 @@ def worker_main(group: str, transport: str) -> None:
 # ---------------------------------------------------------------- pytest side
 @pytest.fixture(scope="module")
 def gpu():
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            no_gpu("no CUDA device")
-    except Exception as exc:
-        no_gpu(f"CuPy cannot reach a GPU: {exc}")
+    cupy_gpu()
 
 
 def _run(group: str, transport: str, ranks: int = 2) -> str:

@@ -28,12 +28,11 @@ import math
 import os
 import pickle
 import sys
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
-from workers import base_env, free_port, run_workers
+from workers import base_env, exit_after, free_port, run_workers
 
 torch = pytest.importorskip("torch")
 
@@ -299,22 +298,14 @@ def worker_main(scenario: str) -> None:
     """Run one scenario in a worker process; exit 0 on success."""
     import torch.distributed as dist
 
-    code = 0
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
-                                rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]))
-        {"match": scenario_match, "checkpoint": scenario_checkpoint}[scenario](
-            int(os.environ["TEST_SEED"]))
-        # Then exit without destroy_process_group(): gloo (torch 2.13) sometimes
-        # aborts a rank whose peer tears the group down first.
-        dist.barrier()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # a failed rank may leave a gloo thread blocked; do not join it
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
+                            rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]))
+    {"match": scenario_match, "checkpoint": scenario_checkpoint}[scenario](
+        int(os.environ["TEST_SEED"]))
+    # Then exit without destroy_process_group(): gloo (torch 2.13) sometimes
+    # aborts a rank whose peer tears the group down first.
+    dist.barrier()
 
 
 # ---------------------------------------------------------------------------
@@ -370,4 +361,4 @@ def test_hooks_pass_ddp_signature_check():
 
 
 if __name__ == "__main__":
-    worker_main(sys.argv[1])
+    exit_after(worker_main, sys.argv[1])

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import no_gpu
+from workers import base_env, exit_after, free_port, run_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 30.0
@@ -108,29 +107,21 @@ def check_single_rank(tr) -> None:
 
 def worker_main(side_kind: str) -> None:
     """Build a one-rank side channel of ``side_kind``, then run the checks."""
-    code = 0
-    try:
-        from squinchcomm.transport.nccl import NcclTransport
+    from squinchcomm.transport.nccl import NcclTransport
 
-        if side_kind == "torch":
-            import torch.distributed as dist
+    if side_kind == "torch":
+        import torch.distributed as dist
 
-            from squinchcomm.transport.torch_dist import TorchTransport
+        from squinchcomm.transport.torch_dist import TorchTransport
 
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['TEST_PORT']}",
-                                    rank=0, world_size=1)
-            side = TorchTransport(timeout=WAIT)
-        else:
-            from mpi4py import MPI
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['TEST_PORT']}",
+                                rank=0, world_size=1)
+        side = TorchTransport(timeout=WAIT)
+    else:
+        from mpi4py import MPI
 
-            side = MPI.COMM_WORLD
-        check_single_rank(NcclTransport(side, device=0, timeout=WAIT))
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        side = MPI.COMM_WORLD
+    check_single_rank(NcclTransport(side, device=0, timeout=WAIT))
 
 
 # ---------------------------------------------------------------------------
@@ -142,17 +133,8 @@ def worker_main(side_kind: str) -> None:
 def test_single_rank_gpu(gpu, side_kind, module):
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not installed (the {side_kind} side channel)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, TEST_PORT=str(port),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    try:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), side_kind], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"the NCCL worker did not finish within 180 s (deadlock?)\n{exc.output}")
-    assert proc.returncode == 0, proc.stdout[-6000:]
+    run_workers(Path(__file__).resolve(), [side_kind], [base_env(TEST_PORT=free_port())], 180,
+                f"the NCCL worker over a {side_kind} side channel")
 
 
 def test_import_needs_no_gpu():
@@ -186,4 +168,4 @@ def test_bad_side_channel_and_no_gpu():
 
 
 if __name__ == "__main__":
-    worker_main(sys.argv[1])
+    exit_after(worker_main, sys.argv[1])

@@ -16,12 +16,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
-from workers import base_env, free_port, run_workers
+from workers import base_env, exit_after, free_port, run_workers
 from conftest import no_gpu
 
 torch = pytest.importorskip("torch")
@@ -214,20 +213,10 @@ def worker_main(scenario: str) -> None:
     """Run one scenario in a worker process; exit 0 on success."""
     from squinchcomm.transport.torch_dist import init_process_group_from_env
 
-    code = 0
-    try:
-        backend = "nccl" if scenario == "gpu" else "gloo"
-        init_process_group_from_env(backend=backend, timeout=60)
-        {"ops": scenario_ops, "fault": scenario_fault, "gpu": scenario_gpu}[scenario](
-            int(os.environ["TEST_SEED"]))
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter shutdown: after the fault test a gloo thread is still
-    # blocked in the abandoned allreduce, and joining it would hang.
-    os._exit(code)
+    backend = "nccl" if scenario == "gpu" else "gloo"
+    init_process_group_from_env(backend=backend, timeout=60)
+    {"ops": scenario_ops, "fault": scenario_fault, "gpu": scenario_gpu}[scenario](
+        int(os.environ["TEST_SEED"]))
 
 
 # ---------------------------------------------------------------------------
@@ -346,4 +335,6 @@ def test_package_imports_no_engine():
 
 
 if __name__ == "__main__":
-    worker_main(sys.argv[1])
+    # exit_after skips interpreter shutdown: after the fault test a gloo thread
+    # is still blocked in the abandoned allreduce, and joining it would hang.
+    exit_after(worker_main, sys.argv[1])

@@ -12,7 +12,6 @@ __all__ = ["parse_size", "size_sweep", "add_sweep_args", "write_results", "versi
            "cpu_model", "params_digest"]
 
 
-
 def size_sweep(minbytes, maxbytes, factor: int) -> list[int]:
     """Sizes ``-b, -b*f, -b*f^2, ... <= -e`` (nccl-tests' -b/-e/-f), validated."""
     lo, hi = parse_size(minbytes), parse_size(maxbytes)

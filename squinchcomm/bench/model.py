@@ -77,13 +77,12 @@ import math
 import re
 from pathlib import Path
 
-from squinchcomm import __version__
+from squinchcomm import __version__, collectives
 from squinchcomm.bench.common import parse_size, versions
 from squinchcomm.codec.format import BLOCK, BLOCK_BYTES
-from squinchcomm import collectives
 from squinchcomm.collectives import chunk_bounds
 
-__all__ = ["main", "parse_rate", "parse_time", "ring_factor", "wire_bytes", "pipeline_chunks",
+__all__ = ["main", "parse_rate", "parse_time", "wire_bytes", "pipeline_chunks",
            "allreduce_times", "crossover_bps", "codec_seconds", "validate", "BYTES_PER_ELEMENT"]
 
 # Bytes per element on the wire, by method (Squinch: 6-byte blocks of 8 values).
@@ -122,11 +121,6 @@ def format_rate(bps: float) -> str:
 
 
 # ---------------------------------------------------------------------------- the model
-def ring_factor(ranks: int) -> float:
-    """2(N-1)/N: the fraction of the tensor each rank sends twice over (reduce + gather)."""
-    return 2 * (ranks - 1) / ranks
-
-
 def wire_bytes(n: int, ranks: int, method: str = "squinch") -> float:
     """Bytes one rank sends per allreduce of ``n`` elements (``method``: fp32,
     bf16 or squinch): the library's :func:`squinchcomm.wire_bytes`."""
