@@ -43,7 +43,12 @@ barrier; its time is that of the slowest rank. Columns (rank 0 prints):
   for PowerSGD the P and Q factors of the compressed matrices plus the
   uncompressed tensors, as counted by PowerSGD's own state;
 - ``ident``: the parameters hash to the same bytes on every rank at the end
-  (data parallelism's invariant; a method that breaks it is wrong, not fast).
+  (data parallelism's invariant; a method that breaks it is wrong, not fast);
+- ``wait(ms)``: for the hvd methods, the median over timed steps of the
+  slowest rank's time from the end of ``backward()`` to the reduced gradients
+  (``opt.synchronize()``, then ``step()`` inside ``skip_synchronize()``): the
+  exchange that backward did not hide, measured directly rather than as the
+  difference of two noisy runs; ``-`` for DDP, which waits inside backward.
 
 The header also records the layout squinchcomm detects (nodes x ranks per
 node); ``--hierarchical`` makes the squinchcomm methods (hvd_* and
@@ -213,15 +218,26 @@ class _Run:
             self.optimizer = hvd.DistributedOptimizer(
                 adamw(self.model.parameters()), named_parameters=self.model.named_parameters(),
                 compression=compression[method], op=hvd.Average,
-                fusion_threshold=args.bucket_bytes, first_bucket_bytes=args.first_bucket_bytes)
+                fusion_threshold=args.bucket_bytes, first_bucket_bytes=args.first_bucket_bytes,
+                last_bucket_bytes=args.last_bucket_bytes)
 
     def step(self, x, y):
-        """One training step (zero_grad, forward, backward, step); returns the loss."""
+        """One training step (zero_grad, forward, backward, step); returns the loss
+        and the exposed wait: seconds from the end of backward until the
+        gradients are reduced (hvd methods; None for DDP, which waits inside
+        backward)."""
         self.optimizer.zero_grad(set_to_none=True)
         _, loss = self.net(x, y)
         loss.backward()
-        self.optimizer.step()
-        return loss
+        if not hasattr(self.optimizer, "synchronize"):
+            self.optimizer.step()
+            return loss, None
+        t0 = time.perf_counter()
+        self.optimizer.synchronize()  # Horovod's pattern: the same work step() does
+        wait = time.perf_counter() - t0
+        with self.optimizer.skip_synchronize():
+            self.optimizer.step()
+        return loss, wait
 
     def wire_counter(self) -> int:
         """A running count whose growth over the timed steps gives their wire volume."""
@@ -267,7 +283,7 @@ def run_method(method: str, config, args, data, min_compress_bytes: int) -> dict
     """Train with one method; collective. Returns its row (the same on every rank)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     run = _Run(method, config, args)
-    times, losses, wire_start, last_start = [], [], 0, 0
+    times, waits, losses, wire_start, last_start = [], [], [], 0, 0
     for step in range(1, args.warmup + args.steps + 1):
         x, y = batch_tensors(sample_windows(data.train, args.batch, args.seq, args.seed,
                                             step=step, rank=rank))
@@ -276,12 +292,13 @@ def run_method(method: str, config, args, data, min_compress_bytes: int) -> dict
         last_start = run.wire_counter()
         dist.barrier()
         t0 = time.perf_counter()
-        loss = run.step(x, y)
+        loss, wait = run.step(x, y)
         dt = time.perf_counter() - t0
         if step > args.warmup:
             times.append(dt)
+            waits.append(wait)
             losses.append(loss.item())
-    mine = dict(times=times, losses=losses, digest=params_digest(run.model),
+    mine = dict(times=times, waits=waits, losses=losses, digest=params_digest(run.model),
                 wire=run.wire_bytes(wire_start, args.steps, world, min_compress_bytes),
                 buckets=_bucket_mib(run, last_start))
     run.close()
@@ -291,7 +308,9 @@ def run_method(method: str, config, args, data, min_compress_bytes: int) -> dict
     slowest = [max(e["times"][i] for e in everyone) for i in range(args.steps)]
     mean_losses = [statistics.fmean(e["losses"][i] for e in everyone) for i in range(args.steps)]
     t = statistics.median(slowest)
-    return dict(method=method, time_ms=t * 1e3,
+    wait = None if waits[0] is None else statistics.median(
+        max(e["waits"][i] for e in everyone) for i in range(args.steps)) * 1e3
+    return dict(method=method, time_ms=t * 1e3, wait_ms=wait,
                 tokens_per_s=world * args.batch * args.seq / t,
                 loss=statistics.fmean(mean_losses[-LOSS_STEPS:]),
                 wire_mb=everyone[0]["wire"] / 1e6, buckets_mib=everyone[0]["buckets"],
@@ -323,7 +342,9 @@ def _header(args, info) -> str:
         "# buckets: cap " + _size(args.bucket_bytes, "SQUINCHCOMM_FUSION_THRESHOLD or 64 MiB "
                                   "(hvd), 25 MiB (DDP)")
         + ", hvd first bucket " + _size(args.first_bucket_bytes,
-                                        "SQUINCHCOMM_FIRST_BUCKET_BYTES or 1 MiB"),
+                                        "SQUINCHCOMM_FIRST_BUCKET_BYTES or 1 MiB")
+        + ", hvd last bucket " + _size(args.last_bucket_bytes,
+                                       "SQUINCHCOMM_LAST_BUCKET_BYTES or no cap"),
         f"# {info['corpus']}",
         "# " + "  ".join(f"{k} {val}" for k, val in versions().items()),
         "# time = median over timed steps of the slowest rank, zero_grad..optimizer.step "
@@ -332,11 +353,13 @@ def _header(args, info) -> str:
         f"over ranks and the last {LOSS_STEPS} timed steps",
         "# wire = MB (1e6 B) of gradients each rank sends per step, ring model 2(N-1)/N * "
         "payload; ident: parameters bit-identical on every rank at the end",
+        "# wait = median over timed steps of the slowest rank's time from the end of backward "
+        "to reduced gradients (the exchange backward did not hide; hvd methods only)",
         *(["# wire counts the flat algorithm: hierarchical squinchcomm methods send "
            "2(C-1)/C * payload / ranks-per-node across C nodes, the rest inside the node"]
           if info["hierarchical"] else []),
         f"# {'method':>13} {'time(ms)':>10} {'tokens/s':>10} {'speedup':>8} {'loss':>8} "
-        f"{'wire(MB/rank)':>13} {'ident':>5}",
+        f"{'wire(MB/rank)':>13} {'ident':>5} {'wait(ms)':>8}",
     ])
 
 
@@ -348,7 +371,8 @@ def _row(r) -> str:
     speedup = f"{r['speedup']:.2f}" if r["speedup"] is not None else "-"
     return (f"  {r['method']:>13} {r['time_ms']:>10.1f} {r['tokens_per_s']:>10,.0f} "
             f"{speedup:>8} {r['loss']:>8.4f} {r['wire_mb']:>13.3f} "
-            f"{'yes' if r['params_identical'] else 'NO':>5}")
+            f"{'yes' if r['params_identical'] else 'NO':>5} "
+            f"{'-' if r['wait_ms'] is None else format(r['wait_ms'], '.1f'):>8}")
 
 
 def _footer(rows) -> str:
@@ -390,6 +414,9 @@ def main(argv=None):
     p.add_argument("--first-bucket-bytes", type=parse_size, default=None, metavar="SIZE",
                    help="DistributedOptimizer's first_bucket_bytes (DDP's first bucket is "
                         "its own 1 MiB)")
+    p.add_argument("--last-bucket-bytes", type=parse_size, default=None, metavar="SIZE",
+                   help="DistributedOptimizer's last_bucket_bytes: a cap on the bucket "
+                        "backward finishes with (default: none of its own)")
     p.add_argument("--json", metavar="FILE", help="rank 0 writes rows and parameters as JSON")
     args = p.parse_args(argv)
     # Validate before any collective, so every rank fails the same way at once.

@@ -89,7 +89,7 @@ class _DistributedOptimizer:
     # ------------------------------------------------------------ setup
     def _sq_setup(self, named_parameters, compression, backward_passes_per_step, op,
                   gradient_predivide_factor, fusion_threshold, communicator, sparse_as_dense,
-                  first_bucket_bytes=None):
+                  first_bucket_bytes=None, last_bucket_bytes=None):
         base = communicator if communicator is not None else _ops.communicator()
         self._sq_compression = as_compression(compression)
         op_name = _ops._op(None, op)
@@ -116,6 +116,11 @@ class _DistributedOptimizer:
             raise ValueError(f"first_bucket_bytes={first_bucket_bytes}: pass bytes >= 0 (0: the "
                              "first bucket holds one parameter)")
         first = min(first, threshold)
+        last = (config.env_bytes("LAST_BUCKET_BYTES", None)
+                if last_bucket_bytes is None else int(last_bucket_bytes))
+        if last is not None and last < 0:
+            raise ValueError(f"last_bucket_bytes={last_bucket_bytes}: pass bytes >= 0 (0: the "
+                             "last bucket holds one parameter)")
 
         params, seen = [], set()
         for group in self.param_groups:
@@ -134,10 +139,20 @@ class _DistributedOptimizer:
                                  "parameters; cast the model (model.float())")
 
         # Step 1: static buckets in reverse registration order; the first of each
-        # dtype and device small (its allreduce starts early in backward).
+        # dtype and device small (its allreduce starts early in backward), and
+        # the last one (the first layers: what backward finishes with, the only
+        # exchange nothing overlaps) under its own cap.
+        by_key: dict[tuple, list] = {}  # (device, dtype) -> parameters in registration order
+        for p in trainable:
+            by_key.setdefault((p.device, p.dtype), []).append(p)
+        tail = ({} if last is None or last >= threshold  # no cap of its own
+                else {key: _prefix(ps, last) for key, ps in by_key.items()})
+        tail_ids = {id(p) for t in tail.values() for p in t}
         self._sq_buckets: list[_Bucket] = []
         open_buckets: dict[tuple, _Bucket] = {}
         for p in reversed(trainable):
+            if id(p) in tail_ids:
+                continue
             key = (p.device, p.dtype)
             b = open_buckets.get(key)
             cap = first if b is not None and b.first else threshold
@@ -149,6 +164,11 @@ class _DistributedOptimizer:
                 self._sq_buckets.append(b)
                 open_buckets[key] = b
             b.add(p)
+        for key, t in tail.items():
+            b = _Bucket(len(self._sq_buckets), key[1], key[0])
+            self._sq_buckets.append(b)
+            for p in reversed(t):
+                b.add(p)
         self._sq_slot = {id(p): (b, i) for b in self._sq_buckets for i, p in enumerate(b.params)}
         self._sq_delay = {id(p): self._sq_bpps for p in trainable}
         self._sq_next = 0  # the next bucket to start (buckets start in index order)
@@ -372,6 +392,16 @@ class _DistributedOptimizer:
         self._sq_hooks = []
 
 
+def _prefix(params: list, cap: int) -> list:
+    """The longest prefix of ``params`` within ``cap`` bytes (at least one)."""
+    total = 0
+    for i, p in enumerate(params):
+        total += p.numel() * p.element_size()
+        if i and total > cap:
+            return params[:i]
+    return params
+
+
 def _numpy(t):
     return t.detach().cpu().numpy() if torch.is_tensor(t) else t
 
@@ -380,7 +410,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
                          backward_passes_per_step=1, op=_ops.Average,
                          gradient_predivide_factor=1.0, fusion_threshold=None, num_groups=0,
                          groups=None, sparse_as_dense=False, process_set=None,
-                         communicator=None, first_bucket_bytes=None):
+                         communicator=None, first_bucket_bytes=None, last_bucket_bytes=None):
     """Wrap ``optimizer`` so that ``step()`` uses gradients averaged over all ranks.
 
     The result is an instance of a subclass of ``optimizer``'s class sharing
@@ -412,6 +442,11 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
             allreduce starts early in backward (default
             ``SQUINCHCOMM_FIRST_BUCKET_BYTES`` or
             :data:`DEFAULT_FIRST_BUCKET_BYTES`; never above fusion_threshold).
+        last_bucket_bytes: size cap of the last bucket (the first layers'
+            gradients, ready when backward ends: its exchange is the one that
+            nothing overlaps, so a small one shortens the step on a slow
+            link; default ``SQUINCHCOMM_LAST_BUCKET_BYTES`` or no cap of
+            its own, as in Horovod and DDP).
 
     Returns:
         The wrapped optimizer.
@@ -437,5 +472,5 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
     wrapped.__dict__.update(optimizer.__dict__)
     wrapped._sq_setup(named_parameters, compression, backward_passes_per_step, op,
                       gradient_predivide_factor, fusion_threshold, communicator, sparse_as_dense,
-                      first_bucket_bytes)
+                      first_bucket_bytes, last_bucket_bytes)
     return wrapped

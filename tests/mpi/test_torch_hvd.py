@@ -372,12 +372,46 @@ def test_bucket_layout_first_bucket_small(world, first, expected):
     opt.remove_hooks()
 
 
+@pytest.mark.parametrize("last, expected", [
+    # Registration order a(4000 B), b(40), c(4000), d(40); the last bucket is
+    # cut from the front: a+b = 4040 <= 5000, + c = 8040 > 5000. The rest, in
+    # reverse, under the 100-byte first cap: d alone, then c.
+    (5000, [["d"], ["c"], ["b", "a"]]),
+    # A cap below the first parameter still takes one: a alone.
+    (0, [["d"], ["c", "b"], ["a"]]),
+    # At or above the threshold: no cap of its own (the layout without it).
+    (8000, [["d"], ["c", "b"], ["a"]]),
+    # The whole model fits: one bucket, the last one.
+    (10**6, [["d", "c", "b", "a"]]),
+])
+def test_bucket_layout_last_bucket_small(world, last, expected):
+    model = _FourParams()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(),
+                                   fusion_threshold=8000 if last < 10**6 else 10**7,
+                                   first_bucket_bytes=100, last_bucket_bytes=last)
+    sizes = {"a": 1000, "b": 10, "c": 1000, "d": 10}
+    assert [n for _, n in opt.buckets] == [sum(sizes[k] for k in b) for b in expected]
+    # Every parameter is reduced once, in its own place: rank-dependent weights.
+    ((model.a * (world.rank + 1)).sum() + 2 * model.b.sum() + 3 * model.c.sum()
+     + (model.d * (world.rank + 2)).sum()).backward()
+    opt.synchronize()
+    tol = 2 * Q * world.size * 3
+    for t, want in ((model.a, (world.size + 1) / 2), (model.b, 2.0), (model.c, 3.0),
+                    (model.d, (world.size + 3) / 2)):
+        assert torch.allclose(t.grad, torch.full_like(t, want), rtol=0, atol=tol)
+    opt.remove_hooks()
+
+
 def test_bucket_size_errors(world):
     model = _FourParams()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="first_bucket_bytes=-1"):
         hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                  first_bucket_bytes=-1)
+    with pytest.raises(ValueError, match="last_bucket_bytes=-1"):
+        hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                 last_bucket_bytes=-1)
     with pytest.raises(ValueError, match="fusion_threshold=-5"):
         hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                  fusion_threshold=-5)
