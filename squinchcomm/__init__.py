@@ -4,15 +4,17 @@ Importing this package imports only the standard library and NumPy; torch,
 CuPy, Numba and mpi4py load on first use by the parts that need them.
 """
 
-from squinchcomm import errors
+__version__ = "0.1.0"  # before the imports: submodules record it
+
+from squinchcomm import errors  # noqa: E402
 from squinchcomm.collectives import (Communicator, cross_rank, cross_size, init,
                                      is_initialized, local_rank, local_size, rank, shutdown,
                                      size, wire_bytes)
 from squinchcomm.threads import share_cores
-from squinchcomm.errors import (BackendError, MissingDependencyError, SquinchError,
-                                TransportError)
+from squinchcomm.errors import (BackendError, MismatchError, MissingDependencyError,
+                                SquinchError, TransportError)
 
-__version__ = "0.1.0"
 __all__ = ["__version__", "errors", "Communicator", "init", "shutdown", "is_initialized",
            "rank", "size", "local_rank", "local_size", "cross_rank", "cross_size", "wire_bytes", "share_cores",
-           "SquinchError", "MissingDependencyError", "BackendError", "TransportError"]
+           "SquinchError", "MissingDependencyError", "BackendError", "TransportError",
+           "MismatchError"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["SquinchError", "MissingDependencyError", "BackendError", "TransportError"]
+__all__ = ["SquinchError", "MissingDependencyError", "BackendError", "TransportError",
+           "MismatchError"]
 
 
 class SquinchError(RuntimeError):
@@ -19,6 +20,13 @@ class BackendError(SquinchError):
 
 class TransportError(SquinchError):
     """A communication engine failed or a peer did not answer in time."""
+
+
+class MismatchError(ValueError, SquinchError):
+    """Ranks called a collective differently (shape, dtype, kind, name,
+    settings). Raised with the same message on every rank. Both a ValueError
+    (bad input) and a RuntimeError (what Horovod raises for a mismatch), so
+    either ``except`` catches it."""
 
 
 def require(module: str, extra: str, what: str):

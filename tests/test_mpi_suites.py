@@ -58,7 +58,24 @@ def test_absent_rank_gives_transport_error_not_a_hang():
         waited = float(line.split("after")[1].split()[0])
         assert timeout <= waited < timeout + 5
         assert "did not complete within 3 s" in line
+        retry = next((x for x in lines if x.startswith(f"retry {rank}:")), None)
+        assert retry is not None and "TransportError after" in retry, proc.stdout
+        assert float(retry.split("after")[1].split()[0]) < 1.0  # at once, not another timeout
+        assert "earlier collective" in retry and "rebuild" in retry, retry
     assert elapsed < 100
+
+
+def test_rank_that_never_inits_gives_transport_error_not_a_hang():
+    """The blocking COMM_WORLD.Dup() waited forever for a rank that never
+    called init; construction honours the timeout like every collective."""
+    timeout = 3.0
+    proc = _mpirun(3, ["tests/mpi/fault_job.py", "no_init", str(timeout)], timeout=120)
+    lines = proc.stdout.splitlines()
+    for rank in (0, 2):
+        line = next((x for x in lines if x.startswith(f"rank {rank}:")), None)
+        assert line is not None and "TransportError after" in line, proc.stdout + proc.stderr
+        assert timeout <= float(line.split("after")[1].split()[0]) < timeout + 5
+        assert "duplication of COMM_WORLD" in line and "hvd.init()" in line, line
 
 
 def test_dead_rank_ends_the_job():

@@ -209,9 +209,40 @@ def scenario_gpu(seed: int) -> None:
     with_error(ValueError, "NumPy", tr.allreduce, np.zeros(4, np.float32))
 
 
+def scenario_no_init() -> None:
+    """The last rank never calls init; the others' hvd.init("torch") must
+    raise TransportError after the library's timeout (it waited for torch's
+    30-minute default inside init_process_group)."""
+    from squinchcomm.errors import TransportError
+
+    flags = Path(os.environ["TEST_FLAG_DIR"])
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank == size - 1:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(list(flags.iterdir())) < size - 1:
+            time.sleep(0.05)
+        return
+    import squinchcomm.torch as hvd
+
+    start = time.monotonic()
+    try:
+        hvd.init("torch", timeout=FAULT_TIMEOUT)
+    except TransportError as exc:
+        elapsed = time.monotonic() - start
+        assert "rendezvous" in str(exc) and "every rank" in str(exc).lower(), exc
+        assert FAULT_TIMEOUT * 0.9 <= elapsed <= FAULT_TIMEOUT + 10, elapsed
+    else:
+        raise AssertionError("init completed without the last rank")
+    finally:
+        (flags / str(rank)).touch()
+
+
 def worker_main(scenario: str) -> None:
     """Run one scenario in a worker process; exit 0 on success."""
     from squinchcomm.transport.torch_dist import init_process_group_from_env
+
+    if scenario == "no_init":
+        return scenario_no_init()
 
     backend = "nccl" if scenario == "gpu" else "gloo"
     init_process_group_from_env(backend=backend, timeout=60)
@@ -268,6 +299,10 @@ def test_all_ops_multiprocess(size, launcher, ranks_per_node):
 
 def test_missing_rank_times_out():
     launch("fault", 3, seed=1, deadline=40.0)
+
+
+def test_rank_that_never_inits_times_out():
+    launch("no_init", 3, seed=1, deadline=40.0)
 
 
 def test_torch_nccl_cupy_single_rank():

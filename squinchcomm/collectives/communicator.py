@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from squinchcomm import codec, config
+from squinchcomm import __version__, codec, config
 from squinchcomm.codec import _arrays
 from squinchcomm.collectives import algorithms as alg
 from squinchcomm.collectives.engine import Handle, engine_for
 from squinchcomm.collectives.error_feedback import ErrorFeedback
 from squinchcomm.collectives.wire import COMPRESSIONS, get_wire
+from squinchcomm.errors import MismatchError
 from squinchcomm.transport.base import Transport
 
 __all__ = ["Communicator", "OPS", "check_agreement"]
@@ -81,7 +82,10 @@ class Communicator:
                  hierarchical: bool | None = None, node_size: int | None = None,
                  timeout: float | None = None, seed: int = 0,
                  pipeline_bytes: int | None = None):
-        self.transport = _as_transport(transport)
+        self.timeout = config.timeout() if timeout is None else float(timeout)
+        if not self.timeout > 0:  # NaN included
+            raise ValueError(f"timeout={timeout!r}: pass the seconds to wait for peers (> 0), "
+                             "or None for SQUINCHCOMM_TIMEOUT (default 300)")
         self.compression = _choice("compression", compression if compression is not None else
                                    config.env_choice("COMPRESSION", COMPRESSIONS, "squinch"),
                                    COMPRESSIONS)
@@ -99,10 +103,6 @@ class Communicator:
         if self.pipeline_bytes < 0:
             raise ValueError(f"pipeline_bytes={pipeline_bytes!r}: pass 0 (no pipelining) or a "
                              "positive chunk size in bytes of fp32")
-        self.timeout = config.timeout() if timeout is None else float(timeout)
-        if not self.timeout > 0:  # NaN included
-            raise ValueError(f"timeout={timeout!r}: pass the seconds to wait for peers (> 0), "
-                             "or None for SQUINCHCOMM_TIMEOUT (default 300)")
         self.seed = int(seed)
         self.error_feedback = ErrorFeedback()
         #: Set to a dict to accumulate seconds per stage of the compressed
@@ -110,20 +110,37 @@ class Communicator:
         self.timings: dict | None = None
         self._calls = 0
         self._calls_lock = threading.Lock()
-        self.engine = engine_for(self.transport)
         hierarchical = (config.env_bool("HIERARCHICAL", False) if hierarchical is None
                         else bool(hierarchical))
         node_size = config.env_int("NODE_SIZE", 0) if node_size is None else int(node_size)
-        self._build_groups(node_size)
+        # Options are validated first: a rank with a bad one fails here, alone.
+        self.transport = _as_transport(transport, self.timeout)
+        self.engine = engine_for(self.transport)
+        self._build_groups(node_size, hierarchical)
         self.hierarchical = hierarchical and self._can_split()
 
     # ------------------------------------------------------------ topology
-    def _build_groups(self, node_size: int):
-        """Split the transport into this node's ranks and one rank per node.
-        Collective; runs on the engine thread, behind any operation in flight."""
+    def _settings(self, node_size: int, hierarchical: bool) -> dict:
+        """What shapes the exchange and must be equal on every rank: a rank
+        with another pipeline chunk, threshold or check setting would send
+        messages the others do not expect."""
+        return {"version": __version__, "compression": self.compression,
+                "rounding": self.rounding, "error_feedback": self.error_feedback_default,
+                "min_compress_bytes": self.min_compress_bytes,
+                "check_metadata": self.check_metadata, "pipeline_bytes": self.pipeline_bytes,
+                "hierarchical": hierarchical, "node_size": node_size}
+
+    def _build_groups(self, node_size: int, hierarchical: bool):
+        """Agree on the settings, then split the transport into this node's
+        ranks and one rank per node. Collective; runs on the engine thread,
+        behind any operation in flight."""
         t = self.transport
+        settings = self._settings(node_size, hierarchical)
 
         def build():
+            check_agreement("Communicator()", t.allgather_object(settings, self.timeout),
+                            list(settings), ". Create the communicator with the same options "
+                            "and SQUINCHCOMM_* variables on every rank")
             if node_size > 0:
                 if t.size % node_size:
                     raise ValueError(f"node_size={node_size} does not divide the world size {t.size}")
@@ -412,7 +429,8 @@ class Communicator:
     def _submit(self, op, what: str, name, flat: _arrays.Flat | None, keep=()) -> Handle:
         label = f"{what}" + (f" of '{name}'" if name else "") + f" on rank {self.rank}"
         gpu = (flat.family, flat.device) if flat is not None and flat.on_gpu else None
-        return self.engine.submit(op, what=label, timeout=self.timeout, gpu=gpu, keep=keep)
+        return self.engine.submit(op, what=label, timeout=self.timeout, gpu=gpu, keep=keep,
+                                  name=name)
 
     def _next_call(self) -> int:
         """A per-communicator call id, equal on every rank (collectives are
@@ -509,15 +527,20 @@ class Communicator:
 
 # ----------------------------------------------------------------------------
 def check_agreement(what: str, metas: list[dict], keys, hint: str):
-    """Raise the same ValueError on every rank when any of ``keys`` differs
-    between the ranks' descriptions ``metas`` (from allgather_object); the
-    message names each rank's value, then ``hint``."""
+    """Raise the same MismatchError (a ValueError and a RuntimeError) on every
+    rank when any of ``keys`` differs between the ranks' descriptions
+    ``metas`` (from allgather_object); the message names each rank's value,
+    then ``hint``. Ranks that called different collectives are told only
+    that (their other keys describe different things), so the message is
+    the same whichever rank writes it."""
+    if len({m.get("collective") for m in metas}) > 1:
+        keys, what = ["collective"], metas[0]["collective"]
     diff = {k: [m.get(k) for m in metas] for k in keys
             if len({repr(m.get(k)) for m in metas}) > 1}
     if diff:
         detail = "; ".join(f"{k}: " + ", ".join(f"rank {r}={v!r}" for r, v in enumerate(vals))
                            for k, vals in diff.items())
-        raise ValueError(f"{what}: ranks disagree ({detail}){hint}")
+        raise MismatchError(f"{what}: ranks disagree ({detail}){hint}")
 
 
 def _counts(what: str, counts, world: int, n: int) -> list[int]:
@@ -537,21 +560,21 @@ def _choice(what: str, value, choices) -> str:
     return value
 
 
-def _as_transport(obj) -> Transport:
+def _as_transport(obj, timeout: float) -> Transport:
     if isinstance(obj, Transport):
         return obj
     if obj is None:
         from squinchcomm.transport.mpi import MPITransport
 
-        return MPITransport()
+        return MPITransport(timeout=timeout)
     module = type(obj).__module__
     if module.startswith("mpi4py"):
         from squinchcomm.transport.mpi import MPITransport
 
-        return MPITransport(obj)
+        return MPITransport(obj, timeout=timeout)
     if module.startswith("torch"):
         from squinchcomm.transport.torch_dist import TorchTransport
 
-        return TorchTransport(obj)
+        return TorchTransport(obj, timeout=timeout)
     raise ValueError(f"cannot communicate over a {type(obj).__name__}: pass a Transport, an "
                      "mpi4py communicator or a torch.distributed process group")

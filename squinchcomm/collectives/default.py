@@ -31,9 +31,14 @@ def init(transport=None, **options) -> Communicator:
         from squinchcomm.transport.torch_dist import TorchTransport, init_process_group_from_env
         import torch.distributed as dist
 
+        from squinchcomm import config
+
+        timeout = options.get("timeout") or config.timeout()
         if not dist.is_initialized():
-            init_process_group_from_env()
-        transport = TorchTransport()
+            # The library's timeout, not torch's 30 minutes: a rank that never
+            # arrives fails the others' rendezvous with an error.
+            init_process_group_from_env(timeout=timeout)
+        transport = TorchTransport(timeout=timeout)
     elif transport == "mpi":
         transport = None
     elif isinstance(transport, str):

@@ -35,10 +35,18 @@ The rules:
    it (so work queued there afterwards sees the result), and
    ``Handle.wait()`` makes the caller's current stream wait on it too.
    Buffers stay referenced until the completion event has fired.
-5. A failed operation stores its exception, which ``wait()`` raises; the
-   operations queued after it still run. Mismatches between ranks are found
-   by the same check on every rank, so every rank raises the same error.
-6. At interpreter exit every engine finishes its queue (bounded by the
+5. A failed operation stores its exception, which ``wait()`` raises.
+   Mismatches between ranks are found by the same check on every rank, so
+   every rank raises the same error, and the group stays usable. A
+   TransportError (a peer that did not arrive in time, a failed exchange)
+   leaves the ranks at unknown points of their exchanges, so it breaks the
+   group: every operation queued behind it and every later submission fails
+   at once with a TransportError naming the first failure, until the
+   communicator is rebuilt (``hvd.shutdown()`` then ``hvd.init()``, a new
+   process group or MPI communicator).
+6. Two operations with the same name may not be in flight at once (Horovod's
+   rule): the second submission raises ValueError on the caller's thread.
+7. At interpreter exit every engine finishes its queue (bounded by the
    timeout) and stops.
 """
 
@@ -66,8 +74,9 @@ class Handle:
     the operation to progress."""
 
     def __init__(self, engine: "Engine", op: Generator[Work, None, Any], what: str,
-                 timeout: float, device: "DeviceCapture | None" = None, keep=()):
-        self._engine, self._op, self.what = engine, op, what
+                 timeout: float, device: "DeviceCapture | None" = None, keep=(),
+                 name: str | None = None):
+        self._engine, self._op, self.what, self.name = engine, op, what, name
         self._timeout, self._device, self._keep = timeout, device, keep
         self._done = threading.Event()
         self._result = self._error = None
@@ -115,6 +124,7 @@ class Handle:
         """Drive the operation to its end (on the engine's thread)."""
         op = self._op
         try:
+            self._engine._raise_if_broken(self.what)
             with self._device.enter() if self._device is not None else contextlib.nullcontext():
                 try:
                     work = next(op)
@@ -125,9 +135,11 @@ class Handle:
                     self._result = stop.value
                 if self._device is not None:
                     self._device.complete()
-        except BaseException as exc:  # kept for wait(); the next operations still run
+        except BaseException as exc:  # kept for wait()
             self._error = exc
             op.close()
+            if isinstance(exc, TransportError):
+                self._engine._break(exc)
         finally:
             self._op = None
             if self._device is not None:
@@ -136,6 +148,8 @@ class Handle:
             with self._engine._cv:
                 self._done.set()
                 callbacks, self._callbacks = self._callbacks, []
+                if self.name is not None:
+                    self._engine._names.discard(self.name)
         for fn in callbacks:
             try:
                 fn(self)
@@ -161,6 +175,8 @@ class Engine:
         self._streams = streams
         self._engine_streams: dict[int, Any] = {}  # device -> the engine's stream there
         self._retired: list[tuple[Any, Any]] = []  # (completion event, buffers) of GPU ops
+        self._names: set[str] = set()  # names of the operations in flight (rule 6)
+        self._broken: TransportError | None = None  # the failure that broke the group (rule 5)
         _ENGINES.append(self)
 
     @property
@@ -170,7 +186,7 @@ class Engine:
         return self._streams
 
     def submit(self, op: Generator[Work, None, Any], *, what: str, timeout: float,
-               gpu: tuple[str, int] | None = None, keep=()) -> Handle:
+               gpu: tuple[str, int] | None = None, keep=(), name: str | None = None) -> Handle:
         """Queue ``op`` (a generator yielding transport Works and returning the
         result) behind the operations already submitted.
 
@@ -181,13 +197,26 @@ class Engine:
             gpu: ``(family, device)`` of the operation's CUDA buffers, whose
                 producer stream is captured now; None for host buffers.
             keep: objects to keep alive until the operation (and its GPU work) is done.
+            name: the operation's name; another one in flight with it is refused.
+
+        Raises:
+            TransportError: the group failed earlier (rule 5).
+            ValueError: ``name`` is already in flight (rule 6).
         """
+        self._raise_if_broken(what)
+        with self._cv:
+            if name is not None and name in self._names:
+                raise ValueError(f"{what}: another collective named '{name}' is still in "
+                                 "flight; wait for it first or give each tensor its own name "
+                                 "(names identify tensors across ranks)")
         device = DeviceCapture(self, gpu[0], gpu[1]) if gpu is not None else None
-        handle = Handle(self, op, what, timeout, device, keep)
+        handle = Handle(self, op, what, timeout, device, keep, name)
         with self._cv:
             if self._closed:
                 raise RuntimeError(f"{what}: the squinchcomm engine has shut down "
                                    "(interpreter exit); no new collectives can start")
+            if name is not None:
+                self._names.add(name)
             self._queue.append(handle)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"{self.name}-engine",
@@ -210,6 +239,19 @@ class Engine:
             with self._cv:
                 self._busy = False
                 self._cv.notify_all()
+
+    def _break(self, exc: TransportError):
+        with self._cv:
+            if self._broken is None:
+                self._broken = exc
+
+    def _raise_if_broken(self, what: str):
+        if self._broken is not None:
+            raise TransportError(
+                f"{what}: not started, because an earlier collective of this group failed "
+                f"({self._broken}); the ranks' exchanges are out of step, so the group cannot "
+                "be used again: rebuild it (hvd.shutdown() then hvd.init(), or a new "
+                "communicator over a new process group / MPI communicator)") from self._broken
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every submitted operation is done; False on timeout."""
@@ -250,6 +292,7 @@ class Engine:
         self._queue.clear()
         self._busy, self._thread, self._retired = False, None, []
         self._engine_streams.clear()
+        self._names = set()
 
 
 class DeviceCapture:

@@ -44,17 +44,27 @@ class WireCompression:
         if self.rounding is not None and self.rounding not in _ROUNDINGS:
             raise ValueError(f"rounding={self.rounding!r}: choose 'nearest' or 'stochastic'")
 
-    # Horovod's Compressor interface, for code that calls it directly: the
-    # compression happens on the wire, so the tensor passes through unchanged.
-    @staticmethod
-    def compress(tensor):
-        """Return ``(tensor, None)``: the collective compresses on the wire."""
-        return tensor, None
+    # Horovod's Compressor interface, for code that calls it directly.
+    def compress(self, tensor):
+        """Horovod's ``Compressor.compress``: return ``(tensor, ctx)``.
+
+        ``fp16``/``bf16`` cast a floating-point tensor to float16/bfloat16
+        (``ctx`` is its dtype), as Horovod's ``FP16Compressor`` does; other
+        tensors, and ``none``/``squinch`` (whose compression happens on the
+        wire, inside the collective), pass through with ``ctx`` None.
+        """
+        import torch
+
+        wire = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.name)
+        if wire is None or not tensor.dtype.is_floating_point:
+            return tensor, None
+        return tensor.to(wire), tensor.dtype
 
     @staticmethod
     def decompress(tensor, ctx):
-        """Return ``tensor`` unchanged."""
-        return tensor
+        """Horovod's ``Compressor.decompress``: cast back to ``ctx`` (a dtype from
+        :meth:`compress`; None: unchanged)."""
+        return tensor if ctx is None else tensor.to(ctx)
 
     def __repr__(self):
         opts = [f"{k}={getattr(self, k)!r}" for k in ("error_feedback", "rounding", "hierarchical")

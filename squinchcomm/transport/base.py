@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from squinchcomm.errors import TransportError
 
-__all__ = ["Transport", "Work", "DoneWork", "PollingWork"]
+__all__ = ["Transport", "Work", "DoneWork", "PollingWork", "check_counts", "check_fits"]
 
 
 class Work(abc.ABC):
@@ -86,6 +86,23 @@ class PollingWork(Work):
             self._on_done()  # may raise: then the work is not finished, and says so again
         self._finished = True
         self._keep = ()
+
+
+def check_counts(counts: Sequence[int], size: int, what: str) -> list[int]:
+    """``counts`` as ints, one non-negative count per rank, or ValueError."""
+    counts = [int(c) for c in counts]
+    if len(counts) != size:
+        raise ValueError(f"{what} has {len(counts)} entries: pass one count per rank ({size})")
+    if any(c < 0 for c in counts):
+        raise ValueError(f"{what} has a negative count: {counts}")
+    return counts
+
+
+def check_fits(total: int, buf, what: str, name: str):
+    """ValueError unless ``buf`` holds ``total`` elements: an engine is never
+    handed a count larger than the buffer it reads or writes."""
+    if total > buf.size:
+        raise ValueError(f"{what} sum to {total} but {name} has {buf.size} elements")
 
 
 class Transport(abc.ABC):

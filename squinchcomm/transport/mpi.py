@@ -17,7 +17,7 @@ import numpy as np
 
 from squinchcomm import config
 from squinchcomm.errors import TransportError, require
-from squinchcomm.transport.base import PollingWork, Transport, Work
+from squinchcomm.transport.base import PollingWork, Transport, Work, check_counts, check_fits
 
 __all__ = ["MPITransport"]
 
@@ -29,6 +29,18 @@ def _is_gpu(a) -> bool:
 def _displs(counts: Sequence[int]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64) if len(counts) else \
         np.zeros(0, np.int64)
+
+
+#: The most bytes (or elements) one MPI call carries: MPI's count is a C int,
+#: and a larger one fails with MPI_ERR_ARG. Larger broadcasts and sums are
+#: split into several calls of at most this many.
+MAX_COUNT = 2**31 - 1
+
+def _pieces(flat):
+    """``flat`` in consecutive views of at most MAX_COUNT elements (one for
+    small or empty arrays); the same split on every rank."""
+    n = flat.shape[0]
+    return [flat[i:i + MAX_COUNT] for i in range(0, n, MAX_COUNT)] or [flat]
 
 
 _THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")
@@ -55,18 +67,27 @@ class MPITransport(Transport):
             library's traffic never matches the application's).
         cuda_aware: hand GPU buffers to MPI directly (only with a CUDA-aware MPI
             build); default from ``SQUINCHCOMM_MPI_CUDA_AWARE``.
+        timeout: seconds any exchange (and the duplication of COMM_WORLD, and
+            the splits) may wait for the other ranks (default
+            ``SQUINCHCOMM_TIMEOUT``): a rank that never creates its transport
+            gives the others a TransportError, not a hang.
     """
 
     name = "mpi"
 
-    def __init__(self, comm=None, cuda_aware: bool | None = None):
+    def __init__(self, comm=None, cuda_aware: bool | None = None, timeout: float | None = None):
         self._mpi = require("mpi4py.MPI", "mpi", "The MPI transport")
         _check_thread_level(self._mpi)
-        self.comm = comm if comm is not None else self._mpi.COMM_WORLD.Dup()
+        self.timeout = config.timeout() if timeout is None else float(timeout)
+        self.gpu_native = config.mpi_cuda_aware() if cuda_aware is None else bool(cuda_aware)
+        if comm is None:  # MPI_Comm_idup: the blocking Dup() would wait forever for a lost rank
+            comm, request = self._mpi.COMM_WORLD.Idup()
+            self.comm = self._mpi.COMM_WORLD  # the new one is usable once the request is done
+            self._work(request, "duplication of COMM_WORLD (every rank must create its "
+                       "communicator, e.g. call hvd.init())", ()).wait(self.timeout)
+        self.comm = comm
         # Errors come back as exceptions (wrapped in TransportError), never abort silently.
         self.comm.Set_errhandler(self._mpi.ERRORS_RETURN)
-        self.gpu_native = config.mpi_cuda_aware() if cuda_aware is None else bool(cuda_aware)
-        self.timeout = config.timeout()
 
     @property
     def rank(self) -> int:
@@ -92,11 +113,13 @@ class MPITransport(Transport):
         return host, (lambda: arr.set(host))
 
     def _work(self, request, what: str, keep, copy_back=None) -> Work:
+        """A Work over one MPI request, or a list of them (a split message)."""
         label = f"MPI {what} on rank {self.rank}"
+        requests = request if isinstance(request, list) else [request]
 
         def done():
             try:
-                return request.Test()
+                return self._mpi.Request.Testall(requests)
             except self._mpi.Exception as exc:  # MPI reports errors (ERRORS_RETURN)
                 raise TransportError(f"{label} failed: {exc}") from exc
 
@@ -109,6 +132,10 @@ class MPITransport(Transport):
     # ------------------------------------------------------------ operations
     def alltoallv(self, send, send_counts, recv, recv_counts) -> Work:
         MPI = self._mpi
+        send_counts = check_counts(send_counts, self.size, "send_counts")
+        recv_counts = check_counts(recv_counts, self.size, "recv_counts")
+        check_fits(sum(send_counts), send, "send_counts", "send")
+        check_fits(sum(recv_counts), recv, "recv_counts", "recv")
         s, _ = self._host(send, True)
         r, back = self._host(recv, False)
         k_s, k_r = send.dtype.itemsize, recv.dtype.itemsize
@@ -120,7 +147,11 @@ class MPITransport(Transport):
 
     def allgatherv(self, send, recv, counts) -> Work:
         MPI = self._mpi
-        s, _ = self._host(send, True)
+        counts = check_counts(counts, self.size, "counts")
+        mine = counts[self.rank]
+        check_fits(mine, send, f"counts[{self.rank}]", "send")
+        check_fits(sum(counts), recv, "counts", "recv")
+        s, _ = self._host(send.reshape(-1)[:mine], True)  # exactly this rank's count
         r, back = self._host(recv, False)
         c = np.asarray(counts, np.int64) * recv.dtype.itemsize
         req = self.comm.Iallgatherv([self._bytes(s), MPI.BYTE], [self._bytes(r), c, _displs(c),
@@ -135,14 +166,16 @@ class MPITransport(Transport):
             raise ValueError(f"MPI allreduce sums float32/float64/int32/int64, got {buf.dtype}; "
                              "upcast first")
         b, back = self._host(buf, True)
-        req = self.comm.Iallreduce(MPI.IN_PLACE, [b.reshape(-1), types[np.dtype(buf.dtype)]],
-                                   op=MPI.SUM)
-        return self._work(req, "allreduce", (b, buf), back)
+        flat, kind = b.reshape(-1), types[np.dtype(buf.dtype)]
+        reqs = [self.comm.Iallreduce(MPI.IN_PLACE, [part, kind], op=MPI.SUM)
+                for part in _pieces(flat)]
+        return self._work(reqs, "allreduce", (b, buf), back)
 
     def broadcast(self, buf, root: int) -> Work:
         b, back = self._host(buf, self.rank == root)
-        req = self.comm.Ibcast([self._bytes(b), self._mpi.BYTE], root=root)
-        return self._work(req, "broadcast", (b, buf), back)
+        reqs = [self.comm.Ibcast([part, self._mpi.BYTE], root=root)
+                for part in _pieces(self._bytes(b))]
+        return self._work(reqs, "broadcast", (b, buf), back)
 
     def barrier(self) -> Work:
         return self._work(self.comm.Ibarrier(), "barrier", ())
@@ -163,13 +196,22 @@ class MPITransport(Transport):
         """One engine per MPI communicator handle."""
         return ("mpi", self.comm.py2f())
 
+    def _all_arrived(self, what: str):
+        """Wait, bounded by the timeout, until every rank has reached this point:
+        MPI's splits have no non-blocking form, and once every rank has arrived
+        the blocking call that follows cannot hang on an absent one."""
+        self._work(self.comm.Ibarrier(), f"{what} (every rank must reach it)", ()).wait(
+            self.timeout)
+
     def split(self, color: int, key: int) -> "MPITransport":
-        return MPITransport(self.comm.Split(color, key), self.gpu_native)
+        self._all_arrived("split")
+        return MPITransport(self.comm.Split(color, key), self.gpu_native, self.timeout)
 
     def node_split(self) -> "MPITransport":
         """Ranks sharing memory with this one (MPI_COMM_TYPE_SHARED)."""
+        self._all_arrived("node split")
         return MPITransport(self.comm.Split_type(self._mpi.COMM_TYPE_SHARED, key=self.rank),
-                            self.gpu_native)
+                            self.gpu_native, self.timeout)
 
     def abort(self, code: int = 1):
         """Abort the whole job (what to do after a TransportError under mpirun)."""

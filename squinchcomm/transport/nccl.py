@@ -34,7 +34,8 @@ from typing import Any, Sequence
 
 from squinchcomm import config
 from squinchcomm.errors import MissingDependencyError, TransportError, require
-from squinchcomm.transport.base import DoneWork, PollingWork, Transport, Work
+from squinchcomm.transport.base import (DoneWork, PollingWork, Transport, Work, check_counts,
+                                         check_fits)
 
 __all__ = ["NcclTransport"]
 
@@ -286,14 +287,6 @@ class NcclTransport(Transport):
             total += c
         return out
 
-    def _counts(self, counts: Sequence[int], what: str) -> list[int]:
-        counts = [int(c) for c in counts]
-        if len(counts) != self._size:
-            raise ValueError(f"{what} has {len(counts)} entries: pass one count per rank ({self._size})")
-        if any(c < 0 for c in counts):
-            raise ValueError(f"{what} has a negative count: {counts}")
-        return counts
-
     # -- operations -----------------------------------------------------------
 
     def alltoallv(self, send, send_counts: Sequence[int], recv, recv_counts: Sequence[int]) -> Work:
@@ -305,11 +298,10 @@ class NcclTransport(Transport):
         send, recv = self._check(send, "send"), self._check(recv, "recv")
         if send.dtype != recv.dtype:
             raise ValueError(f"send is {send.dtype} but recv is {recv.dtype}: pass arrays of one dtype")
-        send_counts = self._counts(send_counts, "send_counts")
-        recv_counts = self._counts(recv_counts, "recv_counts")
-        if sum(send_counts) > send.size or sum(recv_counts) > recv.size:
-            raise ValueError(f"counts sum to {sum(send_counts)} sent / {sum(recv_counts)} received but "
-                             f"send has {send.size} and recv {recv.size} elements")
+        send_counts = check_counts(send_counts, self._size, "send_counts")
+        recv_counts = check_counts(recv_counts, self._size, "recv_counts")
+        check_fits(sum(send_counts), send, "send_counts", "send")
+        check_fits(sum(recv_counts), recv, "recv_counts", "recv")
         nccl, item, me = _nccl(), send.dtype.itemsize, self._rank
         sdispl, rdispl = self._offsets(send_counts), self._offsets(recv_counts)
         sptr, rptr = send.data.ptr, recv.data.ptr
@@ -344,11 +336,10 @@ class NcclTransport(Transport):
         send, recv = self._check(send, "send"), self._check(recv, "recv")
         if send.dtype != recv.dtype:
             raise ValueError(f"send is {send.dtype} but recv is {recv.dtype}: pass arrays of one dtype")
-        counts = self._counts(counts, "counts")
+        counts = check_counts(counts, self._size, "counts")
         me, item = self._rank, send.dtype.itemsize
-        if send.size < counts[me] or recv.size < sum(counts):
-            raise ValueError(f"counts[{me}]={counts[me]} and sum(counts)={sum(counts)} need send >= "
-                             f"{counts[me]} and recv >= {sum(counts)} elements (got {send.size}, {recv.size})")
+        check_fits(counts[me], send, f"counts[{me}]", "send")
+        check_fits(sum(counts), recv, "counts", "recv")
         if max(counts) == 0:
             return DoneWork()  # the same counts on every rank: every rank skips
         nccl, displ = _nccl(), self._offsets(counts)

@@ -54,7 +54,7 @@ torch = require("torch", "torch", "the torch.distributed transport")
 import torch.distributed as dist  # noqa: E402
 
 from squinchcomm import config  # noqa: E402
-from squinchcomm.transport.base import DoneWork, Transport, Work
+from squinchcomm.transport.base import DoneWork, Transport, Work, check_counts, check_fits
 
 __all__ = ["TorchTransport", "init_process_group_from_env"]
 
@@ -175,8 +175,14 @@ def init_process_group_from_env(backend: str | None = None, timeout: float | dat
         torch.cuda.set_device(_local_rank(env, rank) % torch.cuda.device_count())
     host = f"[{addr}]" if ":" in addr else addr  # IPv6 literal
     kwargs = {} if timeout is None else {"timeout": _timedelta(timeout)}
-    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank,
-                            world_size=size, **kwargs)
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank,
+                                world_size=size, **kwargs)
+    except dist.DistError as exc:  # DistStoreError: the rendezvous timed out
+        raise TransportError(
+            f"torch.distributed rendezvous of rank {rank} of {size} at {host}:{port} failed: "
+            f"{exc}. Every rank must start and initialize (e.g. call hvd.init()) within the "
+            "timeout (SQUINCHCOMM_TIMEOUT or timeout=); check MASTER_ADDR/MASTER_PORT") from exc
     return dist.group.WORLD
 
 
@@ -216,15 +222,6 @@ def _tensor(arr, writable: bool):
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(arr)
     return torch.from_dlpack(arr)
-
-
-def _check_counts(counts: Sequence[int], size: int, what: str) -> list[int]:
-    counts = [int(c) for c in counts]
-    if len(counts) != size:
-        raise ValueError(f"{what} has {len(counts)} entries: pass one count per rank ({size})")
-    if any(c < 0 for c in counts):
-        raise ValueError(f"{what} has a negative count: {counts}")
-    return counts
 
 
 def _stream_context(arr) -> Callable[[], Any]:
@@ -478,12 +475,10 @@ class TorchTransport(Transport):
             A Work; ``recv`` is valid after ``wait()``.
         """
         send, recv = self._prepare_pair(send, recv)
-        send_counts = _check_counts(send_counts, self._size, "send_counts")
-        recv_counts = _check_counts(recv_counts, self._size, "recv_counts")
-        if sum(send_counts) > send.size:
-            raise ValueError(f"send_counts sum to {sum(send_counts)} but send has {send.size} elements")
-        if sum(recv_counts) > recv.size:
-            raise ValueError(f"recv_counts sum to {sum(recv_counts)} but recv has {recv.size} elements")
+        send_counts = check_counts(send_counts, self._size, "send_counts")
+        recv_counts = check_counts(recv_counts, self._size, "recv_counts")
+        check_fits(sum(send_counts), send, "send_counts", "send")
+        check_fits(sum(recv_counts), recv, "recv_counts", "recv")
         item = send.dtype.itemsize
         stream = _stream_context(recv)
         with stream():
@@ -514,12 +509,10 @@ class TorchTransport(Transport):
             A Work; ``recv`` is valid after ``wait()``.
         """
         send, recv = self._prepare_pair(send, recv)
-        counts = _check_counts(counts, self._size, "counts")
+        counts = check_counts(counts, self._size, "counts")
         mine = counts[self._rank]
-        if send.size < mine:
-            raise ValueError(f"counts[{self._rank}]={mine} but send has {send.size} elements")
-        if recv.size < sum(counts):
-            raise ValueError(f"counts sum to {sum(counts)} but recv has {recv.size} elements")
+        check_fits(mine, send, f"counts[{self._rank}]", "send")
+        check_fits(sum(counts), recv, "counts", "recv")
         biggest = max(counts)
         if biggest == 0:
             return DoneWork()  # every rank sees the same counts, so every rank skips

@@ -1,6 +1,7 @@
-"""An MPI job in which one rank never arrives at a collective (or dies).
+"""An MPI job in which one rank never arrives at a collective (or dies, or
+never creates its communicator).
 
-    mpirun -n 3 python tests/mpi/fault_job.py {absent|dies} TIMEOUT
+    mpirun -n 3 python tests/mpi/fault_job.py {absent|dies|no_init} TIMEOUT
 
 The others must raise TransportError after about TIMEOUT seconds instead of
 hanging. Every rank leaves with os._exit: MPI_Finalize with a collective
@@ -18,6 +19,20 @@ from squinchcomm.collectives import Communicator
 from squinchcomm.errors import TransportError
 
 mode, timeout = sys.argv[1], float(sys.argv[2])
+if mode == "no_init":
+    # Rank 1 never creates a communicator; the others' construction (the
+    # duplication of COMM_WORLD) must time out instead of waiting forever.
+    if MPI.COMM_WORLD.Get_rank() == 1:
+        time.sleep(3 * timeout)
+        os._exit(0)
+    t0 = time.monotonic()
+    try:
+        Communicator(timeout=timeout)
+        print(f"rank {MPI.COMM_WORLD.Get_rank()}: constructed (unexpected)", flush=True)
+    except TransportError as exc:
+        print(f"rank {MPI.COMM_WORLD.Get_rank()}: TransportError after "
+              f"{time.monotonic() - t0:.1f} s: {exc}", flush=True)
+    os._exit(0)
 comm = Communicator(MPI.COMM_WORLD.Dup(), timeout=timeout, min_compress_bytes=0)
 x = np.ones(10_000, np.float32)
 comm.allreduce(x)  # everyone healthy once
@@ -34,4 +49,15 @@ try:
 except TransportError as exc:
     print(f"rank {comm.rank}: TransportError after {time.monotonic() - t0:.1f} s: {exc}",
           flush=True)
+    # The group is out of step now: a retry must fail at once and say why
+    # (it gave an UnpicklingError from the stale exchange).
+    t0 = time.monotonic()
+    try:
+        comm.allreduce(x)
+        print(f"retry {comm.rank}: completed (unexpected)", flush=True)
+    except TransportError as exc2:
+        print(f"retry {comm.rank}: TransportError after {time.monotonic() - t0:.1f} s: {exc2}",
+              flush=True)
+    except Exception as exc2:
+        print(f"retry {comm.rank}: {type(exc2).__name__}: {exc2}", flush=True)
 os._exit(0)

@@ -87,12 +87,74 @@ def test_different_collectives_raise_on_every_rank(comm):
     """Rank 0 calls allreduce while the others call reduce_scatter on the same
     tensor: the kind of collective is part of what ranks agree on."""
     x = np.ones(4096, np.float32)
-    with pytest.raises(ValueError, match="ranks disagree .*collective"):
+    with pytest.raises(ValueError, match="ranks disagree .*collective") as info:
         if comm.rank == 0:
             comm.allreduce(x, compression="squinch")
         else:
             comm.reduce_scatter(x, compression="squinch")
+    # One message on every rank (each used to describe the mismatch from its
+    # own side), catchable as Horovod users catch it (a RuntimeError).
+    assert isinstance(info.value, RuntimeError)
+    assert len(set(comm.transport.allgather_object(str(info.value)))) == 1
     comm.barrier()
+
+
+def _communicator_like(comm, **options):
+    """A new Communicator over a new group of the same ranks and engine kind."""
+    from squinchcomm.collectives import Communicator
+
+    if comm.transport.name == "mpi":
+        return Communicator(MPI.COMM_WORLD.Dup(), timeout=60, **options)
+    from squinchcomm.transport.torch_dist import TorchTransport
+
+    return Communicator(TorchTransport(), timeout=60, **options)
+
+
+@pytest.mark.skipif(MPI.COMM_WORLD.Get_size() < 2, reason="needs ranks that disagree")
+@pytest.mark.parametrize("setting, values", [
+    ("pipeline_bytes", (1 << 20, 4 << 20)),  # gave a silently wrong result over MPI
+    ("check_metadata", (True, False)),       # gave a segmentation fault under MPI
+    ("min_compress_bytes", (0, 65536)),
+])
+def test_settings_that_shape_the_exchange_must_agree(comm, setting, values):
+    """A communicator whose ranks were built with different wire settings is
+    refused at construction with the same MismatchError on every rank."""
+    from squinchcomm.errors import MismatchError
+
+    value = values[0] if comm.rank == 0 else values[1]
+    with pytest.raises(MismatchError, match=f"Communicator\(\): ranks disagree "
+                                            f"\({setting}: rank 0={values[0]!r}, "
+                                            f"rank 1={values[1]!r}") as info:
+        _communicator_like(comm, **{setting: value})
+    assert len(set(comm.transport.allgather_object(str(info.value)))) == 1
+    # Equal settings are accepted, and the new communicator works.
+    other = _communicator_like(comm, **{setting: values[1]})
+    assert np.array_equal(other.allreduce(np.ones(10, np.float32), op="sum", compression="none"),
+                          np.full(10, comm.size, np.float32))
+
+
+def test_a_name_in_flight_twice_is_refused(comm):
+    """Horovod's rule: two collectives with one name in flight at once are an
+    error at the second call (it ended in MPI_ERR_TRUNCATE later)."""
+    gate = threading.Event()
+
+    def hold():  # keeps the engine busy, so the first 'dup' is surely in flight
+        gate.wait(30)
+        return None
+        yield
+
+    comm.engine.submit(hold(), what="hold", timeout=30)
+    x = np.ones(1000, np.float32)
+    h = comm.allreduce_async(x, name="dup", op="sum", compression="none")
+    try:
+        with pytest.raises(ValueError, match="another collective named 'dup' is still in flight"):
+            comm.allreduce_async(x, name="dup", op="sum", compression="none")
+    finally:
+        gate.set()
+    assert np.array_equal(h.wait(), np.full(1000, comm.size, np.float32))
+    # Once done, the name is free again.
+    assert np.array_equal(comm.allreduce(x, name="dup", op="sum", compression="none"),
+                          np.full(1000, comm.size, np.float32))
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.float64])
@@ -160,3 +222,21 @@ def test_bool_allreduce_is_a_logical_or(comm, op):
     assert np.array_equal(y, np.logical_or.reduce(xs))
     same_everywhere(comm, y)
 
+
+
+def test_messages_above_mpis_count_limit_are_split(comm, monkeypatch):
+    """An uncompressed broadcast above 2^31 bytes raised a bare MPI_ERR_ARG
+    (MPI's count is a C int). The limit is lowered here so that the split
+    path runs on small arrays: the results must be exact."""
+    if comm.transport.name != "mpi":
+        pytest.skip("MPI's count limit")
+    from squinchcomm.transport import mpi as mpi_transport
+
+    monkeypatch.setattr(mpi_transport, "MAX_COUNT", 1000)
+    x = (np.arange(10_007, dtype=np.float64) * 3 + 1) if comm.rank == comm.size - 1 \
+        else np.zeros(10_007)
+    got = comm.broadcast(x, root=comm.size - 1)  # 80 KB: 81 pieces of 1000 bytes
+    assert np.array_equal(got, np.arange(10_007, dtype=np.float64) * 3 + 1)
+    ints = np.arange(2_501, dtype=np.int64) * (comm.rank + 1) + 2**40
+    total = sum(np.arange(2_501, dtype=np.int64) * (r + 1) + 2**40 for r in range(comm.size))
+    assert np.array_equal(comm.allreduce(ints, op="sum"), total)  # 3 pieces of <= 1000

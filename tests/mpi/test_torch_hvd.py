@@ -621,20 +621,53 @@ def test_allreduce_of_dtypes_the_compressors_do_not_take(world, dtype):
 
 
 @pytest.mark.skipif(MPI.COMM_WORLD.Get_size() < 2, reason="needs ranks that disagree")
-@pytest.mark.parametrize("mismatch", ["shape", "dtype"])
+@pytest.mark.parametrize("mismatch", ["shape", "dtype", "int32"])
 def test_mismatched_allreduce_raises_on_every_rank(world, mismatch):
     """Shapes or dtypes that differ across ranks raise the same ValueError on
     every rank (never a tensor of uninitialised memory), and the next
-    collective works."""
+    collective works. int32 against float32 skipped the check (the integer
+    path) and gave garbage on one rank."""
     if mismatch == "shape":
         t = torch.ones(100 + 8 * world.rank)
-    else:
+    elif mismatch == "dtype":
         t = torch.ones(100, dtype=torch.float32 if world.rank == 0 else torch.bfloat16)
-    with pytest.raises(ValueError, match=f"ranks disagree .*{mismatch}"):
+    else:
+        t = torch.ones(100, dtype=torch.int32 if world.rank == 0 else torch.float32)
+    with pytest.raises(ValueError, match="ranks disagree .*" + mismatch[:5]) as info:
         hvd.allreduce(t, name="grad", compression=hvd.Compression.squinch)
+    assert isinstance(info.value, RuntimeError)  # what a Horovod script catches
+    assert len(set(world.allgather_object(str(info.value)))) == 1  # one message everywhere
     with pytest.raises(ValueError, match="ranks disagree"):
         hvd.synchronize(hvd.allreduce_async_(t, name="grad"))
     assert torch.equal(hvd.allreduce(torch.ones(7), op=hvd.Sum), torch.full((7,), world.size * 1.0))
+
+
+@pytest.mark.skipif(MPI.COMM_WORLD.Get_size() < 2, reason="needs ranks that disagree")
+def test_grouped_allreduce_with_mismatched_inputs_raises(world):
+    """It returned the inputs unsummed."""
+    ts = [torch.ones(10), torch.ones(20 + world.rank)]
+    with pytest.raises(ValueError, match="ranks disagree"):
+        hvd.grouped_allreduce(ts, op=hvd.Sum)
+    got = hvd.grouped_allreduce([torch.ones(10), torch.ones(20)], op=hvd.Sum)
+    assert all(torch.equal(g, torch.full_like(g, world.size)) for g in got)
+
+
+def test_compressor_interface_as_horovod(world):
+    """Horovod's Compressor calls, used directly by some scripts: fp16/bf16
+    cast floating tensors and decompress restores the dtype; integer tensors
+    and none/squinch pass through."""
+    t = torch.linspace(-1, 1, 11, dtype=torch.float32)
+    for comp, wire in ((hvd.Compression.fp16, torch.float16),
+                       (hvd.Compression.bf16, torch.bfloat16)):
+        c, ctx = comp.compress(t)
+        assert c.dtype == wire and ctx == torch.float32
+        back = comp.decompress(c, ctx)
+        assert back.dtype == torch.float32 and torch.equal(back, t.to(wire).float())
+        i = torch.arange(5)
+        assert comp.compress(i) == (i, None)
+    for comp in (hvd.Compression.none, hvd.Compression.squinch):
+        c, ctx = comp.compress(t)
+        assert c is t and ctx is None and comp.decompress(c, ctx) is t
 
 
 def test_horovod_queries_and_names(world):
