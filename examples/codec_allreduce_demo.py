@@ -26,9 +26,11 @@ def gradient(step, rank, n):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mib", type=float, default=16.0, help="fp32 tensor size per rank (MiB)")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5,
+                   help="allreduce steps (default 5)")
     args = p.parse_args()
     comm = squinchcomm.init("mpi", compression="squinch")  # squinchcomm: MPI COMM_WORLD
     world, rank = comm.size, comm.rank

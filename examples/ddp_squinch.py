@@ -29,17 +29,27 @@ from squinchcomm.torch import ddp_hooks  # squinchcomm: the DDP communication ho
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hook", choices=("none", "squinch", "fp16", "bf16"), default="squinch")
-    p.add_argument("--steps", type=int, default=20)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hook", choices=("none", "squinch", "fp16", "bf16"), default="squinch",
+                   help="DDP communication hook: squinch (error feedback on), fp16, bf16 or none (DDP's fp32 allreduce)")
+    p.add_argument("--steps", type=int, default=20,
+                   help="training steps (default 20)")
     p.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--log-every", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seq", type=int, default=64,
+                   help="context length in bytes")
+    p.add_argument("--layers", type=int, default=4,
+                   help="transformer blocks")
+    p.add_argument("--width", type=int, default=128,
+                   help="embedding width")
+    p.add_argument("--heads", type=int, default=4,
+                   help="attention heads")
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="AdamW learning rate")
+    p.add_argument("--log-every", type=int, default=5,
+                   help="print the loss every N steps")
+    p.add_argument("--seed", type=int, default=0,
+                   help="initial weights and data order")
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()

@@ -27,17 +27,28 @@ COMPRESSIONS = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--compressions", default="none,fp16,bf16,squinch")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--num-warmup-batches", type=int, default=2)
-    p.add_argument("--num-batches-per-iter", type=int, default=3)
-    p.add_argument("--num-iters", type=int, default=4)
-    p.add_argument("--fusion-threshold-mb", type=float, default=64)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compressions", default="none,fp16,bf16,squinch",
+                   help="comma list of none, fp16, bf16, squinch (run one after another)")
+    p.add_argument("--batch", type=int, default=8,
+                   help="sequences per rank per step")
+    p.add_argument("--seq", type=int, default=128,
+                   help="context length (random tokens)")
+    p.add_argument("--layers", type=int, default=2,
+                   help="transformer blocks")
+    p.add_argument("--width", type=int, default=128,
+                   help="embedding width")
+    p.add_argument("--heads", type=int, default=4,
+                   help="attention heads")
+    p.add_argument("--num-warmup-batches", type=int, default=2,
+                   help="untimed batches first (compiles the codec)")
+    p.add_argument("--num-batches-per-iter", type=int, default=3,
+                   help="batches per timed iteration")
+    p.add_argument("--num-iters", type=int, default=4,
+                   help="timed iterations")
+    p.add_argument("--fusion-threshold-mb", type=float, default=64,
+                   help="DistributedOptimizer bucket size in MB (Horovod's fusion buffer)")
     args = p.parse_args()
     names = [c for c in args.compressions.split(",") if c]
     bad = set(names) - set(COMPRESSIONS)

@@ -135,3 +135,25 @@ def test_clamp_constant_without_a_limit_is_an_argparse_error():
     assert proc.returncode == 2, proc.stderr
     assert "--clamp constant needs --clamp-limit" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
+def test_example_help_is_complete(script):
+    """--help exits 0 with the whole description (it was cut after its first
+    line, mid-sentence) and a help text for every option."""
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--help"],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    first_paragraph = open(ROOT / "examples" / script).read().split('"""')[1].split("\n\n")[0]
+    assert " ".join(first_paragraph.split()) in " ".join(out.split())
+    options = out.split("options:")[1].splitlines()
+    for i, line in enumerate(options):
+        if not line.startswith("  -") or line.strip().startswith("-h, --help"):
+            continue
+        signature_end = line.find("  ", 2)  # argparse puts two spaces before the help
+        has_text = signature_end > 0 and line[signature_end:].strip()
+        continued = i + 1 < len(options) and options[i + 1].startswith(" " * 8) \
+            and not options[i + 1].strip().startswith("-")
+        assert has_text or continued, f"{script}: no help for {line.strip()}"

@@ -34,6 +34,7 @@ __all__ = [
     "decode",
     "decode_accumulate",
     "reduce_encode",
+    "warm_up",
     "encoded_nbytes",
     "BLOCK",
     "BLOCK_BYTES",
@@ -177,6 +178,23 @@ def reduce_encode(payloads, n: int, *, scale: float = 1.0, rounding: str = "near
 # ----------------------------------------------------------------------------
 # Validation helpers
 # ----------------------------------------------------------------------------
+def warm_up() -> float:
+    """Compile the host codec's kernels now (Numba: about 20 s on a fresh
+    machine, well under a second once its on-disk cache holds them), so that
+    no collective, and no throughput number, pays for it later. A no-op
+    returning 0 when the host backend is not Numba
+    (``SQUINCHCOMM_CODEC_BACKEND``). One process per machine compiles at a
+    time (a file lock), so the ranks of a node compile once, not once each.
+    ``squinchcomm.init()`` starts it in the background. Returns the seconds
+    taken."""
+    if config.codec_backend() != "numba":
+        return 0.0
+    require("numba", "cpu", "The Squinch CPU codec")
+    from squinchcomm.codec import cpu
+
+    return cpu.warm_up()
+
+
 def _check_rounding(rounding: str, seed: int, offset: int) -> bool:
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding={rounding!r}: use 'nearest' or 'stochastic'")

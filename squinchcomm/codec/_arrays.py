@@ -228,7 +228,8 @@ def _numpy_bfloat16():
         import ml_dtypes
     except ImportError as exc:
         raise ValueError("NumPy has no bfloat16: decode to dtype='float32', pass out= a torch "
-                         "bfloat16 tensor, or install ml_dtypes") from exc
+                         "bfloat16 tensor, or install ml_dtypes (pip install "
+                         "'squinchcomm[cpu]')") from exc
     return ml_dtypes.bfloat16
 
 

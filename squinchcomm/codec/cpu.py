@@ -16,6 +16,7 @@ float16 on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -31,7 +32,7 @@ from numba.extending import intrinsic
 from squinchcomm.codec import format as fmt
 
 __all__ = ["encode", "decode", "decode_accumulate", "reduce_encode", "set_threads",
-           "cast_encode", "cast_decode", "cast_decode_accumulate", "cast_reduce_encode"]
+           "warm_up", "cast_encode", "cast_decode", "cast_decode_accumulate", "cast_reduce_encode"]
 
 _CHUNK = 2048  # blocks per parallel task (12 KiB of payload, 64 KiB of fp32)
 
@@ -619,3 +620,54 @@ def cast_reduce_encode(payloads, out, scale, wire, residual):
     _cast_reduce_encode_kernel(payloads, _KIND_CODES[wire], payloads.shape[1], out,
                                np.float32(scale), residual if has_res else _EMPTY_RES, has_res)
     return out
+
+
+# ---------------------------------------------------------------- first use
+@contextlib.contextmanager
+def _machine_lock():
+    """One compiling process per machine: the ranks of a node share Numba's
+    on-disk cache, so the first one compiles into it and the others, waiting
+    here, then load it instead of compiling the same kernels on the same
+    cores at once."""
+    import fcntl
+    import tempfile
+
+    path = os.path.join(tempfile.gettempdir(), f"squinchcomm-numba-{os.getuid()}.lock")
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def warm_up() -> float:
+    """Compile (or load from Numba's on-disk cache) every CPU kernel now, on
+    tiny inputs of each array type the collectives pass: the first real
+    collective then pays no compilation. Returns the seconds it took."""
+    import time
+
+    t0 = time.perf_counter()
+    with _machine_lock():
+        _run_every_kernel()
+    return time.perf_counter() - t0
+
+
+def _run_every_kernel():
+    n = 16
+    payload = np.zeros(fmt.encoded_nbytes(n), np.uint8)
+    res = np.zeros(n, np.float32)
+    for x, kind in ((np.zeros(n, np.float32), "float32"), (np.zeros(n, np.uint16), "bfloat16")):
+        encode(x, kind, payload, False, 0, 0, None)
+        encode(x, kind, payload, True, 0, 0, res)
+        cast_encode(x, kind, "bfloat16", np.zeros(n, np.uint16), res)
+    decode(payload, n, np.zeros(n, np.float32), "float32")
+    decode(payload, n, np.zeros(n, np.uint16), "bfloat16")
+    rows = np.zeros((2, payload.size), np.uint8)
+    decode_accumulate(rows, n, np.zeros(n, np.float32), 1.0)
+    reduce_encode(rows, n, payload.copy(), 1.0, False, 0, 0, res)
+    bits = np.zeros((2, n), np.uint16)
+    cast_decode(bits[0], np.zeros(n, np.float32), "float32", "bfloat16")
+    cast_decode(bits[0], np.zeros(n, np.uint16), "bfloat16", "float16")
+    cast_decode_accumulate(bits, np.zeros(n, np.float32), 1.0, "bfloat16")
+    cast_reduce_encode(bits, np.zeros(n, np.uint16), 1.0, "bfloat16", res)

@@ -83,6 +83,10 @@ class Plan:
         timings: a dict accumulating seconds per stage, or None.
         rounding: Squinch's rounding (None for the other wires), for the
             metadata check.
+        op: the transport's reduction of the uncompressed path: "sum" (sums
+            and averages), "min", "max" or "product".
+        postscale: the caller's factor after the reduction (in ``scale``
+            too); integers follow Horovod's arithmetic when it is not 1.
     """
 
     wire: Any
@@ -95,6 +99,8 @@ class Plan:
     pipeline: int = 0
     timings: dict | None = None
     rounding: str | None = None
+    op: str = "sum"
+    postscale: float = 1.0
 
     def residuals(self, kind: str, n: int, shard: int, like, world: int):
         """(first-stage residual, second-stage residual, step), or (None, None, cid)."""
@@ -144,22 +150,34 @@ def _accumulator(kind: str) -> str:
     return "float32"
 
 
-def _widen(x: _arrays.Flat, acc: str, xp):
-    """A fresh ``acc`` copy of ``x``'s values."""
+def _widen(x: _arrays.Flat, acc: str, xp, prescale: float = 1.0):
+    """A fresh ``acc`` copy of ``x``'s values, times ``prescale`` (integers as
+    Horovod scales them: in float64, truncated toward zero)."""
     if acc == "float32":
-        return as_f32(x.data, xp, x.kind).astype(xp.float32, copy=True)
-    return x.data.astype(acc, copy=True)
+        buf = as_f32(x.data, xp, x.kind).astype(xp.float32, copy=True)
+    elif acc == "int64" and prescale != 1.0:
+        return (x.data.astype(xp.float64) * prescale).astype(xp.int64)
+    else:
+        buf = x.data.astype(acc, copy=True)
+    if prescale != 1.0:
+        buf *= buf.dtype.type(prescale)
+    return buf
 
 
-def _scale_into(buf, scale: float, average_of: int, dst: _arrays.Flat, xp):
-    """``dst = buf * scale`` in ``buf``'s dtype; integer averages truncate
-    toward zero (``average_of`` ranks), like Horovod's integer average; bool
-    results are the logical or (any rank's True), whatever the op, as in Horovod."""
+def _scale_into(buf, plan: Plan, average_of: int, dst: _arrays.Flat, xp):
+    """``dst = buf * plan.scale`` in ``buf``'s dtype. Integers: an average
+    without postscale truncates the exact sum toward zero (``average_of``
+    ranks); with a postscale they are scaled as Horovod does, in float64 by
+    postscale/N and truncated toward zero. Bool results: any rank's True for
+    sums and averages (Horovod's logical or), min/max/product as and/or/and."""
+    scale = plan.scale
     if dst.kind == "bool":
         dst.data[:] = buf > 0
         return dst
     if buf.dtype.kind in "iu":
-        if average_of > 1:
+        if plan.postscale != 1.0:
+            buf = (buf.astype(xp.float64) * scale).astype(xp.int64)
+        elif average_of > 1:
             buf = xp.sign(buf) * (xp.abs(buf) // average_of)
         dst.data[:] = buf.astype(dst.data.dtype)
         return dst
@@ -181,13 +199,11 @@ def allreduce(t: Transport, plan: Plan, x: _arrays.Flat, n: int, dst: _arrays.Fl
     the compressed (or hierarchical, with ``local``/``cross``) algorithm."""
     xp = array_module(x.data)
     if plan.wire is None:
-        # The engine's own allreduce, in the accumulator dtype (exact sums of
+        # The engine's own reduction, in the accumulator dtype (exact sums of
         # fp16/bf16 in fp32, of float64 in float64, of integers in int64).
-        buf = _widen(x, _accumulator(x.kind), xp)
-        if plan.prescale != 1.0:
-            buf *= buf.dtype.type(plan.prescale)
-        yield t.allreduce(buf)
-        return _scale_into(buf, plan.scale, average_of, dst, xp)
+        buf = _widen(x, _accumulator(x.kind), xp, plan.prescale)
+        yield t.allreduce(buf, plan.op)
+        return _scale_into(buf, plan, average_of, dst, xp)
     if plan.prescale != 1.0:
         x = _arrays.Flat(as_f32(x.data, xp, x.kind) * xp.float32(plan.prescale), "float32",
                          x.family, x.device, None)
@@ -309,9 +325,7 @@ def reduce_scatter(t: Transport, plan: Plan, x: _arrays.Flat, n: int, bounds: li
     mine = counts[rank]
     if plan.wire is None:
         # Steps 2-4 uncompressed: all-to-all of the parts in the accumulator dtype.
-        buf = _widen(x, _accumulator(x.kind), xp)  # (n,)
-        if plan.prescale != 1.0:
-            buf *= buf.dtype.type(plan.prescale)
+        buf = _widen(x, _accumulator(x.kind), xp, plan.prescale)  # (n,)
         recv = xp.empty(world * mine, buf.dtype)  # (world * mine,)
         yield t.alltoallv(buf, counts, recv, [mine] * world)
         shard = xp.zeros(mine, buf.dtype)
@@ -319,7 +333,7 @@ def reduce_scatter(t: Transport, plan: Plan, x: _arrays.Flat, n: int, bounds: li
             shard += row
         out = _arrays.Flat(xp.empty(mine, buf.dtype), str(buf.dtype), "cupy" if xp is not np
                            else "numpy", x.device, None)
-        return _scale_into(shard, plan.scale, average_of, out, xp).data
+        return _scale_into(shard, plan, average_of, out, xp).data
     wire = plan.wire
     if plan.prescale != 1.0:
         x = _arrays.Flat(as_f32(x.data, xp, x.kind) * xp.float32(plan.prescale), "float32",

@@ -29,9 +29,12 @@ from squinchcomm.collectives.wire import COMPRESSIONS, get_wire
 from squinchcomm.errors import MismatchError
 from squinchcomm.transport.base import Transport
 
-__all__ = ["Communicator", "OPS", "check_agreement"]
+__all__ = ["Communicator", "OPS", "EXACT_OPS", "check_agreement"]
 
-OPS = ("average", "sum")
+OPS = ("average", "sum", "min", "max", "product")
+#: Reductions that run uncompressed and exact: quantizing their inputs would
+#: change which value wins (min/max) or compound the error (product).
+EXACT_OPS = ("min", "max", "product")
 #: dtypes the compressors take; the others travel uncompressed.
 _FLOAT_KINDS = _arrays.KINDS
 
@@ -157,6 +160,35 @@ class Communicator:
         self.local, self.cross = self.engine.submit(build(), what="Communicator() setup",
                                                     timeout=self.timeout).wait()
 
+    def subset(self, ranks) -> "Communicator | None":
+        """A Communicator over ``ranks`` (ranks of this one), with this one's
+        settings: Horovod's process sets. Collective: every rank of this
+        communicator calls it with the same ranks; the members get the new
+        communicator (its rank i is ``sorted(ranks)[i]``), the others None.
+        The split runs on this communicator's engine, in order with its
+        operations; the subset gets its own engine."""
+        members = sorted({int(r) for r in ranks})
+        if not members or members[0] < 0 or members[-1] >= self.size:
+            raise ValueError(f"ranks={list(ranks)}: pass a non-empty list of ranks in "
+                             f"0..{self.size - 1}")
+        t, inside = self.transport, self.rank in members
+
+        def split():
+            check_agreement("subset", t.allgather_object({"ranks": members}, self.timeout),
+                            ["ranks"], ". Every rank must pass the same ranks")
+            return t.split(0 if inside else 1, t.rank)
+            yield  # a generator: the engine runs it like any operation
+
+        sub = self.engine.submit(split(), what="process set split", timeout=self.timeout).wait()
+        if not inside:
+            return None
+        return Communicator(sub, compression=self.compression, rounding=self.rounding,
+                            error_feedback=self.error_feedback_default,
+                            min_compress_bytes=self.min_compress_bytes,
+                            check_metadata=self.check_metadata, hierarchical=self.hierarchical,
+                            timeout=self.timeout, seed=self.seed,
+                            pipeline_bytes=self.pipeline_bytes)
+
     def _can_split(self) -> bool:
         return self.local.size > 1 and self.cross.size > 1
 
@@ -190,16 +222,19 @@ class Communicator:
                   prescale: float = 1.0, postscale: float = 1.0, rounding: str | None = None,
                   hierarchical: bool | None = None, check_metadata: bool | None = None,
                   seed: int | None = None):
-        """Reduce ``x`` over all ranks (sum or average); every rank gets the
-        bit-identical result, in ``x``'s type, dtype and shape (or in ``out``,
-        which may be ``x`` itself).
+        """Reduce ``x`` over all ranks; every rank gets the bit-identical
+        result, in ``x``'s type, dtype and shape (or in ``out``, which may be
+        ``x`` itself).
 
         Args:
             x: NumPy or CuPy array or torch tensor. float32/float16/bfloat16
                 use ``compression``; float64 and integers are summed exactly,
                 uncompressed (integer averages truncate toward zero).
-            op: "average" (default) or "sum".
-            compression: overrides the communicator's default.
+            op: "average" (default), "sum", or one of :data:`EXACT_OPS`
+                ("min", "max", "product"), which always run uncompressed
+                (float16/bfloat16 reduced in float32, integers in int64).
+            compression: overrides the communicator's default (not with
+                the exact ops: ValueError).
             name: identifies the tensor (error feedback, mismatch messages).
             out: optional output of x's dtype, size and device.
             error_feedback: True/False overrides the default (needs ``name``);
@@ -224,11 +259,17 @@ class Communicator:
         raised by ``wait()`` on every rank."""
         call = self._input(x)
         op = _choice("op", op, OPS)
+        if op in EXACT_OPS:
+            if compression not in (None, "none"):
+                raise ValueError(f"op={op!r} runs uncompressed (quantized inputs would change "
+                                 f"its result): drop compression={compression!r} or pass 'none'")
+            compression = "none"
         comp = self._compression(compression, call)
         hier = self._hierarchical(hierarchical, comp)
         plan = self._plan(comp, rounding, error_feedback, name, seed,
                           scale=(1.0 / self.size if op == "average" else 1.0) * float(postscale),
-                          prescale=float(prescale))
+                          prescale=float(prescale), postscale=float(postscale),
+                          op=op if op in EXACT_OPS else "sum")
         self._check_exact(call, prescale, postscale)
         dst = self._output(out, call)
         meta = self._meta("allreduce", call, name=name, op=op, compression=comp,
@@ -268,7 +309,7 @@ class Communicator:
                              seed: int | None = None) -> Handle:
         """Start :meth:`reduce_scatter`; returns a :class:`Handle`."""
         call = self._input(x)
-        op = _choice("op", op, OPS)
+        op = _choice("op", op, ("average", "sum"))
         comp = self._compression(compression, call)
         if counts is None:
             bounds = alg.shard_bounds(call.n, self.size)
@@ -277,7 +318,7 @@ class Communicator:
             bounds = [int(b) for b in np.cumsum([0] + counts)]
         plan = self._plan(comp, rounding, error_feedback, name, seed,
                           scale=(1.0 / self.size if op == "average" else 1.0) * float(postscale),
-                          prescale=float(prescale))
+                          prescale=float(prescale), postscale=float(postscale))
         self._check_exact(call, prescale, postscale)
         meta = self._meta("reduce_scatter", call, name=name, op=op, compression=comp,
                           ef=plan.ef is not None, bounds=bounds, rounding=plan.rounding)
@@ -440,7 +481,7 @@ class Communicator:
             return self._calls
 
     def _plan(self, comp: str, rounding, error_feedback, name, seed, *, scale: float = 1.0,
-              prescale: float = 1.0) -> alg.Plan:
+              prescale: float = 1.0, postscale: float = 1.0, op: str = "sum") -> alg.Plan:
         rounding = _choice("rounding", rounding or self.rounding, codec.ROUNDINGS)
         if isinstance(error_feedback, ErrorFeedback):
             ef_store = error_feedback
@@ -458,7 +499,8 @@ class Communicator:
                         ef_name=name if ef_store is not None else None, cid=self._next_call(),
                         seed=self.seed if seed is None else int(seed),
                         pipeline=self.pipeline_bytes // 4, timings=self.timings,
-                        rounding=rounding if comp == "squinch" else None)
+                        rounding=rounding if comp == "squinch" else None, op=op,
+                        postscale=postscale)
         return plan
 
     def _input(self, x, writable: bool = False) -> _Call:
@@ -495,9 +537,11 @@ class Communicator:
 
     @staticmethod
     def _check_exact(call: _Call, prescale, postscale):
-        if call.flat.kind not in _FLOAT_KINDS + ("float64",) and (prescale != 1.0 or postscale != 1.0):
-            raise ValueError(f"prescale/postscale of {call.flat.kind} data would round: sum the "
-                             "integers exactly and scale afterwards, or cast to float first")
+        """Integers are scaled as Horovod scales them (float64, truncated);
+        a scaled bool has no meaning."""
+        if call.flat.kind == "bool" and (prescale != 1.0 or postscale != 1.0):
+            raise ValueError("prescale/postscale of bool data: a logical or has no scale; "
+                             "cast to an integer or float dtype first")
 
     def _output(self, out, call: _Call) -> _arrays.Flat:
         if out is None:

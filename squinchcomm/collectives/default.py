@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from squinchcomm.collectives.communicator import Communicator
 
 __all__ = ["init", "shutdown", "is_initialized", "default", "rank", "size", "local_rank",
@@ -14,7 +16,12 @@ def init(transport=None, **options) -> Communicator:
     """Create the default communicator and return it.
 
     Also gives the CPU codec this rank's share of the node's cores
-    (:func:`squinchcomm.share_cores`, codec only).
+    (:func:`squinchcomm.share_cores`, codec only), and starts compiling the
+    CPU codec's kernels in a background thread (:func:`squinchcomm.codec.warm_up`:
+    about 20 s on a fresh machine, once per machine, under a second from
+    Numba's cache afterwards), so that the compilation overlaps the caller's
+    own setup instead of the first collective. ``SQUINCHCOMM_WARMUP=0`` turns
+    that off.
 
     Args:
         transport: "mpi" (default; MPI COMM_WORLD), "torch" (torch.distributed,
@@ -47,8 +54,23 @@ def init(transport=None, **options) -> Communicator:
     from squinchcomm.threads import share_cores
 
     share_cores(comm.local_size, torch_threads=False)
+    _start_warm_up()
     _DEFAULT = comm
     return comm
+
+
+def _start_warm_up():
+    from squinchcomm import config
+
+    if not config.env_bool("WARMUP", True) or config.codec_backend() != "numba":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("numba") is None:
+        return  # the codec raises its own error (naming the extra) when used
+    from squinchcomm import codec
+
+    threading.Thread(target=codec.warm_up, name="squinchcomm-warmup", daemon=True).start()
 
 
 def shutdown():

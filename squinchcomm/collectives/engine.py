@@ -55,9 +55,11 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import json
 import os
 import sys
 import threading
+import time
 import traceback
 from typing import Any, Callable, Generator
 
@@ -65,7 +67,7 @@ from squinchcomm import config
 from squinchcomm.errors import BackendError, TransportError
 from squinchcomm.transport.base import Work
 
-__all__ = ["Engine", "Handle", "engine_for", "CudaStreams"]
+__all__ = ["Engine", "Handle", "engine_for", "CudaStreams", "start_timeline", "stop_timeline"]
 
 
 class Handle:
@@ -81,6 +83,7 @@ class Handle:
         self._done = threading.Event()
         self._result = self._error = None
         self._callbacks: list[Callable[["Handle"], None]] = []
+        self._submitted = time.perf_counter()
 
     def test(self) -> bool:
         """Return True when the result is ready (never blocks)."""
@@ -123,6 +126,7 @@ class Handle:
     def _run(self):
         """Drive the operation to its end (on the engine's thread)."""
         op = self._op
+        started = time.perf_counter()
         try:
             self._engine._raise_if_broken(self.what)
             with self._device.enter() if self._device is not None else contextlib.nullcontext():
@@ -145,6 +149,9 @@ class Handle:
             if self._device is not None:
                 self._engine._retire(self._device, self._keep)
             self._keep = ()
+            timeline = _TIMELINE  # recorded before wait() can return
+            if timeline is not None:
+                timeline.record(self, started, time.perf_counter())
             with self._engine._cv:
                 self._done.set()
                 callbacks, self._callbacks = self._callbacks, []
@@ -382,6 +389,56 @@ class CudaStreams:
     @staticmethod
     def query(event) -> bool:
         return bool(event.done)
+
+
+# ----------------------------------------------------------------------------
+# Timeline (Horovod's hvd.start_timeline): one Chrome trace event per operation
+# ----------------------------------------------------------------------------
+class _Timeline:
+    """Operations as Chrome-trace "complete" events (chrome://tracing, Perfetto):
+    one row per engine, each event from the start to the end of the
+    operation on the engine's thread, with its queueing time and error."""
+
+    def __init__(self, path: str):
+        self.path, self._lock, self._events = path, threading.Lock(), []
+        self._t0 = time.perf_counter()
+
+    def record(self, handle: Handle, started: float, ended: float):
+        event = {"name": handle.what, "cat": "collective", "ph": "X", "pid": os.getpid(),
+                 "tid": handle._engine.name, "ts": (started - self._t0) * 1e6,
+                 "dur": (ended - started) * 1e6,
+                 "args": {"queued_us": (started - handle._submitted) * 1e6}}
+        if handle._error is not None:
+            event["args"]["error"] = f"{type(handle._error).__name__}: {handle._error}"
+        with self._lock:
+            self._events.append(event)
+
+    def write(self):
+        with self._lock:
+            events = list(self._events)
+        with open(self.path, "w") as fh:
+            json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, fh)
+
+
+_TIMELINE: _Timeline | None = None
+
+
+def start_timeline(path: str):
+    """Record every engine operation from now on; :func:`stop_timeline` writes
+    them to ``path`` as a Chrome trace (JSON). A timeline already running is
+    written first."""
+    global _TIMELINE
+    if _TIMELINE is not None:
+        stop_timeline()
+    _TIMELINE = _Timeline(str(path))
+
+
+def stop_timeline():
+    """Stop recording and write the trace (nothing if no timeline runs)."""
+    global _TIMELINE
+    timeline, _TIMELINE = _TIMELINE, None
+    if timeline is not None:
+        timeline.write()
 
 
 # ----------------------------------------------------------------------------

@@ -17,11 +17,12 @@ Example::
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(opt, root_rank=0)
 
-Differences from Horovod: no Adasum/Min/Max/Product, no process sets, no
-``join`` (raises NotImplementedError: give every rank the same number of
-batches), no custom Compressor classes; collectives are matched by call
-order (every rank must issue the same collectives in the same order), not
-negotiated by name.
+Differences from Horovod (the README lists them all): no Adasum and no
+``join`` (both raise with the reason); collectives are matched by call order
+on every rank (every rank must issue the same collectives in the same
+order), not negotiated by name, and a mismatch raises the same
+MismatchError on every rank; no custom Compressor classes (compression
+happens on the wire, see :mod:`squinchcomm.torch.compression`).
 """
 
 from squinchcomm.errors import require
@@ -42,7 +43,10 @@ from squinchcomm.torch._ops import (Adasum, Average, Max, Min, Product, Sum, Tor
                                     synchronize, ccl_built, cuda_built, rocm_built,
                                     mpi_enabled, gloo_enabled, mpi_threads_supported,
                                     is_homogeneous, HorovodInternalError, reducescatter_async,
-                                    grouped_reducescatter, grouped_allgather)
+                                    grouped_reducescatter, grouped_allgather, start_timeline,
+                                    stop_timeline, sparse_allreduce_async)
+from squinchcomm.torch.process_sets import (ProcessSet, add_process_set, global_process_set,
+                                            remove_process_set)
 from squinchcomm.torch.compression import Compression, WireCompression
 from squinchcomm.torch.optimizer import DistributedOptimizer
 
@@ -51,6 +55,8 @@ __all__ = ["init", "shutdown", "is_initialized", "communicator", "rank", "size",
            "ccl_built", "cuda_built", "rocm_built", "mpi_enabled", "gloo_enabled",
            "mpi_threads_supported", "is_homogeneous", "HorovodInternalError",
            "reducescatter_async", "grouped_reducescatter", "grouped_allgather",
+           "start_timeline", "stop_timeline", "sparse_allreduce_async",
+           "ProcessSet", "add_process_set", "remove_process_set", "global_process_set",
            "Average", "Sum", "Adasum", "Min", "Max", "Product", "Compression", "WireCompression",
            "TorchHandle", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
            "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async",

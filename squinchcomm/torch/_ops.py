@@ -18,8 +18,10 @@ or not anyone polls.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,8 +29,9 @@ import numpy as np
 import torch
 
 from squinchcomm import collectives
-from squinchcomm.collectives import Communicator, Handle
+from squinchcomm.collectives import Communicator, Handle, engine
 from squinchcomm.errors import TransportError
+from squinchcomm.torch import process_sets as _process_sets
 from squinchcomm.torch.compression import Compression, WireCompression, as_compression
 
 __all__ = ["Average", "Sum", "Adasum", "Min", "Max", "Product", "TorchHandle",
@@ -42,11 +45,12 @@ __all__ = ["Average", "Sum", "Adasum", "Min", "Max", "Product", "TorchHandle",
            "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "broadcast_object",
            "reducescatter", "reducescatter_async", "grouped_reducescatter", "grouped_allgather",
            "alltoall", "barrier", "join", "synchronize", "poll",
-           "broadcast_parameters", "broadcast_optimizer_state", "communicator"]
+           "broadcast_parameters", "broadcast_optimizer_state", "communicator",
+           "start_timeline", "stop_timeline", "sparse_allreduce_async"]
 
 # Horovod's reduction constants (horovod.common.basics values).
 Average, Sum, Adasum, Min, Max, Product = 0, 1, 2, 3, 4, 5
-_OP_NAMES = {Average: "average", Sum: "sum"}
+_OP_NAMES = {Average: "average", Sum: "sum", Min: "min", Max: "max", Product: "product"}
 
 
 # ----------------------------------------------------------------------------
@@ -60,7 +64,7 @@ def _launched_by_torchrun() -> bool:
     return "RANK" in env and "WORLD_SIZE" in env and not under_mpi
 
 
-def init(transport=None, **options) -> Communicator:
+def init(transport=None, process_sets=None, **options) -> Communicator:
     """Start the default communicator (``hvd.init()``).
 
     Args:
@@ -72,6 +76,12 @@ def init(transport=None, **options) -> Communicator:
         **options: :class:`~squinchcomm.collectives.Communicator` options
             (compression, rounding, error_feedback, min_compress_bytes,
             hierarchical, node_size, check_metadata, timeout, seed).
+        process_sets: Horovod's static process sets: a list of
+            :class:`~squinchcomm.torch.process_sets.ProcessSet` (or rank
+            lists) registered right away, in order, on every rank.
+
+    ``SQUINCHCOMM_TIMELINE=path`` starts :func:`start_timeline` (written at
+    exit), as ``HOROVOD_TIMELINE`` does.
 
     Returns:
         The communicator (also reachable as ``hvd.communicator()``).
@@ -86,12 +96,21 @@ def init(transport=None, **options) -> Communicator:
 
         torch_ready = dist.is_available() and dist.is_initialized()
         transport = "torch" if torch_ready or _launched_by_torchrun() else "mpi"
-    return collectives.init(transport, **options)
+    comm = collectives.init(transport, **options)
+    _process_sets._reset(comm)
+    for ps in process_sets or ():
+        _process_sets.add_process_set(ps)
+    timeline = os.environ.get("SQUINCHCOMM_TIMELINE")
+    if timeline:
+        start_timeline(timeline)
+        atexit.register(stop_timeline)
+    return comm
 
 
 def shutdown():
-    """Forget the default communicator (``hvd.shutdown()``)."""
+    """Forget the default communicator and the process sets (``hvd.shutdown()``)."""
     collectives.shutdown()
+    _process_sets._reset(None)
 
 
 def is_initialized() -> bool:
@@ -110,6 +129,29 @@ def communicator() -> Communicator:
 rank, size = collectives.rank, collectives.size
 local_rank, local_size = collectives.local_rank, collectives.local_size
 cross_rank, cross_size = collectives.cross_rank, collectives.cross_size
+
+
+def start_timeline(file_path, mark_cycles=False):
+    """Horovod's timeline: record every collective from now on, written by
+    :func:`stop_timeline` as a Chrome trace (open it in chrome://tracing or
+    Perfetto): one event per operation on the engine's thread, with its
+    queueing time and error. A ``{rank}`` in ``file_path`` gives every rank
+    its own file; without it only rank 0 records, as Horovod writes one
+    file. ``mark_cycles`` has nothing to mark (the engine has no negotiation
+    cycles) and is ignored with a warning."""
+    if mark_cycles:
+        warnings.warn("start_timeline(mark_cycles=True): squinchcomm's engine has no "
+                      "negotiation cycles to mark; recording operations only", stacklevel=2)
+    path = str(file_path)
+    if "{rank}" in path:
+        engine.start_timeline(path.replace("{rank}", str(rank())))
+    elif rank() == 0:
+        engine.start_timeline(path)
+
+
+def stop_timeline():
+    """Stop the timeline and write its file (see :func:`start_timeline`)."""
+    engine.stop_timeline()
 
 
 def mpi_built() -> bool:
@@ -206,14 +248,15 @@ def _op(average, op) -> str:
         raise ValueError("op=hvd.Adasum is not supported by squinchcomm: use hvd.Average "
                          "(optionally with Compression.squinch) or hvd.Sum")
     if op not in _OP_NAMES:
-        raise ValueError(f"op={op!r} is not supported: use hvd.Average or hvd.Sum")
+        raise ValueError(f"op={op!r} is not supported: use hvd.Average, hvd.Sum, hvd.Min, "
+                         "hvd.Max or hvd.Product")
     return _OP_NAMES[op]
 
 
-def _check_process_set(process_set):
-    if process_set is not None:
-        raise ValueError("process sets are not supported: build a Communicator over a "
-                         "sub-communicator (mpi4py Split / torch new_group) and init() with it")
+def _check_process_set(process_set) -> Communicator:
+    """The communicator of ``process_set`` (None: the default one); ValueError
+    for a set that is not registered or does not include this rank."""
+    return _process_sets.communicator_of(process_set)
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -263,8 +306,7 @@ def synchronize(handle: TorchHandle):
 # ----------------------------------------------------------------------------
 def _start_allreduce(tensor, out, average, name, op, prescale_factor, postscale_factor,
                      compression, process_set) -> TorchHandle:
-    _check_process_set(process_set)
-    comm = communicator()
+    comm = _check_process_set(process_set)
     src = _contiguous(tensor)
     dst = out.detach() if out.is_contiguous() else torch.empty_like(src)
     h = comm.allreduce_async(src, out=dst, op=_op(average, op), name=name,
@@ -311,15 +353,25 @@ def allreduce(tensor, average=None, name=None, compression=Compression.none, op=
         name: the tensor's name (needed for error feedback; shown in errors).
         compression: ``hvd.Compression.none | fp16 | bf16 | squinch`` or
             ``Compression.squinch_with(...)``.
-        op: ``hvd.Average`` (default) or ``hvd.Sum``; Adasum raises ValueError.
+        op: ``hvd.Average`` (default), ``hvd.Sum``, or ``hvd.Min``/``Max``/
+            ``Product``, which run uncompressed and exact (a compression
+            other than none raises ValueError); Adasum raises ValueError.
         prescale_factor / postscale_factor: multiply before / after the reduction.
 
     Returns:
         The reduced tensor, bit-identical on every rank (same dtype and shape).
 
+    Differentiable: with ``tensor.requires_grad`` the gradient is the same
+    allreduce of the output's gradient (see :mod:`squinchcomm.torch._autograd`).
+
     Example:
         >>> avg_loss = hvd.allreduce(torch.tensor(loss), name="loss")   # doctest: +SKIP
     """
+    if _autograd.needs_grad(tensor):
+        return _autograd.allreduce(tensor, average=average, name=name, op=op,
+                                   prescale_factor=prescale_factor,
+                                   postscale_factor=postscale_factor, process_set=process_set,
+                                   compression=compression)
     return allreduce_async(tensor, average, name, op, prescale_factor, postscale_factor,
                            process_set, compression).wait()
 
@@ -335,8 +387,7 @@ def _start_grouped(tensors, outs, average, name, op, prescale_factor, postscale_
                    compression, process_set) -> TorchHandle:
     """Fuse ``tensors`` into one flat buffer per (device, dtype), start one
     allreduce per buffer, and copy the slices into ``outs`` when done."""
-    _check_process_set(process_set)
-    comm = communicator()
+    comm = _check_process_set(process_set)
     op_name = _op(average, op)
     options = _options(as_compression(compression))
     groups: dict[tuple, list[int]] = {}
@@ -390,8 +441,15 @@ def grouped_allreduce(tensors, average=None, name=None, compression=Compression.
         names each dtype's fused buffer ``f"{name}.{dtype}"``.
 
     Returns:
-        A list of reduced tensors, in the input order.
+        A list of reduced tensors, in the input order (differentiable, as
+        :func:`allreduce`).
     """
+    tensors = list(tensors)
+    if _autograd.needs_grad(*tensors):
+        return _autograd.grouped_allreduce(tensors, average=average, name=name, op=op,
+                                           prescale_factor=prescale_factor,
+                                           postscale_factor=postscale_factor,
+                                           process_set=process_set, compression=compression)
     return grouped_allreduce_async(tensors, average, name, op, prescale_factor,
                                    postscale_factor, process_set, compression).wait()
 
@@ -408,8 +466,8 @@ def grouped_allreduce_(tensors, average=None, name=None, op=None, prescale_facto
 # ----------------------------------------------------------------------------
 def allgather_async(tensor, name=None, process_set=None) -> TorchHandle:
     """Start :func:`allgather`; return a handle."""
-    _check_process_set(process_set)
-    h = communicator().allgather_async(_contiguous(tensor), name=name)
+    comm = _check_process_set(process_set)
+    h = comm.allgather_async(_contiguous(tensor), name=name)
     return TorchHandle([h], lambda results: results[0])
 
 
@@ -417,23 +475,28 @@ def allgather(tensor, name=None, process_set=None):
     """Concatenate every rank's ``tensor`` along the first dimension (sizes may
     differ there only); exact, any dtype.
 
+    Differentiable: the gradient is the sum over ranks of the output
+    gradient's rows that came from this rank.
+
     Example:
         >>> hvd.allgather(torch.tensor([hvd.rank()]))   # tensor([0, 1, ..., size-1])  # doctest: +SKIP
     """
+    _check_process_set(process_set)
+    if _autograd.needs_grad(tensor):
+        return _autograd.allgather(tensor, name, process_set)
     return allgather_async(tensor, name, process_set).wait()
 
 
 def allgather_object(obj, name=None, process_set=None) -> list:
     """Return the list of every rank's picklable ``obj``, in rank order."""
-    _check_process_set(process_set)
-    return communicator().allgather_object(obj)
+    return _check_process_set(process_set).allgather_object(obj)
 
 
 def _start_broadcast(tensor, root_rank, name, process_set, check=None) -> TorchHandle:
-    _check_process_set(process_set)
-    comm = communicator()
+    comm = _check_process_set(process_set)
     buf = _contiguous(tensor)
-    h = comm.broadcast_async(buf, root_rank, name=name, check_metadata=check)
+    h = comm.broadcast_async(buf, _process_sets.set_rank_of(process_set, root_rank), name=name,
+                             check_metadata=check)
 
     def finish(_):
         if buf.data_ptr() != tensor.data_ptr():  # a non-contiguous input went through a copy
@@ -460,7 +523,13 @@ def broadcast_(tensor, root_rank, name=None, process_set=None):
 
 
 def broadcast(tensor, root_rank, name=None, process_set=None):
-    """Return a new tensor holding ``root_rank``'s ``tensor`` (exact, any dtype)."""
+    """Return a new tensor holding ``root_rank``'s ``tensor`` (exact, any dtype).
+
+    Differentiable: the root's gradient is the sum of every rank's output
+    gradient; the other ranks' is zero."""
+    _check_process_set(process_set)
+    if _autograd.needs_grad(tensor):
+        return _autograd.broadcast(tensor, root_rank, name, process_set)
     return broadcast_async(tensor, root_rank, name, process_set).wait()
 
 
@@ -473,7 +542,7 @@ def broadcast_object(obj, root_rank=0, name=None, process_set=None):
     Example:
         >>> epoch = hvd.broadcast_object(epoch, root_rank=0)   # doctest: +SKIP
     """
-    root = rank() == root_rank
+    root = _check_process_set(process_set).rank == _process_sets.set_rank_of(process_set, root_rank)
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if root else b""
     sz = torch.tensor([len(payload)], dtype=torch.int64)
     broadcast_(sz, root_rank, None if name is None else f"{name}.sz", process_set)
@@ -499,8 +568,7 @@ def _rows(tensor: torch.Tensor, what: str) -> tuple[int, tuple, int]:
 def alltoall_async(tensor, splits=None, name=None, process_set=None,
                    compression=Compression.none) -> TorchHandle:
     """Start :func:`alltoall`; the handle's result is ``(output, received_splits)``."""
-    _check_process_set(process_set)
-    comm = communicator()
+    comm = _check_process_set(process_set)
     src = _contiguous(tensor)
     rows, tail, per_row = _rows(src, "alltoall")
     if splits is None:
@@ -532,9 +600,14 @@ def alltoall(tensor, splits=None, name=None, process_set=None, compression=Compr
 
     Returns:
         The received rows concatenated in rank order; with ``splits`` given,
-        ``(output, received_splits)`` like Horovod.
+        ``(output, received_splits)`` like Horovod. Differentiable: the
+        gradient of each received row goes back to its sender.
     """
-    out, received = alltoall_async(tensor, splits, name, process_set, compression).wait()
+    _check_process_set(process_set)
+    if _autograd.needs_grad(tensor):
+        out, received = _autograd.alltoall(tensor, splits, name, compression, process_set)
+    else:
+        out, received = alltoall_async(tensor, splits, name, process_set, compression).wait()
     return out if splits is None else (out, received)
 
 
@@ -542,8 +615,7 @@ def reducescatter_async(tensor, name=None, compression=Compression.none, op=None
                         process_set=None, prescale_factor=1.0, postscale_factor=1.0
                         ) -> TorchHandle:
     """Start :func:`reducescatter`; return a handle (``synchronize`` gives the rows)."""
-    _check_process_set(process_set)
-    comm = communicator()
+    comm = _check_process_set(process_set)
     src = _contiguous(tensor)
     rows, tail, per_row = _rows(src, "reducescatter")
     splits = _row_splits(rows, comm.size)
@@ -568,32 +640,90 @@ def reducescatter(tensor, name=None, compression=Compression.none, op=None, proc
 
     Returns:
         This rank's rows of the reduced tensor, in ``tensor``'s dtype.
+        Differentiable: the gradient is the allgather of every rank's output
+        gradient, scaled as the reduction (1/N for an average).
     """
+    if _autograd.needs_grad(tensor):
+        return _autograd.reducescatter(tensor, name=name, compression=compression, op=op,
+                                       process_set=process_set,
+                                       prescale_factor=prescale_factor,
+                                       postscale_factor=postscale_factor)
     return reducescatter_async(tensor, name, compression, op, process_set, prescale_factor,
                                postscale_factor).wait()
 
 
-def grouped_reducescatter(tensors, name=None, compression=Compression.none, op=None,
-                          process_set=None, prescale_factor=1.0, postscale_factor=1.0):
-    """:func:`reducescatter` of each tensor, all started before the first is
-    waited for; returns the list of this rank's rows."""
+def grouped_reducescatter_plain(tensors, name=None, compression=Compression.none, op=None,
+                                process_set=None, prescale_factor=1.0, postscale_factor=1.0):
+    """:func:`grouped_reducescatter` without autograd."""
     handles = [reducescatter_async(t, None if name is None else f"{name}.{i}", compression, op,
                                    process_set, prescale_factor, postscale_factor)
                for i, t in enumerate(tensors)]
     return [h.wait() for h in handles]
 
 
+def grouped_reducescatter(tensors, name=None, compression=Compression.none, op=None,
+                          process_set=None, prescale_factor=1.0, postscale_factor=1.0):
+    """:func:`reducescatter` of each tensor, all started before the first is
+    waited for; returns the list of this rank's rows (differentiable)."""
+    tensors = list(tensors)
+    options = dict(name=name, compression=compression, op=op, process_set=process_set,
+                   prescale_factor=prescale_factor, postscale_factor=postscale_factor)
+    if _autograd.needs_grad(*tensors):
+        return _autograd.grouped_reducescatter(tensors, **options)
+    return grouped_reducescatter_plain(tensors, **options)
+
+
 def grouped_allgather(tensors, name=None, process_set=None):
-    """:func:`allgather` of each tensor, all started before the first is waited for."""
+    """:func:`allgather` of each tensor, all started before the first is
+    waited for (differentiable, as :func:`allgather`)."""
+    _check_process_set(process_set)
+    tensors = list(tensors)
+    if _autograd.needs_grad(*tensors):
+        return _autograd.grouped_allgather(tensors, name, process_set)
     handles = [allgather_async(t, None if name is None else f"{name}.{i}", process_set)
                for i, t in enumerate(tensors)]
     return [h.wait() for h in handles]
 
 
+def sparse_allreduce_async(tensor, name=None, op=Average, process_set=None) -> TorchHandle:
+    """Horovod's sparse allreduce of a ``torch.sparse_coo`` tensor: every
+    rank's indices and values are allgathered (uncompressed, exact) and
+    ``synchronize(handle)`` returns the sparse tensor of all of them
+    (uncoalesced: entries at the same index add up when coalesced or used;
+    values divided by the world size for ``hvd.Average``)."""
+    comm = _check_process_set(process_set)
+    if not (torch.is_tensor(tensor) and tensor.layout == torch.sparse_coo):
+        raise ValueError("sparse_allreduce_async takes a torch.sparse_coo tensor; use allreduce "
+                         "for dense tensors (or tensor.to_sparse())")
+    op_name = _op(None, op)
+    if op_name not in ("average", "sum"):
+        raise ValueError(f"op={op_name}: a sparse allreduce averages or sums")
+    indices = tensor._indices().t().contiguous()  # (nnz, ndim): allgather concatenates rows
+    values = tensor._values().contiguous()
+    shape = torch.tensor([list(tensor.shape)], dtype=torch.int64)  # checked across ranks
+    handles = [comm.allgather_async(indices, name=None if name is None else f"{name}.indices"),
+               comm.allgather_async(values, name=None if name is None else f"{name}.values"),
+               comm.allgather_async(shape, name=None if name is None else f"{name}.shape")]
+
+    def finish(results):
+        all_indices, all_values, shapes = results
+        if not bool((shapes == shape).all()):
+            raise ValueError(f"sparse_allreduce: ranks disagree on the dense shape "
+                             f"({', '.join(f'rank {q}={tuple(v)}' for q, v in enumerate(shapes.tolist()))}); "
+                             "every rank must pass a sparse tensor of the same shape")
+        if op_name == "average":
+            all_values = all_values / comm.size
+        # check_invariants: an index from a rank whose dense shape differs is a
+        # clear error here, never an out-of-bounds write later
+        return torch.sparse_coo_tensor(all_indices.t(), all_values, tensor.shape,
+                                       check_invariants=True)
+
+    return TorchHandle(handles, finish)
+
+
 def barrier(process_set=None):
     """Wait until every rank reaches the barrier."""
-    _check_process_set(process_set)
-    communicator().barrier()
+    _check_process_set(process_set).barrier()
 
 
 def join(device=-1):
@@ -726,3 +856,7 @@ def _collect_slots(obj, out: list):
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             _collect_slots(v, out)
+
+
+# Last: the autograd functions are built on the collectives above.
+from squinchcomm.torch import _autograd  # noqa: E402

@@ -71,6 +71,7 @@ class _Bucket:
         self.buffer: torch.Tensor | None = None  # allocated on first use, then reused
         self.ready = 0
         self.handle = None  # the allreduce in flight (squinchcomm.collectives.Handle)
+        self.sparse: dict = {}  # id(param) -> its sparse allreduce in flight (sparse gradients)
         self.first = False  # the first bucket of its dtype and device (first_bucket_bytes cap)
 
     @property
@@ -93,6 +94,9 @@ class _DistributedOptimizer:
         base = communicator if communicator is not None else _ops.communicator()
         self._sq_compression = as_compression(compression)
         op_name = _ops._op(None, op)
+        if op_name not in ("average", "sum"):
+            raise ValueError(f"op={op_name}: DistributedOptimizer averages or sums gradients; "
+                             "pass op=hvd.Average or hvd.Sum")
         if gradient_predivide_factor != 1.0 and op_name != "average":
             raise ValueError("gradient_predivide_factor is only defined for op=hvd.Average: "
                              "drop it or use op=hvd.Average")
@@ -254,8 +258,13 @@ class _DistributedOptimizer:
                     continue
                 if g.is_sparse:
                     if not self._sq_sparse_as_dense:
-                        raise ValueError(f"parameter '{self._sq_names[id(p)]}' has a sparse "
-                                         "gradient: pass sparse_as_dense=True")
+                        # Horovod's sparse path: indices and values allgathered
+                        # (exact); its slot in the dense buffer carries zeros.
+                        b.buffer[off:off + n].zero_()
+                        b.sparse[id(p)] = _ops.sparse_allreduce_async(
+                            g, name=f"{b.name}.{self._sq_names[id(p)]}.sparse",
+                            op=_ops.Average if self._sq_op == "average" else _ops.Sum)
+                        continue
                     g = g.to_dense()
                 b.buffer[off:off + n].copy_(g.reshape(-1))
             # Step 3: submitted in index order, the same on every rank; the engine
@@ -284,6 +293,7 @@ class _DistributedOptimizer:
         with torch.no_grad():
             for b in self._sq_buckets:
                 handle, b.handle = b.handle, None
+                sparse, b.sparse = b.sparse, {}
                 b.ready = 0
                 try:
                     handle.wait()
@@ -291,6 +301,12 @@ class _DistributedOptimizer:
                     error = error or exc
                     continue
                 for p, off in zip(b.params, b.offsets):
+                    if id(p) in sparse:
+                        try:
+                            p.grad = sparse[id(p)].wait()
+                        except Exception as exc:
+                            error = error or exc
+                        continue
                     reduced = b.buffer[off:off + p.numel()].view_as(p)
                     if p.grad is None or p.grad.is_sparse:
                         p.grad = reduced.clone()
@@ -434,8 +450,12 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
             0: one per parameter).
         num_groups, groups: Horovod's explicit grouping; not supported (use
             fusion_threshold); must be left at their defaults.
-        sparse_as_dense: densify sparse gradients instead of raising.
-        process_set: not supported (None).
+        sparse_as_dense: densify sparse gradients into the buckets (else, as in
+            Horovod, each sparse gradient is allreduced on its own with
+            :func:`~squinchcomm.torch.sparse_allreduce_async`: exact,
+            uncompressed, and ``p.grad`` stays sparse).
+        process_set: a registered ``hvd.ProcessSet``: average over its ranks
+            only (only its members may construct the optimizer).
         communicator: the Communicator to use (default: the one from hvd.init()).
         first_bucket_bytes: size cap of the first bucket (the last layers'
             gradients, ready first), as DDP's small first bucket: its
@@ -463,7 +483,10 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
     if num_groups or groups is not None:
         raise ValueError("num_groups/groups are not supported: buckets are built by size; "
                          "set fusion_threshold (bytes) instead")
-    _ops._check_process_set(process_set)
+    if process_set is not None:
+        if communicator is not None:
+            raise ValueError("pass process_set= or communicator=, not both")
+        communicator = _ops._check_process_set(process_set)
     cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__),
                {"__module__": optimizer.__class__.__module__})
     wrapped = cls.__new__(cls)

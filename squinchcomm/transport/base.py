@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 
 from squinchcomm.errors import TransportError
 
-__all__ = ["Transport", "Work", "DoneWork", "PollingWork", "check_counts", "check_fits"]
+__all__ = ["Transport", "Work", "DoneWork", "PollingWork", "check_counts", "check_fits",
+           "REDUCE_OPS", "check_op"]
 
 
 class Work(abc.ABC):
@@ -88,6 +89,16 @@ class PollingWork(Work):
         self._keep = ()
 
 
+#: The reductions every transport's allreduce performs.
+REDUCE_OPS = ("sum", "min", "max", "product")
+
+
+def check_op(op: str) -> str:
+    if op not in REDUCE_OPS:
+        raise ValueError(f"op={op!r}: a transport reduces with one of {', '.join(REDUCE_OPS)}")
+    return op
+
+
 def check_counts(counts: Sequence[int], size: int, what: str) -> list[int]:
     """``counts`` as ints, one non-negative count per rank, or ValueError."""
     counts = [int(c) for c in counts]
@@ -141,8 +152,9 @@ class Transport(abc.ABC):
         """Gather every rank's ``send`` (``counts[r]`` elements) into ``recv`` in rank order."""
 
     @abc.abstractmethod
-    def allreduce(self, buf) -> Work:
-        """Sum ``buf`` (float32, float64, int32 or int64) over all ranks, in place."""
+    def allreduce(self, buf, op: str = "sum") -> Work:
+        """Reduce ``buf`` (float32, float64, int32 or int64) over all ranks, in
+        place; ``op`` is one of :data:`REDUCE_OPS`."""
 
     @abc.abstractmethod
     def broadcast(self, buf, root: int) -> Work:

@@ -17,7 +17,8 @@ import numpy as np
 
 from squinchcomm import config
 from squinchcomm.errors import TransportError, require
-from squinchcomm.transport.base import PollingWork, Transport, Work, check_counts, check_fits
+from squinchcomm.transport.base import (PollingWork, Transport, Work, check_counts, check_fits,
+                                         check_op)
 
 __all__ = ["MPITransport"]
 
@@ -158,16 +159,17 @@ class MPITransport(Transport):
                                                                  MPI.BYTE])
         return self._work(req, "allgatherv", (s, r, send, recv), back)
 
-    def allreduce(self, buf) -> Work:
+    def allreduce(self, buf, op: str = "sum") -> Work:
         MPI = self._mpi
+        mpi_op = {"sum": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX, "product": MPI.PROD}[check_op(op)]
         types = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE,
                  np.dtype(np.int32): MPI.INT32_T, np.dtype(np.int64): MPI.INT64_T}
         if np.dtype(buf.dtype) not in types:
-            raise ValueError(f"MPI allreduce sums float32/float64/int32/int64, got {buf.dtype}; "
+            raise ValueError(f"MPI allreduce reduces float32/float64/int32/int64, got {buf.dtype}; "
                              "upcast first")
         b, back = self._host(buf, True)
         flat, kind = b.reshape(-1), types[np.dtype(buf.dtype)]
-        reqs = [self.comm.Iallreduce(MPI.IN_PLACE, [part, kind], op=MPI.SUM)
+        reqs = [self.comm.Iallreduce(MPI.IN_PLACE, [part, kind], op=mpi_op)
                 for part in _pieces(flat)]
         return self._work(reqs, "allreduce", (b, buf), back)
 

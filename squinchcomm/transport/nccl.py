@@ -35,7 +35,7 @@ from typing import Any, Sequence
 from squinchcomm import config
 from squinchcomm.errors import MissingDependencyError, TransportError, require
 from squinchcomm.transport.base import (DoneWork, PollingWork, Transport, Work, check_counts,
-                                         check_fits)
+                                         check_fits, check_op)
 
 __all__ = ["NcclTransport"]
 
@@ -365,10 +365,14 @@ class NcclTransport(Transport):
 
         return self._issue("allgatherv", (send, recv), launch)
 
-    def allreduce(self, buf) -> Work:
-        """Sum the float32/float64/int32/int64 CuPy array ``buf`` over all ranks, in place."""
+    def allreduce(self, buf, op: str = "sum") -> Work:
+        """Reduce the float32/float64/int32/int64 CuPy array ``buf`` over all
+        ranks, in place (``op``: sum, min, max or product)."""
+        check_op(op)
         buf = self._check(buf, "buf")
         nccl = _nccl()
+        nccl_op = {"sum": nccl.NCCL_SUM, "min": nccl.NCCL_MIN, "max": nccl.NCCL_MAX,
+                   "product": nccl.NCCL_PROD}[op]
         types = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64,
                  "int32": nccl.NCCL_INT32, "int64": nccl.NCCL_INT64}
         if buf.dtype.name not in types:
@@ -378,7 +382,7 @@ class NcclTransport(Transport):
             return DoneWork()
         ptr, n, dtype = buf.data.ptr, buf.size, types[buf.dtype.name]
         return self._issue("allreduce", (buf,), lambda stream: self._comm.allReduce(
-            ptr, ptr, n, dtype, nccl.NCCL_SUM, stream))
+            ptr, ptr, n, dtype, nccl_op, stream))
 
     def broadcast(self, buf, root: int) -> Work:
         """Copy ``buf`` from rank ``root`` to every rank, in place."""

@@ -54,7 +54,8 @@ torch = require("torch", "torch", "the torch.distributed transport")
 import torch.distributed as dist  # noqa: E402
 
 from squinchcomm import config  # noqa: E402
-from squinchcomm.transport.base import DoneWork, Transport, Work, check_counts, check_fits
+from squinchcomm.transport.base import (DoneWork, Transport, Work, check_counts, check_fits,
+                                         check_op)
 
 __all__ = ["TorchTransport", "init_process_group_from_env"]
 
@@ -544,12 +545,15 @@ class TorchTransport(Transport):
         return self._work(work, "allgatherv", (send, recv, t_send, t_recv, padded_in, scratch),
                           on_done=trim, stream=stream)
 
-    def allreduce(self, buf) -> Work:
-        """Sum the float32/float64/int32/int64 array ``buf`` over all ranks, in place.
+    def allreduce(self, buf, op: str = "sum") -> Work:
+        """Reduce the float32/float64/int32/int64 array ``buf`` over all ranks,
+        in place (``op``: sum, min, max or product).
 
         Returns:
-            A Work; ``buf`` holds the sum after ``wait()``.
+            A Work; ``buf`` holds the result after ``wait()``.
         """
+        reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX,
+                     "product": dist.ReduceOp.PRODUCT}[check_op(op)]
         buf = self._prepare(buf, "buf")
         if buf.dtype not in _REDUCIBLE:
             raise ValueError(f"allreduce sums float32, float64, int32 or int64 arrays, not {buf.dtype}: "
@@ -557,7 +561,7 @@ class TorchTransport(Transport):
         stream = _stream_context(buf)
         with stream():
             t = _tensor(buf, writable=True)
-            work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self._pg, async_op=True)
+            work = dist.all_reduce(t, op=reduce_op, group=self._pg, async_op=True)
         return self._work(work, "allreduce", (buf, t), stream=stream)
 
     def broadcast(self, buf, root: int) -> Work:

@@ -281,12 +281,16 @@ def test_bad_arguments_raise_value_errors(comm):
     x = np.zeros(4096, np.float32)
     with pytest.raises(ValueError, match="compression='int3': choose one of none, fp16"):
         comm.allreduce(x, compression="int3")
-    with pytest.raises(ValueError, match="op='max': choose one of average, sum"):
-        comm.allreduce(x, op="max")
+    with pytest.raises(ValueError, match="op='median': choose one of average, sum, min, max"):
+        comm.allreduce(x, op="median")
+    with pytest.raises(ValueError, match="op='max' runs uncompressed"):
+        comm.allreduce(x, op="max", compression="squinch")
+    with pytest.raises(ValueError, match="op='min': choose one of average, sum"):
+        comm.reduce_scatter(x, op="min")
     with pytest.raises(ValueError, match="cannot reduce complex64 data"):
         comm.allreduce(np.zeros(4096, np.complex64))
-    with pytest.raises(ValueError, match="prescale/postscale of int64 data would round"):
-        comm.allreduce(np.zeros(16, np.int64), prescale=0.5)
+    with pytest.raises(ValueError, match="prescale/postscale of bool data"):
+        comm.allreduce(np.zeros(16, bool), prescale=0.5)
     with pytest.raises(ValueError, match="must be contiguous"):
         comm.allreduce(np.zeros((64, 64), np.float32).T)
     with pytest.raises(ValueError, match="out has 10 elements, expected 4096"):

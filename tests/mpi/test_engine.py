@@ -122,8 +122,8 @@ def test_settings_that_shape_the_exchange_must_agree(comm, setting, values):
     from squinchcomm.errors import MismatchError
 
     value = values[0] if comm.rank == 0 else values[1]
-    with pytest.raises(MismatchError, match=f"Communicator\(\): ranks disagree "
-                                            f"\({setting}: rank 0={values[0]!r}, "
+    with pytest.raises(MismatchError, match=rf"Communicator\(\): ranks disagree "
+                                            rf"\({setting}: rank 0={values[0]!r}, "
                                             f"rank 1={values[1]!r}") as info:
         _communicator_like(comm, **{setting: value})
     assert len(set(comm.transport.allgather_object(str(info.value)))) == 1
@@ -240,3 +240,37 @@ def test_messages_above_mpis_count_limit_are_split(comm, monkeypatch):
     ints = np.arange(2_501, dtype=np.int64) * (comm.rank + 1) + 2**40
     total = sum(np.arange(2_501, dtype=np.int64) * (r + 1) + 2**40 for r in range(comm.size))
     assert np.array_equal(comm.allreduce(ints, op="sum"), total)  # 3 pieces of <= 1000
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int32, np.int64])
+@pytest.mark.parametrize("op", ["min", "max", "product"])
+def test_min_max_product_are_exact(comm, dtype, op):
+    """Horovod's Min, Max and Product: uncompressed, exact, bit-identical
+    (the communicator's default compression does not apply to them)."""
+    n = 1001
+    def mine(r):
+        v = np.random.default_rng([7, r]).integers(-3, 4, n)  # small: products stay exact
+        return v.astype(dtype)
+    xs = [mine(r).astype(np.float64) for r in range(comm.size)]
+    want = {"min": np.minimum.reduce(xs), "max": np.maximum.reduce(xs),
+            "product": np.multiply.reduce(xs)}[op]
+    got = comm.allreduce(mine(comm.rank), op=op)  # default compression: squinch
+    assert got.dtype == dtype and np.array_equal(got.astype(np.float64), want)
+    same_everywhere(comm, got)
+
+
+def test_integer_scaling_follows_horovod(comm):
+    """Horovod scales integers in float64 and truncates toward zero: prescale
+    on each input, then postscale (divided by N for an average) on the sum.
+    They were refused."""
+    x = np.arange(-50, 51, dtype=np.int64) * (comm.rank + 3)
+    inputs = [np.arange(-50, 51, dtype=np.int64) * (r + 3) for r in range(comm.size)]
+    pre = sum(np.trunc(v * 0.5).astype(np.int64) for v in inputs)
+    assert np.array_equal(comm.allreduce(x, op="sum", prescale=0.5), pre)
+    total = sum(inputs)
+    want = np.trunc(total.astype(np.float64) * (3.0 / comm.size)).astype(np.int64)
+    got = comm.allreduce(x.astype(np.int32), op="average", postscale=3.0)
+    assert got.dtype == np.int32 and np.array_equal(got, want.astype(np.int32))
+    # Without a postscale the average stays the exact truncated quotient.
+    want = np.sign(total) * (np.abs(total) // comm.size)
+    assert np.array_equal(comm.allreduce(x, op="average"), want)

@@ -549,6 +549,27 @@ def test_broadcast_parameters_and_optimizer_state(world):
     assert_same_everywhere(*m2.parameters())
 
 
+def test_broadcast_optimizer_state_before_any_step(world):
+    """A fresh optimizer (empty state everywhere, as right after construction
+    in Horovod's examples): the root's hyperparameters arrive, the state
+    stays consistent, and the first steps give identical parameters."""
+    torch.manual_seed(7)
+    model = torch.nn.Linear(4, 3)
+    opt = hvd.DistributedOptimizer(
+        torch.optim.Adam(model.parameters(), lr=0.01 * (world.rank + 1), betas=(0.8, 0.9)),
+        named_parameters=model.named_parameters())
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    assert opt.param_groups[0]["lr"] == 0.01 and opt.param_groups[0]["betas"] == (0.8, 0.9)
+    assert not any(opt.state[p] for p in model.parameters())
+    for step in range(2):
+        opt.zero_grad()
+        (model(torch.full((2, 4), float(world.rank + step))) ** 2).sum().backward()
+        opt.step()
+    assert_same_everywhere(*model.parameters())
+    opt.remove_hooks()
+
+
 def test_reducescatter_and_alltoall(world):
     rows = 2 * world.size + 1  # uneven: the first rank gets an extra row
     xs = [rdata(6, r, rows * 3).reshape(rows, 3) for r in range(world.size)]
@@ -650,6 +671,207 @@ def test_grouped_allreduce_with_mismatched_inputs_raises(world):
         hvd.grouped_allreduce(ts, op=hvd.Sum)
     got = hvd.grouped_allreduce([torch.ones(10), torch.ones(20)], op=hvd.Sum)
     assert all(torch.equal(g, torch.full_like(g, world.size)) for g in got)
+
+
+def test_min_max_product(world):
+    """Horovod's Min, Max and Product, on tensors of every float width."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.int64):
+        t = torch.tensor([world.rank, -world.rank, 2, 1], dtype=dtype)
+        assert torch.equal(hvd.allreduce(t, op=hvd.Max),
+                           torch.tensor([world.size - 1, 0, 2, 1], dtype=dtype))
+        assert torch.equal(hvd.allreduce(t, op=hvd.Min),
+                           torch.tensor([0, 1 - world.size, 2, 1], dtype=dtype))
+        assert torch.equal(hvd.allreduce(t, op=hvd.Product)[2:],
+                           torch.tensor([2 ** world.size, 1], dtype=dtype))
+    with pytest.raises(ValueError, match="runs uncompressed"):
+        hvd.allreduce(torch.ones(4), op=hvd.Max, compression=hvd.Compression.squinch)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="averages or sums gradients"):
+        hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                 named_parameters=model.named_parameters(), op=hvd.Max)
+
+
+def test_autograd_through_the_collectives(world):
+    """Each collective is differentiable as in Horovod. Rank r's loss weighs
+    the output by (r + 1) (rows by their index too), so every gradient below
+    follows from the chain rule over the sum of all ranks' losses."""
+    n, r = world.size, world.rank
+    S = n * (n + 1) / 2  # sum over ranks of (r + 1)
+
+    def grad_of(fn, x):
+        x = x.clone().requires_grad_(True)
+        fn(x).backward()
+        return x.grad
+
+    x = torch.arange(6, dtype=torch.float32) + r
+    g = grad_of(lambda t: (hvd.allreduce(t, op=hvd.Sum) * (r + 1)).sum(), x)
+    assert torch.equal(g, torch.full((6,), S))
+    g = grad_of(lambda t: (hvd.allreduce(t, op=hvd.Average) * (r + 1)).sum(), x)
+    assert torch.allclose(g, torch.full((6,), S / n), rtol=1e-6)
+    # allgather: rank s's rows sit at global rows offset_s...; weights by row.
+    rows = r + 1
+    offset = sum(range(1, r + 1))
+    xg = torch.ones(rows, 2)
+    total_rows = n * (n + 1) // 2
+    weight = torch.arange(1, total_rows + 1, dtype=torch.float32)[:, None] * (r + 1)
+    g = grad_of(lambda t: (hvd.allgather(t) * weight).sum(), xg)
+    want = S * torch.arange(offset + 1, offset + rows + 1, dtype=torch.float32)[:, None]
+    assert torch.equal(g, want.expand(rows, 2))
+    # broadcast: the root's input reached everyone.
+    g = grad_of(lambda t: (hvd.broadcast(t, root_rank=n - 1) * (r + 1)).sum(), x)
+    assert torch.equal(g, torch.full((6,), S if r == n - 1 else 0.0))
+    # alltoall: rows 2d, 2d+1 went to rank d, whose loss weighs them by d + 1.
+    xa = torch.ones(2 * n, 1)
+    g = grad_of(lambda t: (hvd.alltoall(t) * (r + 1)).sum(), xa)
+    assert torch.equal(g, torch.arange(1, n + 1, dtype=torch.float32).repeat_interleave(2)[:, None])
+    # reducescatter: rank d's rows (2 each) are weighed by d + 1 in its loss.
+    xr = torch.ones(2 * n)
+    want = torch.arange(1, n + 1, dtype=torch.float32).repeat_interleave(2)
+    g = grad_of(lambda t: (hvd.reducescatter(t, op=hvd.Sum) * (r + 1)).sum(), xr)
+    assert torch.equal(g, want)
+    g = grad_of(lambda t: (hvd.reducescatter(t, op=hvd.Average) * (r + 1)).sum(), xr)
+    assert torch.allclose(g, want / n, rtol=1e-6)
+    # Grouped forms: each tensor as its single form.
+    a = torch.ones(3, requires_grad=True)
+    b = torch.ones(2, 2, requires_grad=True)
+    ya, yb = hvd.grouped_allreduce([a, b], op=hvd.Sum)
+    ((ya * (r + 1)).sum() + (yb * 2 * (r + 1)).sum()).backward()
+    assert torch.equal(a.grad, torch.full((3,), S)) and torch.equal(b.grad, torch.full((2, 2), 2 * S))
+    a = torch.ones(2 * n, requires_grad=True)
+    (ga,) = hvd.grouped_reducescatter([a], op=hvd.Sum)
+    (ga * (r + 1)).sum().backward()
+    assert torch.equal(a.grad, want)
+    a = torch.ones(rows, 2, requires_grad=True)
+    (gg,) = hvd.grouped_allgather([a])
+    (gg * weight).sum().backward()
+    assert torch.equal(a.grad, (S * torch.arange(offset + 1, offset + rows + 1,
+                                                 dtype=torch.float32)[:, None]).expand(rows, 2))
+    # Max has no gradient here: a clear error, not a wrong one.
+    m = torch.ones(2, requires_grad=True)
+    with pytest.raises(RuntimeError, match="op=max has no gradient"):
+        hvd.allreduce(m, op=hvd.Max).sum().backward()
+
+
+def test_sparse_allreduce_and_sparse_gradients(world):
+    """Horovod's sparse allreduce (allgather of indices and values) and a
+    DistributedOptimizer over an nn.Embedding(sparse=True): the sparse
+    gradient equals the exact average of every rank's, and stays sparse."""
+    n, r = world.size, world.rank
+    t = torch.sparse_coo_tensor([[r, 5]], [float(r + 1), 1.0], (8,), check_invariants=True)
+    got = hvd.synchronize(hvd.sparse_allreduce_async(t, name="sp", op=hvd.Sum))
+    want = torch.zeros(8)
+    for q in range(n):
+        want[q] += q + 1
+    want[5] += n
+    assert got.is_sparse and torch.equal(got.to_dense(), want)
+    avg = hvd.synchronize(hvd.sparse_allreduce_async(t, op=hvd.Average))
+    assert torch.allclose(avg.to_dense(), want / n)
+    with pytest.raises(ValueError, match="sparse_coo"):
+        hvd.sparse_allreduce_async(torch.ones(3))
+    wrong = torch.sparse_coo_tensor([[0]], [1.0], (8 + (r == n - 1),),
+                                    check_invariants=True)  # one rank's shape differs
+    with pytest.raises(ValueError, match=r"disagree on the dense shape \(rank 0=\(8,\)"):
+        hvd.synchronize(hvd.sparse_allreduce_async(wrong, name="sp_bad"))
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=1.0),
+                                   named_parameters=emb.named_parameters())
+    ids = torch.tensor([r, 9])
+    (emb(ids) * (r + 1)).sum().backward()
+    opt.synchronize()
+    assert emb.weight.grad.is_sparse
+    want = torch.zeros(10, 4)
+    for q in range(n):
+        want[q] += (q + 1) / n
+        want[9] += (q + 1) / n
+    assert torch.allclose(emb.weight.grad.to_dense(), want, rtol=1e-6)
+    opt.remove_hooks()
+
+
+def test_timeline_records_every_collective(world, tmp_path):
+    """hvd.start_timeline / stop_timeline write a Chrome trace of the
+    operations, in submission order, with a file per rank for '{rank}'."""
+    import json
+
+    root = world.allgather_object(str(tmp_path))[0]  # one directory for every rank
+    hvd.start_timeline(os.path.join(root, "timeline_{rank}.json"))
+    hvd.allreduce(torch.ones(10), name="first")
+    hvd.broadcast(torch.ones(3), root_rank=0, name="second")
+    hvd.stop_timeline()
+    with open(os.path.join(root, f"timeline_{world.rank}.json")) as fh:
+        events = json.load(fh)["traceEvents"]
+    names = [e["name"] for e in events]
+    assert names[-2].startswith("allreduce of 'first'") and names[-1].startswith(
+        "broadcast of 'second'"), names
+    assert all(e["ph"] == "X" and e["dur"] >= 0 and e["args"]["queued_us"] >= 0
+               for e in events)
+    assert events[-1]["ts"] >= events[-2]["ts"] + events[-2]["dur"]  # one after the other
+    with pytest.warns(UserWarning, match="mark_cycles"):
+        hvd.start_timeline(os.path.join(root, "cycles_{rank}.json"), mark_cycles=True)
+    hvd.stop_timeline()
+
+
+def test_process_sets(world):
+    """Horovod's process sets over real sub-communicators: collectives,
+    compressed ones included, and DistributedOptimizer inside the set; the
+    other ranks are refused; sets must agree across ranks."""
+    n, r = world.size, world.rank
+    members = [q for q in range(n) if q % 2 == 0]
+    if n == 1:  # [0] is the global set itself
+        with pytest.raises(ValueError, match="already registered"):
+            hvd.add_process_set(members)
+        pytest.skip("a proper subset needs two ranks")
+    evens = hvd.add_process_set(members)
+    assert evens.process_set_id == 1 and evens.size() == len(members)
+    assert evens.included() == (r in members)
+    assert evens.rank() == (members.index(r) if r in members else None)
+    with pytest.raises(ValueError, match="already registered"):
+        hvd.add_process_set(members)
+    if evens.included():
+        x = torch.arange(1000, dtype=torch.float32) * (r + 1)
+        got = hvd.allreduce(x, op=hvd.Sum, process_set=evens)
+        assert torch.equal(got, sum(torch.arange(1000, dtype=torch.float32) * (q + 1)
+                                    for q in members))
+        big = torch.linspace(-1, 1, 4096) * (r + 1)
+        sq = hvd.allreduce(big, op=hvd.Average, process_set=evens,
+                           compression=hvd.Compression.squinch)
+        exact = sum(torch.linspace(-1, 1, 4096) * (q + 1) for q in members) / len(members)
+        bound = squinch_bound([(torch.linspace(-1, 1, 4096) * (q + 1)).numpy() for q in members],
+                              1 / len(members))
+        assert np.all(np.abs(sq.numpy() - exact.numpy()) <= bound)
+        digests = hvd.allgather_object(digest(sq), process_set=evens)
+        assert len(set(digests)) == 1
+        root = members[-1]  # a global rank, as in Horovod
+        b = hvd.broadcast(torch.full((3,), float(r)), root_rank=root, process_set=evens)
+        assert torch.equal(b, torch.full((3,), float(root)))
+        g = hvd.allgather(torch.tensor([r]), process_set=evens)
+        assert g.tolist() == members
+        with pytest.raises(ValueError, match="is not in"):
+            hvd.broadcast(torch.ones(1), root_rank=1 if n > 1 else 5, process_set=evens)
+        model = torch.nn.Linear(3, 1, bias=False)
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                       named_parameters=model.named_parameters(),
+                                       process_set=evens)
+        (model(torch.ones(1, 3)) * (r + 1)).sum().backward()
+        opt.synchronize()
+        mean = sum(q + 1 for q in members) / len(members)
+        assert torch.allclose(model.weight.grad, torch.full((1, 3), mean))
+        opt.remove_hooks()
+    else:
+        with pytest.raises(ValueError, match=f"rank {r} is not in"):
+            hvd.allreduce(torch.ones(3), process_set=evens)
+    world.barrier()
+    assert hvd.remove_process_set(evens) and not hvd.remove_process_set(evens)
+    with pytest.raises(ValueError, match="not registered"):
+        hvd.allreduce(torch.ones(3), process_set=evens)
+    if n > 1:  # ranks that disagree on the members: the same error everywhere
+        with pytest.raises(ValueError, match="add_process_set: ranks disagree"):
+            hvd.add_process_set([0] if r == 0 else [0, 1])
+    # The global set is every rank.
+    assert hvd.global_process_set.ranks == list(range(n))
+    assert torch.equal(hvd.allreduce(torch.ones(2), op=hvd.Sum,
+                                     process_set=hvd.global_process_set), torch.full((2,), n * 1.0))
 
 
 def test_compressor_interface_as_horovod(world):
