@@ -273,17 +273,23 @@ class Communicator:
         self._check_exact(call, prescale, postscale)
         dst = self._output(out, call)
         meta = self._meta("allreduce", call, name=name, op=op, compression=comp,
-                          ef=plan.ef is not None, hierarchical=hier, rounding=plan.rounding)
-        sub = {"local": self.local, "cross": self.cross} if hier else {}
+                          ef=plan.ef is not None, hierarchical=hier, rounding=plan.rounding,
+                          postscale=float(postscale))
 
         def run():
             yield from self._check(meta, check_metadata)
-            yield from alg.allreduce(self.transport, plan, _arrays.internal(call.flat), call.n,
-                                     _arrays.internal(dst), **sub,
-                                     average_of=self.size if op == "average" else 0)
+            yield from self._allreduce(plan, call, dst, op, hier)
             return out if out is not None else _reshape(_arrays.wrap(dst), call.shape)
 
         return self._submit(run(), "allreduce", name, call.flat, keep=(call, dst))
+
+    def _allreduce(self, plan: alg.Plan, call: _Call, dst: _arrays.Flat, op: str, hier: bool):
+        """(in the operation) The allreduce itself, for a caller and for a
+        joined rank answering it with zeros."""
+        sub = {"local": self.local, "cross": self.cross} if hier else {}
+        yield from alg.allreduce(self.transport, plan, _arrays.internal(call.flat), call.n,
+                                 _arrays.internal(dst), **sub,
+                                 average_of=self.size if op == "average" else 0)
 
     # ------------------------------------------------------------ reduce-scatter
     def reduce_scatter(self, x, **kwargs):
@@ -431,11 +437,69 @@ class Communicator:
 
     # ------------------------------------------------------------ control
     def barrier(self):
-        """Wait for every rank (TransportError after the timeout)."""
+        """Wait for every rank (TransportError after the timeout). With the
+        metadata check on, the barrier is the check's exchange, so a rank
+        that called another collective (or :meth:`join`) is seen."""
         def run():
-            yield self.transport.barrier()
+            if self.check_metadata:
+                yield from self._check({"collective": "barrier"}, True)
+            else:
+                yield self.transport.barrier()
 
         self._submit(run(), "barrier", None, None).wait()
+
+    def join(self) -> int:
+        """Horovod's join: this rank has run out of data. Until every rank
+        has joined, it answers the other ranks' allreduces (op sum or
+        average, any dtype and compression) with zeros and their barriers;
+        an average still divides by the group size, joined ranks included.
+        Returns the rank that joined last (the highest of those that joined
+        together), on every rank.
+
+        The other ranks may call only allreduce and barrier meanwhile (any
+        other collective raises the same MismatchError on every rank). A
+        joined rank learns their calls from the metadata check, so the check
+        must be on (the default), and it waits at most ``timeout`` seconds
+        for each of their calls (TransportError after that).
+        """
+        if not self.check_metadata:
+            raise ValueError("join() needs the metadata check (check_metadata=True, the default "
+                             "and SQUINCHCOMM_CHECK_METADATA=1): a joined rank learns the other "
+                             "ranks' collectives from it")
+
+        def run():
+            rounds = 0  # Step 1: one exchange per collective of the others
+            while True:
+                metas = self.transport.allgather_object({"collective": "join", "rounds": rounds},
+                                                        self.timeout)
+                rounds += 1
+                if all(m.get("collective") == "join" for m in metas):
+                    # Step 3: everyone joined; the last are those in their first round
+                    return max(r for r, m in enumerate(metas) if m["rounds"] == 0)
+                full, _ = _joined(metas)
+                live = next(m for m in metas if m.get("collective") != "join")
+                check_agreement(live["collective"], full, list(live), _AGREE_HINT)
+                if live["collective"] == "allreduce":
+                    # Step 2: answer the allreduce with zeros, as the others run it
+                    yield from self._allreduce_zeros(live)
+
+        return self._submit(run(), "join", None, None).wait()
+
+    def _allreduce_zeros(self, meta: dict):
+        """(in the operation, joined rank) Take part in the allreduce that
+        ``meta`` describes with zeros of its shape, dtype and device."""
+        kind = meta["dtype"]
+        if meta["device"] == "gpu":
+            import cupy as xp
+        else:
+            xp = np
+        dtype = _arrays._numpy_bfloat16() if kind == "bfloat16" else np.dtype(kind)
+        call = self._input(xp.zeros(meta["shape"], dtype=dtype))
+        op = meta["op"]
+        plan = self._plan(meta["compression"], meta["rounding"], meta["ef"], meta["name"], None,
+                          scale=(1.0 / self.size if op == "average" else 1.0) * meta["postscale"],
+                          postscale=meta["postscale"])
+        yield from self._allreduce(plan, call, self._output(None, call), op, meta["hierarchical"])
 
     def allgather_object(self, obj) -> list:
         """Return every rank's picklable ``obj`` in rank order (in the engine's
@@ -561,15 +625,40 @@ class Communicator:
         if not check and not exchange:
             return None
         metas = self.transport.allgather_object(meta, self.timeout)
+        metas, _ = _joined(metas)
         if check:
             check_agreement(meta["collective"], metas, [k for k in meta if k not in ignore],
-                            ". Every rank must call the same collective with the same shape, "
-                            "dtype, compression and name")
+                            _AGREE_HINT)
         return metas
         yield  # a generator, so that ``yield from`` runs it inside the operation
 
 
 # ----------------------------------------------------------------------------
+_AGREE_HINT = (". Every rank must call the same collective with the same shape, dtype, "
+               "compression and name")
+
+
+def _joined(metas: list[dict]) -> tuple[list[dict], list[int]]:
+    """The ranks' call descriptions with each joined rank's (see
+    :meth:`Communicator.join`) replaced by the first other rank's, and the
+    joined ranks. Raises the same MismatchError on every rank when the
+    others called something a joined rank cannot answer."""
+    joined = [r for r, m in enumerate(metas) if m.get("collective") == "join"]
+    live = [(r, m) for r, m in enumerate(metas) if m.get("collective") != "join"]
+    if not joined or not live:
+        return metas, joined
+    for r, m in live:
+        what = m.get("collective")
+        if not (what == "barrier" or (what == "allreduce" and m.get("op") in ("sum", "average"))):
+            detail = what + (f" (op={m['op']})" if what == "allreduce" else "")
+            raise MismatchError(f"rank {r} called {detail} while rank(s) "
+                                f"{', '.join(map(str, joined))} had joined: until every rank "
+                                "has joined, the others may only call allreduce (op sum or "
+                                "average; joined ranks add zeros) and barrier")
+    first = live[0][1]
+    return [first if m.get("collective") == "join" else m for m in metas], joined
+
+
 def check_agreement(what: str, metas: list[dict], keys, hint: str):
     """Raise the same MismatchError (a ValueError and a RuntimeError) on every
     rank when any of ``keys`` differs between the ranks' descriptions

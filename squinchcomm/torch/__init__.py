@@ -17,8 +17,8 @@ Example::
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(opt, root_rank=0)
 
-Differences from Horovod (the README lists them all): no Adasum and no
-``join`` (both raise with the reason); collectives are matched by call order
+Differences from Horovod (the README lists them all): no Adasum (it
+raises with the reason); collectives are matched by call order
 on every rank (every rank must issue the same collectives in the same
 order), not negotiated by name, and a mismatch raises the same
 MismatchError on every rank; no custom Compressor classes (compression

@@ -726,17 +726,20 @@ def barrier(process_set=None):
     _check_process_set(process_set).barrier()
 
 
-def join(device=-1):
-    """Not supported: raises NotImplementedError.
+def join(device=-1, process_set=None) -> int:
+    """Horovod's join: call it when this rank has run out of data. Until
+    every rank has joined it answers the others' allreduces (including
+    ``DistributedOptimizer``'s) with zeros, so ranks with uneven data can
+    finish their epoch; returns the rank that joined last.
 
-    Horovod's ``join`` lets ranks that ran out of data keep answering the
-    others' allreduces with zeros; that needs a coordinator negotiating
-    tensors by name, which squinchcomm does not have (collectives are matched
-    by call order). Give every rank the same number of batches instead
-    (e.g. ``DistributedSampler(drop_last=True)``).
+    An average still divides by the number of ranks, joined ones included
+    (their zeros count, as in Horovod). Meanwhile the other ranks may call
+    only allreduce (op Sum or Average) and barrier; anything else raises the
+    same MismatchError on every rank. A joined rank waits at most
+    ``SQUINCHCOMM_TIMEOUT`` for each of the others' calls. ``device`` is
+    accepted for Horovod's signature (the zeros take the others' device).
     """
-    raise NotImplementedError("hvd.join() is not supported by squinchcomm: give every rank the "
-                              "same number of batches (DistributedSampler with drop_last=True)")
+    return _check_process_set(process_set).join()
 
 
 # ----------------------------------------------------------------------------

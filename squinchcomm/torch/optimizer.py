@@ -177,7 +177,9 @@ class _DistributedOptimizer:
         self._sq_delay = {id(p): self._sq_bpps for p in trainable}
         self._sq_next = 0  # the next bucket to start (buckets start in index order)
 
-        # One check of the bucket layout now replaces a metadata check per allreduce.
+        # The bucket layout is checked once now; with the check on (the default)
+        # each bucket's allreduce is checked too, which is also what lets a
+        # rank that has joined (hvd.join) answer it.
         if base.check_metadata:
             # Shapes too: (8, 4) on one rank and (4, 8) on another have equal sizes.
             layout = [(b.name, b.numel, [(self._sq_names[id(p)], tuple(p.shape))
@@ -195,8 +197,7 @@ class _DistributedOptimizer:
         self._sq_options = {"op": op_name, "compression": comp.name, "rounding": comp.rounding,
                             "hierarchical": comp.hierarchical,
                             "error_feedback": self._sq_ef if ef_on else False,
-                            "prescale": self._sq_prescale, "postscale": self._sq_postscale,
-                            "check_metadata": False}  # the layout was checked once, above
+                            "prescale": self._sq_prescale, "postscale": self._sq_postscale}
 
         self._sq_should_synchronize = True
         self._sq_synchronized = False

@@ -368,3 +368,44 @@ def test_pipelined_chunks_give_the_same_bits(comm, compression, rounding):
     ref = sum(all_inputs(comm, 15, n)) / comm.size
     q = 2 * Q if compression == "squinch" else 2.0 ** -7
     assert np.abs(results[0][:n] - ref).max() <= 2 * q * np.abs(ref).max() + 1e-6
+
+
+def test_join_answers_with_zeros_exactly(comm):
+    """The last rank joins at once (Communicator.join); the others' flat,
+    error-feedback and (2 x 2 ranks) hierarchical allreduces see zeros from
+    it: within the Squinch bound of the sum over the others, bit-identical
+    across them, and the hierarchical bytes equal the NumPy codec reference
+    with a zero input. join() returns the last to join on every rank."""
+    if comm.size < 2:
+        pytest.skip("needs 2 ranks")
+    last, n = comm.size - 1, 20_003
+    hier = (Communicator(comm.transport, hierarchical=True, node_size=2, min_compress_bytes=0,
+                         rounding="nearest", timeout=60) if comm.size == 4 else None)
+    got = []
+    if comm.rank == last:
+        if hier is not None:
+            assert hier.join() == last - 1  # ranks 0..last-1 join together: the highest
+        assert comm.join() == last - 1
+    else:
+        if hier is not None:
+            h = hier.allreduce(data(11, comm.rank, n))
+            node32 = [data(11, 0, n) + data(11, 1, n), data(11, 2, n)]  # rank 3 adds zeros
+            stage1 = np.stack([oracle.encode(v) for v in node32])
+            want = oracle.decode(oracle.reduce_encode(stage1, n, 0.25), n)
+            assert np.array_equal(h.view(np.uint32), want.view(np.uint32))
+            assert hier.join() == last - 1
+            got.append(h)
+        xs = all_inputs(comm, 12, n)[:last]
+        mag = sum(np.abs(v) for v in xs)
+        first = Q * sum(block_max(v) for v in xs)
+        bound = first + Q * block_max(mag + first) + 1e-6 * mag
+        y = comm.allreduce(data(12, comm.rank, n), op="sum", rounding="nearest")
+        assert np.all(np.abs(y - sum(xs)) <= bound)
+        e = comm.allreduce(data(12, comm.rank, n), op="sum", name="join_ef",
+                           error_feedback=True, rounding="stochastic")
+        assert np.all(np.abs(e - sum(xs)) <= 2 * bound)  # stochastic: under one step
+        got += [y, e]
+        assert comm.join() == last - 1
+    digests = comm.transport.allgather_object(
+        [hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for a in got])
+    assert len({tuple(d) for d in digests[:last]}) == 1, "results differ across ranks"

@@ -14,6 +14,7 @@ import hashlib
 import io
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ MPI = pytest.importorskip("mpi4py.MPI")
 torch = pytest.importorskip("torch")
 
 import squinchcomm.torch as hvd  # noqa: E402
+from squinchcomm.errors import MismatchError  # noqa: E402
 
 Q = 0.0762  # worst-case nearest-rounding error / block max
 
@@ -327,8 +329,6 @@ def test_misuse_errors(world):
         hvd.allreduce(torch.ones(3), op=hvd.Adasum)
     with pytest.raises(ValueError, match="Compression"):
         hvd.allreduce(torch.ones(3), compression=object())
-    with pytest.raises(NotImplementedError, match="join"):
-        hvd.join()
     # None of the failed constructions left hooks behind.
     loss_fn(model, *batch(0, world.rank)).backward()
 
@@ -768,10 +768,11 @@ def test_sparse_allreduce_and_sparse_gradients(world):
     assert torch.allclose(avg.to_dense(), want / n)
     with pytest.raises(ValueError, match="sparse_coo"):
         hvd.sparse_allreduce_async(torch.ones(3))
-    wrong = torch.sparse_coo_tensor([[0]], [1.0], (8 + (r == n - 1),),
-                                    check_invariants=True)  # one rank's shape differs
-    with pytest.raises(ValueError, match=r"disagree on the dense shape \(rank 0=\(8,\)"):
-        hvd.synchronize(hvd.sparse_allreduce_async(wrong, name="sp_bad"))
+    if n > 1:
+        wrong = torch.sparse_coo_tensor([[0]], [1.0], (8 + (r == n - 1),),
+                                        check_invariants=True)  # one rank's shape differs
+        with pytest.raises(ValueError, match=r"disagree on the dense shape \(rank 0=\(8,\)"):
+            hvd.synchronize(hvd.sparse_allreduce_async(wrong, name="sp_bad"))
 
     torch.manual_seed(0)
     emb = torch.nn.Embedding(10, 4, sparse=True)
@@ -948,3 +949,81 @@ def test_reducescatter_async_and_grouped_forms(world):
     gathered = hvd.grouped_allgather(parts, name="parts")
     assert all(torch.equal(a, hvd.allgather(p)) for a, p in zip(gathered, parts))
     assert gathered[0].numel() == sum(r + 1 for r in range(world.size))
+
+
+# ----------------------------------------------------------------------------
+# join: uneven data
+# ----------------------------------------------------------------------------
+def test_join_answers_the_others_allreduces_with_zeros(world):
+    """Rank r runs r + 1 steps, then joins: each step's allreduce (Squinch
+    float32, exact int64, Sum and Average) equals the sum over the ranks
+    still running, averages divide by the world size, results are
+    bit-identical across the ranks that ran the step, and every rank's
+    join() returns the last rank to join (the highest, which ran longest)."""
+    n, r = world.size, world.rank
+    x = torch.linspace(-1.0, 1.0, 4096)
+    got = []
+    for k in range(r + 1):
+        s = hvd.allreduce(x * (r + 1), op=hvd.Sum, name=f"j{k}",
+                          compression=hvd.Compression.squinch)
+        a = hvd.allreduce(torch.full((5,), r + 1, dtype=torch.int64), op=hvd.Sum, name=f"i{k}")
+        m = hvd.allreduce(x * (r + 1), name=f"m{k}", compression=hvd.Compression.none)
+        live = [q for q in range(n) if q >= k]  # rank q runs steps 0..q
+        want = x.double() * sum(q + 1 for q in live)
+        assert (s.double() - want).abs().max() <= 2 * Q * want.abs().max() + 1e-6
+        assert torch.equal(a, torch.full((5,), sum(q + 1 for q in live), dtype=torch.int64))
+        assert torch.allclose(m.double(), want / n, rtol=1e-5, atol=1e-6)
+        if k % 2:
+            hvd.barrier()  # a barrier is answered by the joined ranks too
+        got.append(hashlib.sha256(s.numpy().tobytes() + m.numpy().tobytes()).hexdigest())
+    assert hvd.join() == n - 1
+    hashes = world.allgather_object(got)
+    for k in range(n):
+        assert len({h[k] for h in hashes if len(h) > k}) == 1, f"step {k} differs across ranks"
+
+
+def test_join_with_distributed_optimizer(world):
+    """Horovod's uneven-data idiom: ranks leave the loop at different steps
+    and call join(); the ranks still training get sum(live grads) / size
+    through DistributedOptimizer's fused Squinch buffers."""
+    n, r = world.size, world.rank
+    w = torch.nn.Parameter(torch.zeros(3000))
+    opt = hvd.DistributedOptimizer(torch.optim.SGD([w], lr=0.0), named_parameters=[("w", w)],
+                                   compression=hvd.Compression.squinch)
+    for k in range(r + 1):
+        opt.zero_grad()
+        (w * (r + 1)).sum().backward()
+        opt.step()
+        want = sum(q + 1 for q in range(k, n)) / n
+        assert (w.grad - want).abs().max() <= 2 * Q * want + 1e-6, (k, w.grad[:3])
+    opt.remove_hooks()
+    assert hvd.join() == n - 1
+
+
+def test_join_refuses_other_collectives_on_every_rank(world):
+    """While a rank has joined, a broadcast (or allgather) of the others
+    raises the same MismatchError on every rank, the joined one included;
+    the group stays usable; join needs the metadata check."""
+    n, r = world.size, world.rank
+    if n == 1:
+        pytest.skip("needs 2 ranks")
+    want = "rank 1 called broadcast while rank(s) 0 had joined"
+    with pytest.raises(MismatchError, match=re.escape(want)) as info:
+        if r == 0:
+            hvd.join()
+        else:
+            hvd.broadcast(torch.ones(3), root_rank=1, name="bj")
+    msgs = world.allgather_object(str(info.value))
+    assert len(set(msgs)) == 1, msgs
+    assert torch.equal(hvd.allreduce(torch.ones(2), op=hvd.Sum, name="after_j"),
+                       torch.full((2,), float(n)))
+    from squinchcomm.collectives import Communicator
+
+    if world.transport.name == "mpi":
+        unchecked = Communicator(MPI.COMM_WORLD.Dup(), timeout=60, check_metadata=False)
+    else:
+        from squinchcomm.transport.torch_dist import TorchTransport
+
+        unchecked = Communicator(TorchTransport(), timeout=60, check_metadata=False)
+    with pytest.raises(ValueError, match="join\\(\\) needs the metadata check"):
+        unchecked.join()
