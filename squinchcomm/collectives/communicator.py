@@ -253,10 +253,45 @@ class Communicator:
                         name: str | None = None, out=None, error_feedback=None,
                         prescale: float = 1.0, postscale: float = 1.0,
                         rounding: str | None = None, hierarchical: bool | None = None,
-                        check_metadata: bool | None = None, seed: int | None = None) -> Handle:
+                        check_metadata: bool | None = None, seed: int | None = None,
+                        followed_by: list[dict] | None = None) -> Handle:
         """Start :meth:`allreduce`; returns a :class:`Handle` (``wait()`` gives
         the result). Arguments are validated now; a mismatch between ranks is
-        raised by ``wait()`` on every rank."""
+        raised by ``wait()`` on every rank.
+
+        ``followed_by``: :meth:`describe_allreduce` descriptions of the
+        allreduces this rank submits next with the check off (a bucketed
+        optimizer's other buckets); they are checked with this one, and a
+        rank that has joined (:meth:`join`) answers them too."""
+        call, op, comp, hier, meta = self._describe(x, op, compression, name, error_feedback,
+                                                    rounding, hierarchical, postscale)
+        if followed_by is not None:
+            meta["then"] = list(followed_by)
+        plan = self._plan(comp, rounding, error_feedback, name, seed,
+                          scale=(1.0 / self.size if op == "average" else 1.0) * float(postscale),
+                          prescale=float(prescale), postscale=float(postscale),
+                          op=op if op in EXACT_OPS else "sum")
+        self._check_exact(call, prescale, postscale)
+        dst = self._output(out, call)
+
+        def run():
+            yield from self._check(meta, check_metadata)
+            yield from self._allreduce(plan, call, dst, op, hier)
+            return out if out is not None else _reshape(_arrays.wrap(dst), call.shape)
+
+        return self._submit(run(), "allreduce", name, call.flat, keep=(call, dst))
+
+    def describe_allreduce(self, x, *, op: str = "average", compression: str | None = None,
+                           name: str | None = None, error_feedback=None,
+                           rounding: str | None = None, hierarchical: bool | None = None,
+                           postscale: float = 1.0) -> dict:
+        """The description of ``allreduce(x, ...)`` that the metadata check
+        exchanges (for ``followed_by``); submits nothing."""
+        return self._describe(x, op, compression, name, error_feedback, rounding,
+                              hierarchical, postscale)[4]
+
+    def _describe(self, x, op, compression, name, error_feedback, rounding, hierarchical,
+                  postscale):
         call = self._input(x)
         op = _choice("op", op, OPS)
         if op in EXACT_OPS:
@@ -266,22 +301,12 @@ class Communicator:
             compression = "none"
         comp = self._compression(compression, call)
         hier = self._hierarchical(hierarchical, comp)
-        plan = self._plan(comp, rounding, error_feedback, name, seed,
-                          scale=(1.0 / self.size if op == "average" else 1.0) * float(postscale),
-                          prescale=float(prescale), postscale=float(postscale),
-                          op=op if op in EXACT_OPS else "sum")
-        self._check_exact(call, prescale, postscale)
-        dst = self._output(out, call)
-        meta = self._meta("allreduce", call, name=name, op=op, compression=comp,
-                          ef=plan.ef is not None, hierarchical=hier, rounding=plan.rounding,
+        rounding = _choice("rounding", rounding or self.rounding, codec.ROUNDINGS)
+        ef = self._ef_store(error_feedback, comp, name) is not None
+        meta = self._meta("allreduce", call, name=name, op=op, compression=comp, ef=ef,
+                          hierarchical=hier, rounding=rounding if comp == "squinch" else None,
                           postscale=float(postscale))
-
-        def run():
-            yield from self._check(meta, check_metadata)
-            yield from self._allreduce(plan, call, dst, op, hier)
-            return out if out is not None else _reshape(_arrays.wrap(dst), call.shape)
-
-        return self._submit(run(), "allreduce", name, call.flat, keep=(call, dst))
+        return call, op, comp, hier, meta
 
     def _allreduce(self, plan: alg.Plan, call: _Call, dst: _arrays.Flat, op: str, hier: bool):
         """(in the operation) The allreduce itself, for a caller and for a
@@ -480,8 +505,10 @@ class Communicator:
                 live = next(m for m in metas if m.get("collective") != "join")
                 check_agreement(live["collective"], full, list(live), _AGREE_HINT)
                 if live["collective"] == "allreduce":
-                    # Step 2: answer the allreduce with zeros, as the others run it
-                    yield from self._allreduce_zeros(live)
+                    # Step 2: answer the allreduce with zeros, as the others run
+                    # it, and the unchecked ones it announced, in their order
+                    for m in [live] + live.get("then", []):
+                        yield from self._allreduce_zeros(m)
 
         return self._submit(run(), "join", None, None).wait()
 
@@ -547,6 +574,17 @@ class Communicator:
     def _plan(self, comp: str, rounding, error_feedback, name, seed, *, scale: float = 1.0,
               prescale: float = 1.0, postscale: float = 1.0, op: str = "sum") -> alg.Plan:
         rounding = _choice("rounding", rounding or self.rounding, codec.ROUNDINGS)
+        ef_store = self._ef_store(error_feedback, comp, name)
+        plan = alg.Plan(wire=None if comp == "none" else get_wire(comp, rounding), scale=scale,
+                        prescale=prescale, ef=ef_store,
+                        ef_name=name if ef_store is not None else None, cid=self._next_call(),
+                        seed=self.seed if seed is None else int(seed),
+                        pipeline=self.pipeline_bytes // 4, timings=self.timings,
+                        rounding=rounding if comp == "squinch" else None, op=op,
+                        postscale=postscale)
+        return plan
+
+    def _ef_store(self, error_feedback, comp: str, name) -> ErrorFeedback | None:
         if isinstance(error_feedback, ErrorFeedback):
             ef_store = error_feedback
         elif (self.error_feedback_default if error_feedback is None else bool(error_feedback)):
@@ -558,14 +596,7 @@ class Communicator:
         if ef_store is not None and name is None:
             raise ValueError("error feedback keeps a residual per tensor: pass name= "
                              "(or error_feedback=False)")
-        plan = alg.Plan(wire=None if comp == "none" else get_wire(comp, rounding), scale=scale,
-                        prescale=prescale, ef=ef_store,
-                        ef_name=name if ef_store is not None else None, cid=self._next_call(),
-                        seed=self.seed if seed is None else int(seed),
-                        pipeline=self.pipeline_bytes // 4, timings=self.timings,
-                        rounding=rounding if comp == "squinch" else None, op=op,
-                        postscale=postscale)
-        return plan
+        return ef_store
 
     def _input(self, x, writable: bool = False) -> _Call:
         flat = _arrays.flat_any(x)
@@ -647,7 +678,7 @@ def _joined(metas: list[dict]) -> tuple[list[dict], list[int]]:
     live = [(r, m) for r, m in enumerate(metas) if m.get("collective") != "join"]
     if not joined or not live:
         return metas, joined
-    for r, m in live:
+    for r, m in ((r, m) for r, first in live for m in [first] + first.get("then", [])):
         what = m.get("collective")
         if not (what == "barrier" or (what == "allreduce" and m.get("op") in ("sum", "average"))):
             detail = what + (f" (op={m['op']})" if what == "allreduce" else "")

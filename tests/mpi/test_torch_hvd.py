@@ -1027,3 +1027,52 @@ def test_join_refuses_other_collectives_on_every_rank(world):
         unchecked = Communicator(TorchTransport(), timeout=60, check_metadata=False)
     with pytest.raises(ValueError, match="join\\(\\) needs the metadata check"):
         unchecked.join()
+
+
+# ----------------------------------------------------------------------------
+# SyncBatchNorm
+# ----------------------------------------------------------------------------
+def test_sync_batch_norm_equals_batch_norm_of_the_global_batch(world):
+    """hvd.SyncBatchNorm on rank batches of different sizes gives what
+    torch.nn.BatchNorm2d gives on all of them concatenated, in one process:
+    outputs, input gradients of the sum of every rank's loss, the summed
+    weight and bias gradients, the running statistics after two steps, and
+    the eval output from them."""
+    n, r = world.size, world.rank
+
+    def batch(q, step):
+        g = torch.Generator().manual_seed(1000 * step + q)
+        return (torch.randn(2 + q, 3, 4, 5, generator=g, dtype=torch.float64) * (q + 1) + q,
+                torch.randn(2 + q, 3, 4, 5, generator=g, dtype=torch.float64))
+
+    sync = hvd.SyncBatchNorm(3).double()
+    ref = torch.nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        for m in (sync, ref):
+            m.weight.copy_(torch.tensor([1.5, -0.5, 2.0]))
+            m.bias.copy_(torch.tensor([0.1, 0.2, -0.3]))
+    for step in range(2):
+        sync.zero_grad()
+        ref.zero_grad()
+        x, w = batch(r, step)
+        x.requires_grad_(True)
+        y = sync(x)
+        (y * w).sum().backward()
+        xs = [batch(q, step)[0].requires_grad_(True) for q in range(n)]
+        ws = [batch(q, step)[1] for q in range(n)]
+        ys = ref(torch.cat(xs)).split([2 + q for q in range(n)])
+        sum((yq * wq).sum() for yq, wq in zip(ys, ws)).backward()
+        assert torch.allclose(y, ys[r], rtol=1e-10, atol=1e-10)
+        assert torch.allclose(x.grad, xs[r].grad, rtol=1e-9, atol=1e-10)
+        for p, q in ((sync.weight, ref.weight), (sync.bias, ref.bias)):
+            total = hvd.allreduce(p.grad, op=hvd.Sum, name=f"bn.grad.{step}.{p.shape}")
+            assert torch.allclose(total, q.grad, rtol=1e-9, atol=1e-10)
+    assert torch.allclose(sync.running_mean, ref.running_mean, rtol=1e-12)
+    assert torch.allclose(sync.running_var, ref.running_var, rtol=1e-12)
+    assert int(sync.num_batches_tracked) == 2
+    sync.eval()
+    ref.eval()
+    x, _ = batch(r, 7)
+    assert torch.allclose(sync(x), ref(x), rtol=1e-12)
+    with pytest.raises(ValueError, match="channels"):
+        sync.train()(torch.ones(2, 4, 3))
