@@ -178,8 +178,8 @@ class _DistributedOptimizer:
         self._sq_next = 0  # the next bucket to start (buckets start in index order)
 
         # The bucket layout is checked once now; with the check on (the default)
-        # each step's first bucket is checked with a description of the others
-        # (one exchange per step), which also lets a joined rank answer them.
+        # each bucket's allreduce is checked too (a 16-byte digest exchange),
+        # which is also what lets a joined rank (hvd.join) answer it.
         if base.check_metadata:
             # Shapes too: (8, 4) on one rank and (4, 8) on another have equal sizes.
             layout = [(b.name, b.numel, [(self._sq_names[id(p)], tuple(p.shape))
@@ -197,10 +197,7 @@ class _DistributedOptimizer:
         self._sq_options = {"op": op_name, "compression": comp.name, "rounding": comp.rounding,
                             "hierarchical": comp.hierarchical,
                             "error_feedback": self._sq_ef if ef_on else False,
-                            "prescale": self._sq_prescale, "postscale": self._sq_postscale,
-                            "check_metadata": False}  # see _sq_start
-        self._sq_announce = None  # the other buckets' descriptions, made on first use
-        self._sq_sparse_pending = []  # sparse gradients, submitted after the last bucket
+                            "prescale": self._sq_prescale, "postscale": self._sq_postscale}
 
         self._sq_should_synchronize = True
         self._sq_synchronized = False
@@ -265,39 +262,16 @@ class _DistributedOptimizer:
                         # Horovod's sparse path: indices and values allgathered
                         # (exact); its slot in the dense buffer carries zeros.
                         b.buffer[off:off + n].zero_()
-                        self._sq_sparse_pending.append((b, p, g))
+                        b.sparse[id(p)] = _ops.sparse_allreduce_async(
+                            g, name=f"{b.name}.{self._sq_names[id(p)]}.sparse",
+                            op=_ops.Average if self._sq_op == "average" else _ops.Sum)
                         continue
                     g = g.to_dense()
                 b.buffer[off:off + n].copy_(g.reshape(-1))
             # Step 3: submitted in index order, the same on every rank; the engine
-            # runs it while backward goes on. The first bucket carries the
-            # check for all of them (the others' descriptions ride along).
-            extra = {}
-            if b.index == 0 and self._sq_comm.check_metadata:
-                extra = {"check_metadata": True, "followed_by": self._sq_descriptions()}
+            # runs it while backward goes on.
             b.handle = self._sq_comm.allreduce_async(b.buffer, out=b.buffer, name=b.name,
-                                                     **{**self._sq_options, **extra})
-            if b.index == len(self._sq_buckets) - 1:
-                # Horovod's sparse path (indices and values allgathered, exact),
-                # after the dense buckets so that the announced ones stay together.
-                for sb, p, g in self._sq_sparse_pending:
-                    sb.sparse[id(p)] = _ops.sparse_allreduce_async(
-                        g, name=f"{sb.name}.{self._sq_names[id(p)]}.sparse",
-                        op=_ops.Average if self._sq_op == "average" else _ops.Sum)
-                self._sq_sparse_pending = []
-
-    def _sq_descriptions(self) -> list[dict]:
-        """What buckets 1.. will send, as the metadata check describes it."""
-        if self._sq_announce is None:
-            keys = ("op", "compression", "rounding", "hierarchical", "error_feedback",
-                    "postscale")
-            options = {k: self._sq_options[k] for k in keys}
-            for b in self._sq_buckets[1:]:
-                if b.buffer is None:
-                    b.buffer = torch.empty(b.numel, dtype=b.dtype, device=b.device)
-            self._sq_announce = [self._sq_comm.describe_allreduce(b.buffer, name=b.name, **options)
-                                 for b in self._sq_buckets[1:]]
-        return self._sq_announce
+                                                     **self._sq_options)
 
     # ------------------------------------------------------------ public API
     def synchronize(self):

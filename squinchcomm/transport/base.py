@@ -168,6 +168,13 @@ class Transport(abc.ABC):
     def allgather_object(self, obj: Any, timeout: float | None = None) -> list:
         """Gather a small picklable object from every rank (metadata checks)."""
 
+    def allgather_digest(self, digest: bytes, timeout: float | None = None) -> list[bytes]:
+        """Every rank's ``digest`` (the same length on every rank), in rank
+        order: the metadata check's first, cheap exchange. Transports with a
+        fixed-size allgather do it in one collective; this default uses
+        :meth:`allgather_object`."""
+        return self.allgather_object(digest, timeout)
+
     @abc.abstractmethod
     def split(self, color: int, key: int) -> "Transport":
         """A transport over the ranks that pass the same ``color``, ordered by ``key``."""

@@ -194,6 +194,15 @@ class MPITransport(Transport):
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         return [pickle.loads(out[bounds[r]:bounds[r + 1]].tobytes()) for r in range(self.size)]
 
+    def allgather_digest(self, digest: bytes, timeout=None) -> list[bytes]:
+        """One fixed-size Iallgather (the object path takes two)."""
+        timeout = self.timeout if timeout is None else timeout
+        mine = np.frombuffer(digest, np.uint8).copy()
+        out = np.empty(mine.size * self.size, np.uint8)
+        self._work(self.comm.Iallgather([mine, self._mpi.BYTE], [out, self._mpi.BYTE]),
+                   "metadata digest", (mine, out)).wait(timeout)
+        return [out[r * mine.size:(r + 1) * mine.size].tobytes() for r in range(self.size)]
+
     def engine_key(self):
         """One engine per MPI communicator handle."""
         return ("mpi", self.comm.py2f())

@@ -632,6 +632,16 @@ class TorchTransport(Transport):
                    "allgather_object (data)", (mine, chunks)).wait(remaining())
         return [pickle.loads(c[:n].cpu().numpy().tobytes()) for c, n in zip(chunks, sizes)]
 
+    def allgather_digest(self, digest: bytes, timeout: float | None = None) -> list[bytes]:
+        """One fixed-size all_gather (the object path takes two)."""
+        device = self._scratch_device()
+        mine = torch.frombuffer(bytearray(digest), dtype=torch.uint8).to(device)
+        chunks = [torch.empty_like(mine) for _ in range(self._size)]
+        self._work(dist.all_gather(chunks, mine, group=self._pg, async_op=True),
+                   "metadata digest", (mine, chunks)).wait(self.timeout if timeout is None
+                                                           else timeout)
+        return [c.cpu().numpy().tobytes() for c in chunks]
+
     def split(self, color: int, key: int) -> "TorchTransport":
         """Return a transport over the ranks that pass the same ``color``, ordered by ``key``.
 
