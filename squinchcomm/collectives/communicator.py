@@ -254,20 +254,12 @@ class Communicator:
                         name: str | None = None, out=None, error_feedback=None,
                         prescale: float = 1.0, postscale: float = 1.0,
                         rounding: str | None = None, hierarchical: bool | None = None,
-                        check_metadata: bool | None = None, seed: int | None = None,
-                        followed_by: list[dict] | None = None) -> Handle:
+                        check_metadata: bool | None = None, seed: int | None = None) -> Handle:
         """Start :meth:`allreduce`; returns a :class:`Handle` (``wait()`` gives
         the result). Arguments are validated now; a mismatch between ranks is
-        raised by ``wait()`` on every rank.
-
-        ``followed_by``: :meth:`describe_allreduce` descriptions of the
-        allreduces this rank submits next with the check off (a bucketed
-        optimizer's other buckets); they are checked with this one, and a
-        rank that has joined (:meth:`join`) answers them too."""
+        raised by ``wait()`` on every rank."""
         call, op, comp, hier, meta = self._describe(x, op, compression, name, error_feedback,
                                                     rounding, hierarchical, postscale)
-        if followed_by is not None:
-            meta["then"] = list(followed_by)
         plan = self._plan(comp, rounding, error_feedback, name, seed,
                           scale=(1.0 / self.size if op == "average" else 1.0) * float(postscale),
                           prescale=float(prescale), postscale=float(postscale),
@@ -281,15 +273,6 @@ class Communicator:
             return out if out is not None else _reshape(_arrays.wrap(dst), call.shape)
 
         return self._submit(run(), "allreduce", name, call.flat, keep=(call, dst))
-
-    def describe_allreduce(self, x, *, op: str = "average", compression: str | None = None,
-                           name: str | None = None, error_feedback=None,
-                           rounding: str | None = None, hierarchical: bool | None = None,
-                           postscale: float = 1.0) -> dict:
-        """The description of ``allreduce(x, ...)`` that the metadata check
-        exchanges (for ``followed_by``); submits nothing."""
-        return self._describe(x, op, compression, name, error_feedback, rounding,
-                              hierarchical, postscale)[4]
 
     def _describe(self, x, op, compression, name, error_feedback, rounding, hierarchical,
                   postscale):
@@ -505,10 +488,8 @@ class Communicator:
                 live = next(m for m in metas if m.get("collective") != "join")
                 check_agreement(live["collective"], full, list(live), _AGREE_HINT)
                 if live["collective"] == "allreduce":
-                    # Step 2: answer the allreduce with zeros, as the others run
-                    # it, and the unchecked ones it announced, in their order
-                    for m in [live] + live.get("then", []):
-                        yield from self._allreduce_zeros(m)
+                    # Step 2: answer the allreduce with zeros, as the others run it
+                    yield from self._allreduce_zeros(live)
 
         return self._submit(run(), "join", None, None).wait()
 
@@ -687,7 +668,7 @@ def _joined(metas: list[dict]) -> tuple[list[dict], list[int]]:
     live = [(r, m) for r, m in enumerate(metas) if m.get("collective") != "join"]
     if not joined or not live:
         return metas, joined
-    for r, m in ((r, m) for r, first in live for m in [first] + first.get("then", [])):
+    for r, m in live:
         what = m.get("collective")
         if not (what == "barrier" or (what == "allreduce" and m.get("op") in ("sum", "average"))):
             detail = what + (f" (op={m['op']})" if what == "allreduce" else "")

@@ -1076,3 +1076,34 @@ def test_sync_batch_norm_equals_batch_norm_of_the_global_batch(world):
     assert torch.allclose(sync(x), ref(x), rtol=1e-12)
     with pytest.raises(ValueError, match="channels"):
         sync.train()(torch.ones(2, 4, 3))
+
+
+def test_join_with_sync_batch_norm_and_optimizer(world):
+    """Uneven data through a model with SyncBatchNorm and DistributedOptimizer:
+    the joined ranks answer the statistics' allreduces (forward and backward,
+    interleaved with the gradient buckets) with zeros, so the ranks still
+    running normalize over their own batches; parameters and running
+    statistics stay bit-identical across the ranks that ran each step."""
+    n, r = world.size, world.rank
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), hvd.SyncBatchNorm(4),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3))
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(),
+                                   compression=hvd.Compression.squinch)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    digests = []
+    for k in range(r + 1):
+        g = torch.Generator().manual_seed(100 * k + r)
+        x, y = torch.randn(3, 2, 8, 8, generator=g), torch.randint(0, 3, (3,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        state = torch.cat([t.detach().reshape(-1).float() for t in model.state_dict().values()])
+        assert torch.isfinite(state).all()
+        digests.append(hashlib.sha256(state.numpy().tobytes()).hexdigest())
+    opt.remove_hooks()
+    assert hvd.join() == n - 1
+    every = world.allgather_object(digests)
+    for k in range(n):
+        assert len({d[k] for d in every if len(d) > k}) == 1, f"step {k} differs across ranks"
