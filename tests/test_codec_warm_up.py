@@ -86,3 +86,40 @@ def test_warm_up_is_a_no_op_without_numba_backend():
         env={**os.environ, "SQUINCHCOMM_CODEC_BACKEND": "oracle"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip()) == 0.0
+
+
+_WAIT_PROBE = r"""
+import fcntl, json, os, tempfile, threading, time
+from squinchcomm import codec
+import importlib
+default = importlib.import_module("squinchcomm.collectives.default")
+
+default._start_warm_up()            # what init() does: compile in a background thread
+path = os.path.join(tempfile.gettempdir(), f"squinchcomm-numba-{os.getuid()}.lock")
+held = False
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and not held:  # until the background compile holds the lock
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            time.sleep(0.001)
+        except BlockingIOError:
+            held = True
+codec.warm_up()
+alive = [t.name for t in threading.enumerate() if t.name == "squinchcomm-warmup"]
+print(json.dumps({"held": held, "alive_after": alive}))
+"""
+
+
+def test_warm_up_waits_for_the_background_compile(tmp_path):
+    """The examples call warm_up() before timing: it must return only after
+    init()'s background compile has finished (no timed step shares the
+    cores with it). A fresh cache directory makes the compile long."""
+    out = subprocess.run([sys.executable, "-c", _WAIT_PROBE], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "SQUINCHCOMM_CODEC_BACKEND": "numba",
+                                           "NUMBA_CACHE_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["held"], "the background compile never took the machine lock"
+    assert r["alive_after"] == [], "warm_up() returned while the background compile still ran"

@@ -80,7 +80,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersg
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import squinchcomm.torch as hvd
-from squinchcomm import __version__
+from squinchcomm import __version__, codec
 from squinchcomm.bench.common import params_digest, parse_size, versions
 from squinchcomm.bench.torch_methods import START_POWERSGD_ITER, share_cores
 from squinchcomm.collectives import wire_bytes
@@ -432,6 +432,7 @@ def main(argv=None):
     # torch 2.13 sometimes aborts a rank after all the work is done.
     init_process_group_from_env(backend="gloo")
     comm = hvd.init("torch", hierarchical=args.hierarchical)
+    codec.warm_up()  # wait for init's background compile: no timed step shares the cores with it
     on_machine = _ranks_on_this_machine()
     threads = share_cores(on_machine)
     data = load_corpus()

@@ -179,13 +179,15 @@ def reduce_encode(payloads, n: int, *, scale: float = 1.0, rounding: str = "near
 # Validation helpers
 # ----------------------------------------------------------------------------
 def warm_up() -> float:
-    """Compile the host codec's kernels now (Numba: about 20 s on a fresh
+    """Compile the host codec's kernels now (Numba: about 22 s on a fresh
     machine, well under a second once its on-disk cache holds them), so that
     no collective, and no throughput number, pays for it later. A no-op
     returning 0 when the host backend is not Numba
     (``SQUINCHCOMM_CODEC_BACKEND``). One process per machine compiles at a
     time (a file lock), so the ranks of a node compile once, not once each.
-    ``squinchcomm.init()`` starts it in the background. Returns the seconds
+    ``squinchcomm.init()`` starts it in the background; a call while that
+    compile runs waits for it (the same lock), so calling it before timing
+    anything keeps compilation out of the measurement. Returns the seconds
     taken."""
     if config.codec_backend() != "numba":
         return 0.0

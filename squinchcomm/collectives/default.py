@@ -18,7 +18,7 @@ def init(transport=None, **options) -> Communicator:
     Also gives the CPU codec this rank's share of the node's cores
     (:func:`squinchcomm.share_cores`, codec only), and starts compiling the
     CPU codec's kernels in a background thread (:func:`squinchcomm.codec.warm_up`:
-    about 20 s on a fresh machine, once per machine, under a second from
+    about 22 s on a fresh 2-core machine, once per machine, under a second from
     Numba's cache afterwards), so that the compilation overlaps the caller's
     own setup instead of the first collective. ``SQUINCHCOMM_WARMUP=0`` turns
     that off.
