@@ -326,3 +326,28 @@ def test_communicator_options_are_validated_and_sizes_take_suffixes():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=env)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("failure", ["timeout", "error"])
+def test_a_failed_exchange_keeps_its_buffers_alive(failure):
+    """An engine may go on writing into the buffers of an operation that
+    timed out or failed halfway (MPI completes the rest of a failed schedule;
+    a late peer completes a timed-out one): they must not be freed under it."""
+    import gc
+    import weakref
+
+    from squinchcomm.errors import TransportError
+
+    def done():
+        if failure == "error":
+            raise TransportError("the engine reported an error")
+        return False
+
+    buf = np.zeros(1000, np.float32)
+    alive = weakref.ref(buf)
+    work = PollingWork(done, "an exchange", keep=(buf,))
+    with pytest.raises(TransportError):
+        work.wait(timeout=0.01)
+    del buf, work
+    gc.collect()
+    assert alive() is not None, "the buffer of a failed exchange was freed"

@@ -83,3 +83,22 @@ def test_dead_rank_ends_the_job():
     proc = _mpirun(3, ["tests/mpi/fault_job.py", "dies", "5"], timeout=120)
     assert proc.returncode != 0  # mpirun tears the job down; nobody hangs
     assert time.monotonic() - t0 < 100
+
+
+
+@pytest.mark.parametrize("compression", ["squinch", "none"])
+def test_sizes_that_differ_with_the_check_off_raise_not_crash(compression):
+    """With check_metadata off, 100k vs 200k elements crashed the job at a
+    later free (rc 134): Open MPI writes past a receive buffer when a peer
+    sends more than its count (MPI_ERR_TRUNCATE after the overrun). On MPI
+    the sizes are agreed even with the check off, so every rank raises the
+    same MismatchError and nothing is written."""
+    proc = _mpirun(2, ["tests/mpi/fault_job.py", f"size_unchecked:{compression}", "20"],
+                   timeout=120)
+    out = proc.stdout + proc.stderr
+    assert "Signal:" not in out and "invalid pointer" not in out, out[-3000:]
+    lines = sorted(x for x in proc.stdout.splitlines() if x.startswith("rank "))
+    assert len(lines) == 2, out[-3000:]
+    messages = {x.split(":", 1)[1] for x in lines}
+    assert len(messages) == 1, lines  # the same message on every rank
+    assert "MismatchError" in lines[0] and "rank 0=(100000,), rank 1=(200000,)" in lines[0], lines

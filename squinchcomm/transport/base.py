@@ -43,6 +43,11 @@ class DoneWork(Work):
         return None
 
 
+#: Buffers of operations that failed or timed out while an engine may still
+#: write into them; never freed (the group is broken after such a failure).
+_ABANDONED: list = []
+
+
 class PollingWork(Work):
     """Wait by polling ``done()`` with a deadline: how engines without a timed
     wait (MPI requests, CUDA events) get a timeout instead of a hang.
@@ -57,11 +62,15 @@ class PollingWork(Work):
     def __init__(self, done: Callable[[], bool], what: str, keep: Sequence[Any] = (),
                  on_done: Callable[[], None] | None = None):
         self._done, self._what, self._keep, self._on_done = done, what, keep, on_done
-        self._finished = False
+        self._finished = self._abandoned = False
 
     def test(self) -> bool:
-        if not self._finished and self._done():
-            self._finish()
+        try:
+            if not self._finished and self._done():
+                self._finish()
+        except TransportError:
+            self._abandon()
+            raise
         return self._finished
 
     def wait(self, timeout: float | None = None) -> None:
@@ -75,6 +84,7 @@ class PollingWork(Work):
             if now - start < 2e-4:
                 continue
             if deadline is not None and now > deadline:
+                self._abandon()
                 raise TransportError(
                     f"{self._what} did not complete within {timeout:g} s: a peer rank died, "
                     "is stuck, or called a different collective (set the timeout with "
@@ -87,6 +97,15 @@ class PollingWork(Work):
             self._on_done()  # may raise: then the work is not finished, and says so again
         self._finished = True
         self._keep = ()
+
+    def _abandon(self):
+        """A failed or timed-out operation may still be writing: its engine
+        can go on with the other parts of a failed collective, or complete a
+        timed-out one later. Its buffers (and requests) are kept for the life
+        of the process instead of being freed under it."""
+        if not self._abandoned:
+            self._abandoned = True
+            _ABANDONED.append((self._keep, self._done))
 
 
 #: The reductions every transport's allreduce performs.
@@ -130,6 +149,10 @@ class Transport(abc.ABC):
     gpu_native: bool = False
     #: Default seconds to wait for peers (``SQUINCHCOMM_TIMEOUT``); set by each engine.
     timeout: float = 300.0
+    #: True when a peer sending more than this rank expects can write past the
+    #: receive buffer: the sizes are then agreed before every collective even
+    #: with the metadata check off.
+    overruns_on_mismatch: bool = False
 
     @property
     @abc.abstractmethod

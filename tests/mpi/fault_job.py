@@ -1,7 +1,7 @@
 """An MPI job in which one rank never arrives at a collective (or dies, or
 never creates its communicator).
 
-    mpirun -n 3 python tests/mpi/fault_job.py {absent|dies|no_init} TIMEOUT
+    mpirun -n 3 python tests/mpi/fault_job.py {absent|dies|no_init|size_unchecked} TIMEOUT
 
 The others must raise TransportError after about TIMEOUT seconds instead of
 hanging. Every rank leaves with os._exit: MPI_Finalize with a collective
@@ -32,6 +32,17 @@ if mode == "no_init":
     except TransportError as exc:
         print(f"rank {MPI.COMM_WORLD.Get_rank()}: TransportError after "
               f"{time.monotonic() - t0:.1f} s: {exc}", flush=True)
+    os._exit(0)
+if mode.startswith("size_unchecked"):
+    # Different sizes with the metadata check off (100k vs 200k elements
+    # crashed at a later free: Open MPI wrote past the receive buffer).
+    compression = mode.split(":")[1] if ":" in mode else "squinch"
+    comm = Communicator(MPI.COMM_WORLD.Dup(), timeout=timeout, check_metadata=False)
+    try:
+        comm.allreduce(np.ones(100_000 * (1 + comm.rank), np.float32), compression=compression)
+        print(f"rank {comm.rank}: returned (unexpected)", flush=True)
+    except Exception as exc:
+        print(f"rank {comm.rank}: {type(exc).__name__} {exc}", flush=True)
     os._exit(0)
 comm = Communicator(MPI.COMM_WORLD.Dup(), timeout=timeout, min_compress_bytes=0)
 x = np.ones(10_000, np.float32)
