@@ -29,8 +29,9 @@ TINY = ["--layers", "1", "--width", "32", "--heads", "2", "--seq", "32", "--batc
 
 
 def _env():
+    # min_compress_bytes 0: the tiny model's FSDP units (under 64 KiB) compress too
     return dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                NUMBA_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+                NUMBA_NUM_THREADS="1", PYTHONPATH=str(ROOT), SQUINCHCOMM_MIN_COMPRESS_BYTES="0")
 
 
 def _run(cmd, timeout=240):
@@ -62,7 +63,7 @@ def _check(doc, stdout, methods, world):
         assert r["params_identical"], f"{m}: ranks ended with different parameters"
         assert printed[m][-2] == "yes"
         # The exposed wait is part of the step (hvd methods), absent for DDP.
-        if m.startswith("ddp_"):
+        if m.startswith(("ddp_", "fsdp_", "hsdp_")):
             assert r["wait_ms"] is None and printed[m][-1] == "-"
         else:
             assert 0 <= r["wait_ms"] <= max(r["step_times_ms"])
@@ -84,6 +85,25 @@ def _check(doc, stdout, methods, world):
     for m in ("squinch", "squinch_ef", "ddp_squinch"):  # 6-bit blocks: ~0.75 B per element
         if m in rows:
             assert rows[m]["wire_mb"] == pytest.approx(ring * 0.75 * params / 1e6, rel=0.01)
+    # FSDP: fp32 parameter all-gathers (two per block, one for the root unit)
+    # and the gradient reduce-scatter, (N-1)/N of each payload.
+    block = sum(p.numel() for p in TinyGPT(GPTConfig(block_size=32, n_layer=1, n_head=2,
+                                                     n_embd=32)).h[0].parameters())
+    gathered = (N1 := (world - 1) / world) * 4 * (params + block)
+    if "fsdp_fp32" in rows:
+        assert rows["fsdp_fp32"]["wire_mb"] == pytest.approx((gathered + N1 * 4 * params) / 1e6)
+    if "fsdp_squinch" in rows:
+        assert rows["fsdp_squinch"]["wire_mb"] == pytest.approx(
+            (gathered + N1 * 0.75 * params) / 1e6, rel=0.01)
+    if "hsdp_squinch" in rows and doc["nodes"] == 1:  # one node: plain FSDP, nothing across
+        assert rows["hsdp_squinch"]["wire_mb"] == pytest.approx((gathered + N1 * 4 * params) / 1e6)
+    if "fsdp_fp32" in rows:  # exact like hvd_fp32; the compressed one really compresses
+        assert rows["fsdp_fp32"]["losses"] == pytest.approx(rows["hvd_fp32"]["losses"], abs=1e-4)
+        if "fsdp_squinch" in rows:
+            assert rows["fsdp_squinch"]["losses"] != rows["fsdp_fp32"]["losses"]
+    if "zero_squinch" in rows:  # 6-bit reduce-scatter, fp32 all-gather: (N-1)/N each
+        assert rows["zero_squinch"]["wire_mb"] == pytest.approx(
+            N1 * (0.75 + 4) * params / 1e6, rel=0.01)
     if "ddp_powersgd4" in rows:  # rank-4 factors: far less than fp32, more than nothing
         assert 0 < rows["ddp_powersgd4"]["wire_mb"] < 0.5 * rows["hvd_fp32"]["wire_mb"]
     # Same initial weights and batches: the two exact methods train alike.

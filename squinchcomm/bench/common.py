@@ -98,9 +98,10 @@ def versions() -> dict:
 
 
 def params_digest(model) -> str:
-    """A hash of a torch model's parameter bytes: equal on every data-parallel
-    rank exactly when the parameters are bit-identical there."""
+    """A hash of a torch model's parameter bytes (or of a list of tensors):
+    equal on every data-parallel rank exactly when the parameters are
+    bit-identical there."""
     h = hashlib.blake2b(digest_size=16)
-    for p in model.parameters():
+    for p in (model.parameters() if hasattr(model, "parameters") else model):
         h.update(p.detach().cpu().numpy().tobytes())
     return h.hexdigest()

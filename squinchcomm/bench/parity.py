@@ -54,7 +54,18 @@ parameters) replaces the gradients, and the optimizer steps. Methods:
                    rank order (one quantization, no error feedback)
 ``bf16+zreg``      ``bf16`` with Attention Z-Reg (``--zreg-coef``, mean over rows)
 ``squinch-ef+zreg`` ``squinch-ef`` with Attention Z-Reg
+``fsdp-bf16``      FSDP2 (``fully_shard`` on every block and the model) whose
+                   reduce-scatter is squinchcomm's with bf16 on the wire (fp32
+                   sums): the sharded baseline
+``fsdp-squinch-ef`` FSDP2 with ``squinchcomm.torch.fsdp.compress`` (Squinch,
+                   error feedback)
+``hsdp-squinch-ef`` FSDP2 inside "nodes" of 2 ranks (its own fp32
+                   reduce-scatter), ``fsdp.compress_across_nodes`` across them
 =================  ==========================================================
+
+The sharded methods reduce inside backward, so no exact average of the same
+gradient exists to compare with: their cosine is not measured (n/a). They are
+judged against ``fsdp-bf16``, every other Squinch method against ``bf16``.
 
 Reported per method (mean and spread over seeds): the final held-out loss (a
 fixed set of ``--eval-windows`` windows of the held-out files, the same for
@@ -131,6 +142,7 @@ class Method:
     error_feedback: bool = False
     hierarchical: bool = False
     zreg: bool = False
+    baseline: str = "bf16"  # what the criterion compares it with
 
 
 METHODS = {
@@ -147,6 +159,10 @@ METHODS = {
     "int4": Method("int4"),
     "bf16+zreg": Method("wire", "bf16", zreg=True),
     "squinch-ef+zreg": Method("wire", "squinch", error_feedback=True, zreg=True),
+    "fsdp-bf16": Method("fsdp", "bf16"),
+    "fsdp-squinch-ef": Method("fsdp", "squinch", error_feedback=True, baseline="fsdp-bf16"),
+    "hsdp-squinch-ef": Method("fsdp", "squinch", error_feedback=True, hierarchical=True,
+                              baseline="fsdp-bf16"),
 }
 
 
@@ -287,6 +303,8 @@ def _resumable(path: Path, args) -> list[dict]:
 def train_run(name: str, seed: int, args, data, eval_windows, quick_eval) -> dict:
     """Train one method from one seed (collective); returns its record (rank 0's view)."""
     method = METHODS[name]
+    if method.kind == "fsdp":
+        return _train_sharded(name, seed, args, data, eval_windows, quick_eval)
     rank, world = dist.get_rank(), dist.get_world_size()
     config = GPTConfig(block_size=args.seq, n_layer=args.n_layer, n_head=args.n_head,
                        n_embd=args.n_embd, init_seed=seed,
@@ -342,6 +360,82 @@ def train_run(name: str, seed: int, args, data, eval_windows, quick_eval) -> dic
             "train_losses": losses, "cosines": cosines, "held_out_curve": curve}
 
 
+def _train_sharded(name: str, seed: int, args, data, eval_windows, quick_eval) -> dict:
+    """:func:`train_run` for the FSDP2 methods: the same model, batches,
+    optimizer, schedule and clipping; the reduction happens inside backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from squinchcomm.torch import fsdp
+
+    method = METHODS[name]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    config = GPTConfig(block_size=args.seq, n_layer=args.n_layer, n_head=args.n_head,
+                       n_embd=args.n_embd, init_seed=seed)
+    device = torch.device(args.device)
+    model = TinyGPT(config).to(device)  # init_seed: the same start on every rank
+    sizes = [sum(p.numel() for p in b.parameters()) for b in model.h]
+    units = sizes + [model.num_params() - sum(sizes)]
+    mesh, local = None, world
+    if method.hierarchical:
+        local = NODE_SIZE
+        grid = init_device_mesh(args.device, (world // local, local),
+                                mesh_dim_names=("node", "shard"))
+        mesh = grid["shard"]
+    for block in model.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    options = dict(compression=method.compression, error_feedback=method.error_feedback,
+                   min_compress_bytes=0, seed=seed)
+    if method.hierarchical:  # the wire: each rank's shard allreduced across the nodes
+        fsdp.compress_across_nodes(model, grid["node"].get_group(), **options)
+        wire = sum(wire_bytes(u, world, method.compression, hierarchical=True,
+                              local_size=local) for u in units)
+        local_bytes = sum(wire_bytes(u, local, "none", collective="reduce_scatter")
+                          for u in units)
+    else:
+        fsdp.compress(model, **options)
+        wire = sum(wire_bytes(u, world, method.compression, collective="reduce_scatter")
+                   for u in units)
+        local_bytes = 0.0
+    plain = TinyGPT(config).to(device)  # full parameters for the held-out loss
+
+    def held_out(windows):
+        full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        plain.load_state_dict(full)
+        return _held_out(plain, windows, device)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
+                            weight_decay=0.0)
+    losses, curve = [], []
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        if step % args.eval_every == 0:
+            curve.append((step, held_out(quick_eval)))
+        x, y = batch_tensors(sample_windows(data.train, args.batch, args.seq, seed, step + 1,
+                                            rank), device)
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        mean_loss = loss.detach().double().reshape(1)
+        dist.all_reduce(mean_loss)
+        losses.append(float(mean_loss) / world)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, args)
+        opt.step()
+    final = held_out(eval_windows)
+    curve.append((args.steps, held_out(quick_eval)))
+    digests = [None] * world
+    dist.all_gather_object(digests, params_digest(plain))
+    return {"method": name, "seed": seed, "settings": _settings(name, args), "final_loss": final,
+            "train_loss_tail": float(np.mean(losses[-args.tail:])),
+            "cosine_mean": float("nan"), "cosine_min": float("nan"),
+            "wire_bytes_per_step": wire, "local_bytes_per_step": local_bytes,
+            "identical": len(set(digests)) == 1, "seconds": round(time.perf_counter() - t0, 1),
+            "train_losses": losses, "cosines": [], "held_out_curve": curve}
+
+
 # ---------------------------------------------------------------------------- summary
 def summarize(runs: list[dict]) -> dict[str, dict]:
     """Per method: mean/std/min/max of the final held-out loss over seeds, the
@@ -350,8 +444,8 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
     by = {}
     for r in runs:
         by.setdefault(r["method"], {})[r["seed"]] = r
-    base = by.get("bf16", {})
     for name, seeds in by.items():
+        base = by.get(METHODS[name].baseline, {})
         finals = np.array([r["final_loss"] for r in seeds.values()])
         paired = [seeds[s]["final_loss"] - base[s]["final_loss"] for s in seeds if s in base]
         out[name] = {
@@ -373,15 +467,14 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
 
 
 def judge(summary: dict[str, dict]) -> dict[str, dict]:
-    """Apply :data:`CRITERION` to every Squinch method that has bf16 to compare with."""
-    if "bf16" not in summary:
-        return {}
-    b = summary["bf16"]
-    spread = b["max"] - b["min"]
+    """Apply :data:`CRITERION` to every Squinch method that has its baseline
+    (bf16, or fsdp-bf16 for the sharded ones) to compare with."""
     verdicts = {}
     for name, s in summary.items():
-        if not name.startswith("squinch"):
+        if "squinch" not in name or METHODS[name].baseline not in summary:
             continue
+        b = summary[METHODS[name].baseline]
+        spread = b["max"] - b["min"]
         diff = s["mean"] - b["mean"]
         within_spread = abs(diff) <= spread
         within_rel = abs(diff) <= RELATIVE_TOLERANCE * b["mean"]
@@ -395,6 +488,10 @@ def judge(summary: dict[str, dict]) -> dict[str, dict]:
             verdicts[name]["diff_vs_bf16+zreg"] = s["mean"] - same
             verdicts[name]["relative_vs_bf16+zreg"] = (s["mean"] - same) / same
     return verdicts
+
+
+def _one_minus(cosine: float) -> str:
+    return "n/a" if math.isnan(cosine) else f"{1 - cosine:.1e}"
 
 
 def _markdown(doc: dict) -> str:
@@ -414,7 +511,7 @@ def _markdown(doc: dict) -> str:
         f"Wall time: {doc['wall_seconds'] / 60:.1f} min  ",
         f"Criterion (stated before the runs): {CRITERION}; primary method {PRIMARY}",
         "",
-        "| method | final held-out loss (mean ± std) | min..max | vs bf16, paired (mean ± std) "
+        "| method | final held-out loss (mean ± std) | min..max | vs baseline, paired (mean ± std) "
         "| 1 - cosine to fp32 avg (mean / max) | wire KB/rank/step | identical | verdict |",
         "|---|---:|---:|---:|---:|---:|:-:|:-:|",
     ]
@@ -427,13 +524,15 @@ def _markdown(doc: dict) -> str:
         if r["local_bytes_per_step"]:
             wire += f" (+{r['local_bytes_per_step'] / 1e3:.0f} in node)"
         lines.append(f"| {name} | {r['mean']:.4f} ± {r['std']:.4f} | {r['min']:.4f}..{r['max']:.4f}"
-                     f" | {paired} | {1 - r['cosine_mean']:.1e} / {1 - r['cosine_min']:.1e} | {wire} | "
+                     f" | {paired} | {_one_minus(r['cosine_mean'])} / {_one_minus(r['cosine_min'])} | {wire} | "
                      f"{'yes' if r['identical'] else 'NO'} | {verdict} |")
-    lines += ["", "Verdicts (diff = mean - mean(bf16)):", ""]
+    lines += ["", "Baseline: bf16; fsdp-bf16 for the fsdp-/hsdp- methods. Verdicts (diff = "
+              "mean - mean(baseline)):", ""]
     for name, x in v.items():
-        side = "" if x["pass"] else (", lower loss than bf16" if x["diff"] < 0 else
-                                     ", higher loss than bf16")
-        lines.append(f"- {name}: diff {x['diff']:+.4f} ({100 * x['relative']:+.2f}%), bf16 "
+        base = METHODS[name].baseline
+        side = "" if x["pass"] else (f", lower loss than {base}" if x["diff"] < 0 else
+                                     f", higher loss than {base}")
+        lines.append(f"- {name}: diff {x['diff']:+.4f} ({100 * x['relative']:+.2f}%), {base} "
                      f"spread {x['bf16_spread']:.4f}: {'pass' if x['pass'] else 'FAIL'}"
                      f" (within spread: {x['within_spread']}, within 0.5%: {x['within_0.5%']}"
                      f"{side})" + ("" if "diff_vs_bf16+zreg" not in x else
@@ -468,8 +567,8 @@ def _plot(doc: dict, out: Path) -> list[str]:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in doc["runs"]:
-        if r["seed"] != doc["args"]["seeds"][0] or r["method"] == "fp32":
-            continue
+        if r["seed"] != doc["args"]["seeds"][0] or r["method"] == "fp32" or not r["cosines"]:
+            continue  # (the sharded methods have no per-step cosine)
         c = np.convolve(1 - np.asarray(r["cosines"]), np.ones(10) / 10, mode="valid")
         ax.plot(np.arange(len(c)) + 9, c, color=colors[r["method"]], lw=1, label=r["method"])
     ax.set(xlabel="step", ylabel="1 - cosine to the exact fp32 average (10-step mean)",

@@ -24,7 +24,16 @@ method starts from the same initial weights and sees the same batches:
   ``_one_bucket_at_a_time``: unwrapped, the hook's callback-issued collectives
   reached gloo in different orders on different ranks and aborted the job);
 - ``ddp_squinch``: DDP with ``squinchcomm.torch.ddp_hooks.squinch_hook``
-  (error feedback on, as in ``examples/ddp_squinch.py``).
+  (error feedback on, as in ``examples/ddp_squinch.py``);
+- ``fsdp_fp32``: FSDP2 (``fully_shard`` on every transformer block and on the
+  model) with its own reduce-scatter; ``fsdp_squinch``: the same with
+  ``squinchcomm.torch.fsdp.compress`` (Squinch reduce-scatter, error feedback
+  on); ``hsdp_squinch``: FSDP2 sharded over the ranks of one node (the
+  detected layout) and ``fsdp.compress_across_nodes`` (a Squinch allreduce
+  of the reduced shards across nodes, error feedback on);
+- ``zero_squinch``: ``DistributedOptimizer(shard_optimizer_state=True)`` with
+  ``Compression.squinch`` (ZeRO-2: a Squinch reduce-scatter per bucket, each
+  rank steps its shard, fp32 parameter all-gather).
 
 Each method runs ``--warmup`` untimed steps, then ``--steps`` timed ones. A step
 is timed from ``zero_grad`` through ``optimizer.step`` after an untimed
@@ -41,7 +50,12 @@ barrier; its time is that of the slowest rank. Columns (rank 0 prints):
   ``SQUINCHCOMM_MIN_COMPRESS_BYTES`` (64 KiB) as fp32 (none in the default
   model: the hvd methods fuse all gradients, DDP buckets are 1 MB or more); and
   for PowerSGD the P and Q factors of the compressed matrices plus the
-  uncompressed tensors, as counted by PowerSGD's own state;
+  uncompressed tensors, as counted by PowerSGD's own state; for FSDP also the
+  fp32 parameter all-gathers, (N-1)/N * payload each: two per block (forward,
+  and backward after resharding) and one for the root unit, plus the
+  gradient reduce-scatter, (N-1)/N * payload; for HSDP the same inside a node
+  plus the cross-node allreduce of each rank's shard; for ZeRO the
+  reduce-scatter and the fp32 parameter all-gather of every bucket;
 - ``ident``: the parameters hash to the same bytes on every rank at the end
   (data parallelism's invariant; a method that breaks it is wrong, not fast);
 - ``wait(ms)``: for the hvd methods, the median over timed steps of the
@@ -92,7 +106,8 @@ from squinchcomm.transport.torch_dist import init_process_group_from_env
 __all__ = ["main", "run_method", "METHODS", "LOSS_STEPS", "wire_bytes_per_rank"]
 
 METHODS = ("hvd_fp32", "hvd_fp16", "hvd_bf16", "squinch", "squinch_ef",
-           "ddp_fp32", "ddp_fp16", "ddp_powersgd4", "ddp_squinch")
+           "ddp_fp32", "ddp_fp16", "ddp_powersgd4", "ddp_squinch",
+           "fsdp_fp32", "fsdp_squinch", "hsdp_squinch", "zero_squinch")
 LOSS_STEPS = 5  # the loss column averages this many final timed steps
 POWERSGD_RANK = 4
 # method -> (wire format of a gradient element, sent by squinchcomm: whose small
@@ -100,7 +115,7 @@ POWERSGD_RANK = 4
 _WIRE = {"hvd_fp32": ("fp32", True), "hvd_fp16": ("fp16", True), "hvd_bf16": ("bf16", True),
          "squinch": ("squinch", True), "squinch_ef": ("squinch", True),
          "ddp_fp32": ("fp32", False), "ddp_fp16": ("fp16", False),
-         "ddp_squinch": ("squinch", True)}
+         "ddp_squinch": ("squinch", True), "zero_squinch": ("squinch", True)}
 
 
 def _methods(spec: str, warmup: int) -> list[str]:
@@ -189,7 +204,11 @@ class _Run:
         def adamw(params):
             return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
-        if method.startswith("ddp_"):
+        if method.startswith(("fsdp_", "hsdp_")):
+            self.units = _fully_shard(self.model, method, args)
+            self.optimizer = adamw(self.model.parameters())
+            self.net = self.model
+        elif method.startswith("ddp_"):
             cap = {} if args.bucket_bytes is None else {"bucket_cap_mb": args.bucket_bytes / 2**20}
             self.net = DDP(self.model, **cap)  # broadcasts rank 0's weights
             if method == "ddp_fp16":
@@ -212,14 +231,16 @@ class _Run:
             compression = {"hvd_fp32": hvd.Compression.none, "hvd_fp16": hvd.Compression.fp16,
                            "hvd_bf16": hvd.Compression.bf16,
                            "squinch": hvd.Compression.squinch_with(error_feedback=False),
-                           "squinch_ef": hvd.Compression.squinch_with(error_feedback=True)}
+                           "squinch_ef": hvd.Compression.squinch_with(error_feedback=True),
+                           "zero_squinch": hvd.Compression.squinch_with(error_feedback=False)}
             hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
             self.net = self.model
             self.optimizer = hvd.DistributedOptimizer(
                 adamw(self.model.parameters()), named_parameters=self.model.named_parameters(),
                 compression=compression[method], op=hvd.Average,
                 fusion_threshold=args.bucket_bytes, first_bucket_bytes=args.first_bucket_bytes,
-                last_bucket_bytes=args.last_bucket_bytes)
+                last_bucket_bytes=args.last_bucket_bytes,
+                shard_optimizer_state=method == "zero_squinch")
 
     def step(self, x, y):
         """One training step (zero_grad, forward, backward, step); returns the loss
@@ -250,6 +271,13 @@ class _Run:
         if self.powersgd is not None:  # fp32 P, Q and uncompressed tensors, allreduced
             elements = (self.powersgd.total_numel_after_compression - start) / steps
             return wire_bytes(round(elements), world, "none")
+        if method_is_sharded(self.method):
+            return self.units.wire_bytes(min_compress_bytes)
+        if self.method == "zero_squinch":  # reduce-scatter, then fp32 parameter all-gather
+            return sum(wire_bytes(n, world, "squinch" if 4 * n >= min_compress_bytes else "none",
+                                  collective="reduce_scatter")
+                       + wire_bytes(n, world, "none", collective="allgather")
+                       for _, n in self.optimizer.buckets)
         if self.buckets:  # a recording hook: the buckets of the timed steps
             timed = self.buckets[start:]
             return wire_bytes_per_rank(self.method, timed, world, min_compress_bytes) / steps
@@ -261,6 +289,64 @@ class _Run:
     def close(self):
         if hasattr(self.optimizer, "remove_hooks"):
             self.optimizer.remove_hooks()
+
+
+def method_is_sharded(method: str) -> bool:
+    return method.startswith(("fsdp_", "hsdp_"))
+
+
+class _ShardedLayout:
+    """FSDP2 units of a sharded method: their sizes and the bytes they move."""
+
+    def __init__(self, method: str, blocks: list[int], root: int, shard_size: int,
+                 nodes: int):
+        self.method, self.blocks, self.root = method, blocks, root
+        self.shard_size, self.nodes = shard_size, nodes
+
+    def wire_bytes(self, min_compress_bytes: int) -> float:
+        """Bytes one rank sends per step (see the module docstring); units
+        under ``min_compress_bytes`` of fp32 go uncompressed."""
+        n, units = self.shard_size, self.blocks + [self.root]
+
+        def wire(u, compressed):
+            return "squinch" if compressed and 4 * u >= min_compress_bytes else "none"
+
+        gather = wire_bytes(self.root, n, "none", collective="allgather") + sum(
+            2 * wire_bytes(b, n, "none", collective="allgather") for b in self.blocks)
+        scatter = sum(wire_bytes(u, n, wire(u, self.method == "fsdp_squinch"),
+                                 collective="reduce_scatter") for u in units)
+        across = 0.0
+        if self.method == "hsdp_squinch":  # each rank's shards, allreduced across nodes
+            across = sum(wire_bytes(-(-u // n), self.nodes, wire(-(-u // n), True))
+                         for u in units)
+        return gather + scatter + across
+
+
+def _fully_shard(model, method: str, args) -> _ShardedLayout:
+    """Apply FSDP2 to ``model`` for a sharded method; returns its layout."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from squinchcomm.torch import fsdp
+
+    comm = hvd.communicator()
+    mesh, nodes, shard_size = None, 1, comm.size
+    if method == "hsdp_squinch":
+        nodes, shard_size = comm.cross_size, comm.local_size
+        if comm.rank != comm.cross_rank * shard_size + comm.local_rank:
+            raise ValueError("hsdp_squinch needs the ranks of a node numbered consecutively")
+        grid = init_device_mesh("cpu", (nodes, shard_size), mesh_dim_names=("node", "shard"))
+        mesh = grid["shard"]
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.h]
+    root = sum(p.numel() for p in model.parameters()) - sum(blocks)
+    for block in model.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if method == "fsdp_squinch":
+        fsdp.compress(model, error_feedback=True)
+    elif method == "hsdp_squinch":
+        fsdp.compress_across_nodes(model, grid["node"].get_group(), error_feedback=True)
+    return _ShardedLayout(method, blocks, root, shard_size, nodes)
 
 
 def _ranks_on_this_machine() -> int:
@@ -277,6 +363,13 @@ def _bucket_mib(run: _Run, last_step_start: int) -> list[float]:
     if run.powersgd is None:
         return [4 * n / 2**20 for n in run.buckets[last_step_start:]]
     return []
+
+
+def _full(model):
+    """The model with every FSDP2 parameter gathered (collective), else itself."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return model
+    return [p.full_tensor() for p in model.parameters()]
 
 
 def run_method(method: str, config, args, data, min_compress_bytes: int) -> dict:
@@ -298,7 +391,7 @@ def run_method(method: str, config, args, data, min_compress_bytes: int) -> dict
             times.append(dt)
             waits.append(wait)
             losses.append(loss.item())
-    mine = dict(times=times, waits=waits, losses=losses, digest=params_digest(run.model),
+    mine = dict(times=times, waits=waits, losses=losses, digest=params_digest(_full(run.model)),
                 wire=run.wire_bytes(wire_start, args.steps, world, min_compress_bytes),
                 buckets=_bucket_mib(run, last_start))
     run.close()

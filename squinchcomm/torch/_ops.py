@@ -830,6 +830,10 @@ def broadcast_optimizer_state(optimizer, root_rank=0):
     Example:
         >>> hvd.broadcast_optimizer_state(optimizer, root_rank=0)   # doctest: +SKIP
     """
+    if getattr(optimizer, "_sq_shards", None) is not None and any(optimizer.state.values()):
+        raise ValueError("this DistributedOptimizer shards its state (shard_optimizer_state="
+                         "True): each rank holds a different shard, the root's state does not "
+                         "fit the others; restore each rank's own state_dict() instead")
     is_root = rank() == root_rank
     sd = optimizer.state_dict() if is_root else None
     if is_root:

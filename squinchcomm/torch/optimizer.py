@@ -90,7 +90,7 @@ class _DistributedOptimizer:
     # ------------------------------------------------------------ setup
     def _sq_setup(self, named_parameters, compression, backward_passes_per_step, op,
                   gradient_predivide_factor, fusion_threshold, communicator, sparse_as_dense,
-                  first_bucket_bytes=None, last_bucket_bytes=None):
+                  first_bucket_bytes=None, last_bucket_bytes=None, per_group=False):
         base = communicator if communicator is not None else _ops.communicator()
         self._sq_compression = as_compression(compression)
         op_name = _ops._op(None, op)
@@ -146,9 +146,13 @@ class _DistributedOptimizer:
         # dtype and device small (its allreduce starts early in backward), and
         # the last one (the first layers: what backward finishes with, the only
         # exchange nothing overlaps) under its own cap.
-        by_key: dict[tuple, list] = {}  # (device, dtype) -> parameters in registration order
+        # (device, dtype[, group]) -> parameters in registration order; the sharded
+        # variant keeps each bucket inside one parameter group (its shard joins it).
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        by_key: dict[tuple, list] = {}
         for p in trainable:
-            by_key.setdefault((p.device, p.dtype), []).append(p)
+            key = (p.device, p.dtype) + ((group_of[id(p)],) if per_group else ())
+            by_key.setdefault(key, []).append(p)
         tail = ({} if last is None or last >= threshold  # no cap of its own
                 else {key: _prefix(ps, last) for key, ps in by_key.items()})
         tail_ids = {id(p) for t in tail.values() for p in t}
@@ -157,7 +161,7 @@ class _DistributedOptimizer:
         for p in reversed(trainable):
             if id(p) in tail_ids:
                 continue
-            key = (p.device, p.dtype)
+            key = (p.device, p.dtype) + ((group_of[id(p)],) if per_group else ())
             b = open_buckets.get(key)
             cap = first if b is not None and b.first else threshold
             if b is not None and b.params and b.nbytes + p.numel() * p.element_size() > cap:
@@ -248,6 +252,15 @@ class _DistributedOptimizer:
 
     def _sq_start(self, b: _Bucket):
         """Copy the bucket's gradients into its buffer and start its allreduce."""
+        self._sq_fill(b)
+        # Step 3: submitted in index order, the same on every rank; the engine
+        # runs it while backward goes on.
+        b.handle = self._sq_comm.allreduce_async(b.buffer, out=b.buffer, name=b.name,
+                                                 **self._sq_options)
+
+    def _sq_fill(self, b: _Bucket, release: bool = False):
+        """The bucket's gradients into its flat buffer (zeros for a parameter
+        without one); ``release``: drop each ``p.grad`` once copied."""
         with torch.no_grad():
             if b.buffer is None:
                 b.buffer = torch.empty(b.numel, dtype=b.dtype, device=b.device)
@@ -268,10 +281,8 @@ class _DistributedOptimizer:
                         continue
                     g = g.to_dense()
                 b.buffer[off:off + n].copy_(g.reshape(-1))
-            # Step 3: submitted in index order, the same on every rank; the engine
-            # runs it while backward goes on.
-            b.handle = self._sq_comm.allreduce_async(b.buffer, out=b.buffer, name=b.name,
-                                                     **self._sq_options)
+                if release:
+                    p.grad = None
 
     # ------------------------------------------------------------ public API
     def synchronize(self):
@@ -292,33 +303,40 @@ class _DistributedOptimizer:
             self._sq_next += 1
         error = None
         with torch.no_grad():
-            for b in self._sq_buckets:
+            for i, b in enumerate(self._sq_buckets):
                 handle, b.handle = b.handle, None
-                sparse, b.sparse = b.sparse, {}
                 b.ready = 0
                 try:
-                    handle.wait()
+                    failed = self._sq_collect(i, b, handle)
                 except Exception as exc:  # wait for the other buckets, then raise the first
-                    error = error or exc
-                    continue
-                for p, off in zip(b.params, b.offsets):
-                    if id(p) in sparse:
-                        try:
-                            p.grad = sparse[id(p)].wait()
-                        except Exception as exc:
-                            error = error or exc
-                        continue
-                    reduced = b.buffer[off:off + p.numel()].view_as(p)
-                    if p.grad is None or p.grad.is_sparse:
-                        p.grad = reduced.clone()
-                    else:
-                        p.grad.copy_(reduced)
+                    failed = exc
+                error = error or failed
         for key in self._sq_delay:
             self._sq_delay[key] = self._sq_bpps
         self._sq_next = 0
         if error is not None:  # the gradients are not reduced: step() must not run on them
             raise error
         self._sq_synchronized = True
+
+    def _sq_collect(self, i: int, b: _Bucket, handle):
+        """Wait for bucket ``b``'s reduction and put the result where the step
+        reads it (here ``p.grad``); returns a sparse allreduce's error, if any."""
+        sparse, b.sparse = b.sparse, {}
+        handle.wait()
+        error = None
+        for p, off in zip(b.params, b.offsets):
+            if id(p) in sparse:
+                try:
+                    p.grad = sparse[id(p)].wait()
+                except Exception as exc:
+                    error = error or exc
+                continue
+            reduced = b.buffer[off:off + p.numel()].view_as(p)
+            if p.grad is None or p.grad.is_sparse:
+                p.grad = reduced.clone()
+            else:
+                p.grad.copy_(reduced)
+        return error
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -427,7 +445,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
                          backward_passes_per_step=1, op=_ops.Average,
                          gradient_predivide_factor=1.0, fusion_threshold=None, num_groups=0,
                          groups=None, sparse_as_dense=False, process_set=None,
-                         communicator=None, first_bucket_bytes=None, last_bucket_bytes=None):
+                         communicator=None, first_bucket_bytes=None, last_bucket_bytes=None,
+                         shard_optimizer_state=False):
     """Wrap ``optimizer`` so that ``step()`` uses gradients averaged over all ranks.
 
     The result is an instance of a subclass of ``optimizer``'s class sharing
@@ -468,6 +487,11 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
             nothing overlaps, so a small one shortens the step on a slow
             link; default ``SQUINCHCOMM_LAST_BUCKET_BYTES`` or no cap of
             its own, as in Horovod and DDP).
+        shard_optimizer_state: ZeRO stage 1/2 (:mod:`squinchcomm.torch.zero`):
+            gradients are reduce-scattered (compressed), each rank keeps and
+            steps the optimizer state of its shard only (memory 1/N), and the
+            updated parameters are all-gathered uncompressed. Clip with
+            ``optimizer.clip_grad_norm_``; save one ``state_dict()`` per rank.
 
     Returns:
         The wrapped optimizer.
@@ -488,13 +512,24 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
         if communicator is not None:
             raise ValueError("pass process_set= or communicator=, not both")
         communicator = _ops._check_process_set(process_set)
-    cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__),
+    if shard_optimizer_state:
+        from squinchcomm.torch.zero import _ShardedOptimizer as mixin
+        from squinchcomm.torch.zero import check_shardable
+
+        check_shardable(optimizer, as_compression(compression))
+    else:
+        mixin = _DistributedOptimizer
+    cls = type(optimizer.__class__.__name__, (mixin, optimizer.__class__),
                {"__module__": optimizer.__class__.__module__})
     wrapped = cls.__new__(cls)
     # Share the original's param_groups, state, defaults and hooks (no re-construction:
     # works for optimizers whose __init__ needs arguments, and keeps loaded state).
     wrapped.__dict__.update(optimizer.__dict__)
+    if shard_optimizer_state:  # the sharded variant rewrites its param groups: own copies
+        wrapped.param_groups = [dict(g, params=list(g["params"])) for g in optimizer.param_groups]
     wrapped._sq_setup(named_parameters, compression, backward_passes_per_step, op,
                       gradient_predivide_factor, fusion_threshold, communicator, sparse_as_dense,
-                      first_bucket_bytes, last_bucket_bytes)
+                      first_bucket_bytes, last_bucket_bytes, per_group=bool(shard_optimizer_state))
+    if shard_optimizer_state:
+        wrapped._sq_shard_setup()
     return wrapped
