@@ -102,11 +102,16 @@ def full_grads(model):
     return {n: p.grad.full_tensor().double() for n, p in model.named_parameters()}
 
 
-def check_within_bound(got, per_rank, compression, divide):
+def per_unit(got, per_rank):
+    """(unit, every rank's flat fp64 gradient, the reduced flat result) per FSDP unit."""
     for unit, names in UNITS.items():
-        flat = [torch.cat([g[n].reshape(-1) for n in names]) for g in per_rank]
+        yield (unit, [torch.cat([g[k].reshape(-1) for k in names]) for g in per_rank],
+               torch.cat([got[k].reshape(-1) for k in names]))
+
+
+def check_within_bound(got, per_rank, compression, divide):
+    for unit, flat, mine in per_unit(got, per_rank):
         total = sum(flat) / divide
-        mine = torch.cat([got[n].reshape(-1) for n in names])
         mag = sum(f.abs() for f in flat) / divide
         top = sum(f.abs().max() for f in flat) / divide
         # fp32 forward/backward against the fp64 reference: 1e-5 of the unit's max
@@ -167,12 +172,8 @@ def test_bf16_reduce_dtype(world):
     fsdp.compress(model, min_compress_bytes=0)
     x, y = batch(1, r)
     loss_of(model, x, y).backward()
-    got = full_grads(model)
-    per_rank = exact_grads(0, 1, range(n))
-    for unit, names in UNITS.items():
-        flat = [torch.cat([g[k].reshape(-1) for k in names]) for g in per_rank]
+    for unit, flat, mine in per_unit(full_grads(model), exact_grads(0, 1, range(n))):
         total = sum(flat) / n
-        mine = torch.cat([got[k].reshape(-1) for k in names])
         # bf16 input (one rounding per rank), Squinch, bf16 output (one rounding)
         bound = (Q + 2.0 ** -8 + 1e-5) * sum(f.abs().max() for f in flat) / n + 2.0 ** -8 * total.abs()
         assert bool(((mine - total).abs() <= bound).all()), unit
@@ -297,11 +298,9 @@ def test_hsdp_compresses_only_across_nodes(world):
     per_rank = exact_grads(0, 30, range(n))
     # Node sums are exact (fp32); the cross-node allreduce quantizes twice
     # (encode, re-encode of the reduced shard): bound each stage by Q x max.
-    for unit, names in UNITS.items():
-        flat = [torch.cat([g[k].reshape(-1) for k in names]) for g in per_rank]
+    for unit, flat, mine in per_unit(got, per_rank):
         nodes = [(flat[0] + flat[1]) / 2, (flat[2] + flat[3]) / 2]
         total = sum(nodes) / 2
-        mine = torch.cat([got[k].reshape(-1) for k in names])
         first = Q * sum(v.abs().max() for v in nodes) / 2
         bound = first + Q * (total.abs().max() + first) + 1e-5 * sum(v.abs().max() for v in flat)
         err = (mine - total).abs()
