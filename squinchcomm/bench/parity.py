@@ -565,6 +565,8 @@ def _plot(doc: dict, out: Path) -> list[str]:
     loss_png = out / f"{doc['args']['name']}_loss.png"
     fig.savefig(loss_png, dpi=110)
     plt.close(fig)
+    if not any(r["cosines"] for r in doc["runs"]):  # only sharded methods: no cosine
+        return [str(loss_png)]
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in doc["runs"]:
         if r["seed"] != doc["args"]["seeds"][0] or r["method"] == "fp32" or not r["cosines"]:

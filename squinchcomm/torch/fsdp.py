@@ -186,9 +186,9 @@ def _set(unit_name: str, setter, value):
     try:
         setter(value)
     except ValueError as exc:  # several parameter groups (per-parameter meshes)
-        raise ValueError(f"FSDP unit '{unit_name}': {exc} Squinch needs one mesh per unit: "
-                         "drop shard_placement_fn's per-parameter meshes for this unit, or "
-                         "leave it uncompressed") from exc
+        raise ValueError(f"FSDP unit '{unit_name}': {exc} The compressed reduction needs one "
+                         "mesh per unit: drop shard_placement_fn's per-parameter meshes for "
+                         "this unit (or wrap those parameters in a unit of their own)") from exc
 
 
 def compress(model: torch.nn.Module, *, compression: str = "squinch",

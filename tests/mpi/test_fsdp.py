@@ -269,6 +269,20 @@ def test_configuration_errors(world):
         fsdp.compress(make())  # no FSDP unit
     with pytest.raises(ValueError, match="compression"):
         fsdp.compress(shard(make()), compression="int4")
+    # a unit with parameters on two meshes (shard_placement_fn): FSDP refuses a
+    # custom reduce-scatter there; the error names the unit
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp._fully_shard._fsdp_common import (FSDPMeshInfo,
+                                                                  ShardPlacementResult)
+    from torch.distributed.tensor import Shard
+
+    other = DeviceMesh.from_group(dist.new_group(list(range(world[1]))), "cpu")
+    model = make()
+    fully_shard(model.a, shard_placement_fn=lambda p: ShardPlacementResult(
+        Shard(0), FSDPMeshInfo(other, shard_mesh_dim=0)) if p is model.a.bias else None)
+    fully_shard(model)
+    with pytest.raises(ValueError, match="FSDP unit 'a'.*one mesh per unit"):
+        fsdp.compress(model)
     rs = fsdp._CompressedReduceScatter(fsdp.FSDPCompression(), "x")
     with pytest.raises(ValueError, match="AVG, SUM and PREMUL_SUM"):
         rs(torch.zeros(4), torch.zeros(4 * world[1]), dist.group.WORLD, dist.ReduceOp.MAX)
