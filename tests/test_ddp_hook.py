@@ -294,6 +294,44 @@ def scenario_checkpoint(seed: int) -> None:
         print(f"checkpoint: {len(saved['residuals'])} residuals restored bit-identically", flush=True)
 
 
+def scenario_policy(seed: int) -> None:
+    """start_step=2 and the biases opted out: the first two iterations are
+    DDP's exact average everywhere, later ones exact for the biases and
+    compressed (within the bound, not exact) for the weights."""
+    import torch.distributed as dist
+
+    from squinchcomm.torch.ddp_hooks import SquinchHookState, squinch_hook
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ref = wrap(make_model(seed))
+    model = wrap(make_model(seed))
+    biases = [p for name, p in model.module.named_parameters() if name.endswith("bias")]
+    state = SquinchHookState(error_feedback=False, min_compress_bytes=0, timeout=WAIT,
+                             start_step=2, uncompressed_params=biases)
+    model.register_comm_hook(state, squinch_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.0)
+    for step in range(4):
+        ref.module.load_state_dict(model.module.state_dict())
+        train_step(ref, ref_opt, seed, rank, step)
+        x, y = batch(seed, rank, step)
+        opt.zero_grad(set_to_none=False)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        for (name, p), q in zip(model.module.named_parameters(), ref.module.parameters()):
+            err = float((p.grad.double() - q.grad.double()).abs().max())
+            top = float(q.grad.abs().max())
+            if step < 2 or name.endswith("bias"):
+                assert err <= FP32_SLACK * top, (step, name, err, top)
+            else:  # compressed: not exact, within twice the per-block bound of the max
+                assert 0 < err <= SQUINCH_C * (2 + SQUINCH_C) * 2 * top, (step, name, err)
+        opt.step()
+    digests = [None] * world
+    dist.all_gather_object(digests, params_digest(model.module))
+    assert len(set(digests)) == 1, digests
+    if rank == 0:
+        print("policy: warm-up and opt-out as specified", flush=True)
+
+
 def worker_main(scenario: str) -> None:
     """Run one scenario in a worker process; exit 0 on success."""
     import torch.distributed as dist
@@ -301,7 +339,8 @@ def worker_main(scenario: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
                             rank=int(os.environ["RANK"]),
                             world_size=int(os.environ["WORLD_SIZE"]))
-    {"match": scenario_match, "checkpoint": scenario_checkpoint}[scenario](
+    {"match": scenario_match, "checkpoint": scenario_checkpoint,
+     "policy": scenario_policy}[scenario](
         int(os.environ["TEST_SEED"]))
     # Then exit without destroy_process_group(): gloo (torch 2.13) sometimes
     # aborts a rank whose peer tears the group down first.
@@ -326,6 +365,10 @@ def test_hooks_match_exact_ddp_within_bounds(size):
     out = launch("match", size, seed=size * 7)
     for codec in ("squinch", "fp16", "bf16"):
         assert f"{codec}: 4 steps" in out, out
+
+
+def test_warm_up_and_opted_out_parameters():
+    assert "policy: warm-up and opt-out" in launch("policy", 2, seed=5)
 
 
 def test_state_checkpoint_and_pickle():

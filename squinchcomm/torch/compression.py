@@ -31,16 +31,24 @@ class WireCompression:
         error_feedback: keep per-tensor residuals (None: the communicator's default).
         rounding: "nearest" | "stochastic" (None: the communicator's default).
         hierarchical: reduce uncompressed inside a node first (None: default).
+        start_step: optimizer steps that reduce uncompressed before compression
+            starts (a warm-up, as PowerSGD's ``start_powerSGD_iter``; 0: from
+            the first step).
     """
 
     name: str
     error_feedback: bool | None = None
     rounding: str | None = None
     hierarchical: bool | None = None
+    start_step: int = 0
 
     def __post_init__(self):
         if self.name not in COMPRESSIONS:
             raise ValueError(f"compression {self.name!r}: choose one of {', '.join(COMPRESSIONS)}")
+        if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) \
+                or self.start_step < 0:
+            raise ValueError(f"start_step={self.start_step!r}: pass the number of uncompressed "
+                             "steps before compression starts (an int >= 0)")
         if self.rounding is not None and self.rounding not in _ROUNDINGS:
             raise ValueError(f"rounding={self.rounding!r}: choose 'nearest' or 'stochastic'")
 
@@ -69,6 +77,7 @@ class WireCompression:
     def __repr__(self):
         opts = [f"{k}={getattr(self, k)!r}" for k in ("error_feedback", "rounding", "hierarchical")
                 if getattr(self, k) is not None]
+        opts += [f"start_step={self.start_step}"] if self.start_step else []
         return f"Compression.{self.name}" + (f"_with({', '.join(opts)})" if opts else "")
 
 
@@ -88,7 +97,7 @@ class Compression:
 
     @staticmethod
     def squinch_with(error_feedback: bool | None = None, rounding: str | None = None,
-                     hierarchical: bool | None = None) -> WireCompression:
+                     hierarchical: bool | None = None, start_step: int = 0) -> WireCompression:
         """Return Squinch compression with explicit options.
 
         Args:
@@ -96,6 +105,8 @@ class Compression:
                 next allreduce (needs ``name=``; the optimizer names its buckets).
             rounding: "nearest" or "stochastic" (unbiased).
             hierarchical: sum inside a node uncompressed, compress across nodes.
+            start_step: reduce uncompressed for this many optimizer steps
+                first (a warm-up while gradients change fast).
 
         Returns:
             A :class:`WireCompression` to pass as ``compression=``.
@@ -104,7 +115,7 @@ class Compression:
             >>> Compression.squinch_with(error_feedback=True, rounding="stochastic")
             Compression.squinch_with(error_feedback=True, rounding='stochastic')
         """
-        return WireCompression("squinch", error_feedback, rounding, hierarchical)
+        return WireCompression("squinch", error_feedback, rounding, hierarchical, start_step)
 
 
 def as_compression(compression) -> WireCompression:

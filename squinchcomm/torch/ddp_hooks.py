@@ -85,6 +85,12 @@ class SquinchHookState:
         check_metadata: verify per bucket that every rank passes the same
             bucket (one small allgather); None reads
             ``SQUINCHCOMM_CHECK_METADATA`` (default on).
+        start_step: iterations reduced uncompressed before compression starts
+            (a warm-up, PowerSGD's ``start_powerSGD_iter``).
+        uncompressed_params: parameters always reduced uncompressed
+            (embeddings, norms, biases): a collection of parameters, or a
+            predicate ``parameter -> bool``; a bucket holding some of them
+            makes two exchanges, one uncompressed. Not pickled.
 
     Example:
         >>> state = SquinchHookState(compression="squinch", error_feedback=True)
@@ -94,7 +100,8 @@ class SquinchHookState:
     def __init__(self, process_group=None, compression: str = "squinch",
                  rounding: str = "nearest", error_feedback: bool = True,
                  hierarchical: bool = False, min_compress_bytes: int | None = None,
-                 timeout: float | None = None, check_metadata: bool | None = None):
+                 timeout: float | None = None, check_metadata: bool | None = None,
+                 start_step: int = 0, uncompressed_params=None):
         # Validate here, not at the first bucket: a typo should fail before training starts.
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression={compression!r}: choose one of {', '.join(COMPRESSIONS)}")
@@ -105,6 +112,15 @@ class SquinchHookState:
                              "bytes, or None for the SQUINCHCOMM_MIN_COMPRESS_BYTES default")
         if timeout is not None and not float(timeout) > 0:
             raise ValueError(f"timeout={timeout!r}: pass a positive number of seconds or None")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step={start_step!r}: pass the number of uncompressed "
+                             "iterations before compression starts (an int >= 0)")
+        self.start_step = start_step
+        if uncompressed_params is None or callable(uncompressed_params):
+            self.uncompressed_params = uncompressed_params
+        else:
+            ids = {id(p) for p in uncompressed_params}
+            self.uncompressed_params = lambda p: id(p) in ids
         self.process_group = process_group
         self.compression = compression
         self.rounding = rounding
@@ -221,7 +237,8 @@ class SquinchHookState:
     def __getstate__(self) -> dict:
         """Pickle everything but the process group and the communicator."""
         out = {k: v for k, v in self.__dict__.items()
-               if k not in ("process_group", "_comm", "_pending", "_last_seen")}
+               if k not in ("process_group", "_comm", "_pending", "_last_seen",
+                            "uncompressed_params")}
         out["saved"] = self.state_dict()
         return out
 
@@ -229,6 +246,7 @@ class SquinchHookState:
         saved = state.pop("saved")
         self.__dict__.update(state)
         self.process_group = None  # the default group; set another before the first step
+        self.uncompressed_params = None
         self._comm = None
         self._last_seen = {}
         self._pending = saved if saved["world"] is not None else None
@@ -251,24 +269,47 @@ def _compressed_hook(state: SquinchHookState, bucket: dist.GradBucket,
                          "ddp.register_comm_hook(SquinchHookState(), hook)")
     buf = bucket.buffer()  # flat (numel,) grads of this bucket, fp32/fp16/bf16
     comm = state.communicator
+    if state._iteration < state.start_step:  # the warm-up: uncompressed
+        compression = "none"
     name = state._name(bucket, compression)
     state._last_seen[name] = state._iteration
-    # In place (out=buf): DDP copies the future's tensor into the grads, and
-    # with gradient_as_bucket_view the buffer already is the grads.
-    handle = comm.allreduce_async(buf, op="average", compression=compression, name=name,
-                                  out=buf, error_feedback=state.error_feedback)
+    # Step 1: the opted-out parameters' slices, (offset, numel, uncompressed)
+    segments, at = [], 0
+    for p in bucket.parameters():
+        plain = state.uncompressed_params is not None and bool(state.uncompressed_params(p))
+        segments.append((at, p.numel(), plain))
+        at += p.numel()
+    plain = [s for s in segments if s[2]]
+    if compression == "none" or not plain or len(plain) == len(segments):
+        # In place (out=buf): DDP copies the future's tensor into the grads, and
+        # with gradient_as_bucket_view the buffer already is the grads.
+        parts = [(buf, "none" if plain else compression, name, None)]
+    else:  # Step 2: two exchanges, the opted-out slices uncompressed
+        parts = [(torch.cat([buf[o:o + n] for o, n, pl in segments if pl == flag]), comp,
+                  part_name, [(o, n) for o, n, pl in segments if pl == flag])
+                 for flag, comp, part_name in ((False, compression, name),
+                                               (True, "none", name + ".plain"))]
+    handles = [comm.allreduce_async(t, op="average", compression=comp, name=part_name, out=t,
+                                    error_feedback=state.error_feedback)
+               for t, comp, part_name, _ in parts]
     if bucket.is_last():  # buckets are launched in index order: the iteration is over
         state._retire()
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
 
-    def done(h):  # on the engine's thread, once the bucket is reduced
-        error = h.exception()
+    def done(_):  # on the engine's thread, once the last exchange is done (engine order)
+        error = next((h.exception() for h in handles if h.exception() is not None), None)
         if error is not None:
             fut.set_exception(error)
-        else:
-            fut.set_result(buf)
+            return
+        for t, _, _, spots in parts:  # Step 3: the slices back into the bucket
+            if spots is not None:
+                at = 0
+                for o, n in spots:
+                    buf[o:o + n].copy_(t[at:at + n])
+                    at += n
+        fut.set_result(buf)
 
-    handle.add_done_callback(done)
+    handles[-1].add_done_callback(done)
     return fut
 
 

@@ -83,7 +83,7 @@ class FSDPCompression:
 
     def __init__(self, *, compression: str = "squinch", rounding: str = "nearest",
                  error_feedback: bool = False, min_compress_bytes: int | None = None,
-                 timeout: float | None = None, seed: int = 0):
+                 timeout: float | None = None, seed: int = 0, start_step: int = 0):
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression={compression!r}: choose one of "
                              f"{', '.join(COMPRESSIONS)}")
@@ -92,7 +92,10 @@ class FSDPCompression:
         if min_compress_bytes is not None and int(min_compress_bytes) < 0:
             raise ValueError(f"min_compress_bytes={min_compress_bytes!r}: pass bytes >= 0 or "
                              "None (SQUINCHCOMM_MIN_COMPRESS_BYTES)")
-        self.compression, self.rounding = compression, rounding
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step={start_step!r}: pass the number of uncompressed "
+                             "reductions before compression starts (an int >= 0)")
+        self.compression, self.rounding, self.start_step = compression, rounding, start_step
         self.error_feedback = bool(error_feedback)
         self.min_compress_bytes = None if min_compress_bytes is None else int(min_compress_bytes)
         self.timeout, self.seed = timeout, int(seed)
@@ -113,8 +116,13 @@ class FSDPCompression:
             self._comms[group] = comm
         return comm
 
-    def _ef(self):
-        return self.residuals if self.error_feedback else False
+    def _options(self, calls: int) -> dict:
+        """The reduction's compression and error feedback at a unit's
+        ``calls``-th reduction (uncompressed during the warm-up)."""
+        if calls < self.start_step:
+            return {"compression": "none", "error_feedback": False}
+        return {"compression": self.compression,
+                "error_feedback": self.residuals if self.error_feedback else False}
 
     def state_dict(self) -> dict:
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -134,7 +142,7 @@ class _CompressedReduceScatter(_ReduceScatterBase):
     """One FSDP unit's reduce-scatter (FSDP2's ``ReduceScatter`` protocol)."""
 
     def __init__(self, state: FSDPCompression, name: str):
-        self.state, self.name = state, name
+        self.state, self.name, self.calls = state, name, 0
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
@@ -151,7 +159,8 @@ class _CompressedReduceScatter(_ReduceScatterBase):
         # Step 2: the compressed reduce-scatter, waited for (FSDP reads the output next)
         shard, _ = comm.reduce_scatter(input_tensor.reshape(-1), op=how, prescale=prescale,
                                        counts=[n] * world, name=self.name,
-                                       error_feedback=self.state._ef())
+                                       **self.state._options(self.calls))
+        self.calls += 1
         # Step 3: into FSDP's buffer, in its reduce dtype
         output_tensor.reshape(-1).copy_(shard)
         return None
@@ -170,7 +179,9 @@ def _fsdp_op(op) -> tuple[str, float]:
                      "SUM and PREMUL_SUM (set_gradient_divide_factor)")
 
 
-def _units(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+def _units(model: torch.nn.Module, uncompressed=None) -> list[tuple[str, torch.nn.Module]]:
+    """The FSDP2 units of ``model`` as (name, module), less those
+    ``uncompressed`` selects (names, or a predicate ``(name, module) -> bool``)."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [(name or "<root>", m) for name, m in model.named_modules()
@@ -179,7 +190,16 @@ def _units(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         raise ValueError("no FSDP2 unit in the model: call "
                          "torch.distributed.fsdp.fully_shard(...) on its blocks and on the "
                          "model first, then compress it")
-    return units
+    if uncompressed is None:
+        return units
+    if callable(uncompressed):
+        return [(name, m) for name, m in units if not uncompressed(name, m)]
+    names = {uncompressed} if isinstance(uncompressed, str) else set(uncompressed)
+    unknown = names - {name for name, _ in units}
+    if unknown:
+        raise ValueError(f"uncompressed names {sorted(unknown)}, which are not FSDP units of "
+                         f"the model (its units: {', '.join(name for name, _ in units)})")
+    return [(name, m) for name, m in units if name not in names]
 
 
 def _set(unit_name: str, setter, value):
@@ -194,18 +214,22 @@ def _set(unit_name: str, setter, value):
 def compress(model: torch.nn.Module, *, compression: str = "squinch",
              rounding: str = "nearest", error_feedback: bool = False,
              min_compress_bytes: int | None = None, timeout: float | None = None,
-             seed: int = 0) -> FSDPCompression:
+             seed: int = 0, start_step: int = 0, uncompressed=None) -> FSDPCompression:
     """Compress the gradient reduce-scatter of every FSDP2 unit of ``model``.
 
     Call after ``fully_shard`` (every rank, same model). Units smaller than
     ``min_compress_bytes`` go uncompressed (default 64 KiB,
-    SQUINCHCOMM_MIN_COMPRESS_BYTES). Returns the :class:`FSDPCompression`
-    that holds the communicators and residuals.
+    SQUINCHCOMM_MIN_COMPRESS_BYTES); so do each unit's first ``start_step``
+    reductions (a warm-up: one per optimizer step without gradient
+    accumulation) and the units ``uncompressed`` selects (names of units as in
+    ``named_modules``, ``"<root>"`` for the model, or a predicate ``(name,
+    module) -> bool``): those keep FSDP's own reduce-scatter. Returns the
+    :class:`FSDPCompression` that holds the communicators and residuals.
     """
     state = FSDPCompression(compression=compression, rounding=rounding,
-                            error_feedback=error_feedback,
-                            min_compress_bytes=min_compress_bytes, timeout=timeout, seed=seed)
-    for name, unit in _units(model):
+                            error_feedback=error_feedback, min_compress_bytes=min_compress_bytes,
+                            timeout=timeout, seed=seed, start_step=start_step)
+    for name, unit in _units(model, uncompressed):
         _set(name, unit.set_custom_reduce_scatter,
              _CompressedReduceScatter(state, f"fsdp.{name}"))
         state.units.append(name)
@@ -215,7 +239,8 @@ def compress(model: torch.nn.Module, *, compression: str = "squinch",
 def compress_across_nodes(model: torch.nn.Module, cross_group, *,
                           compression: str = "squinch", rounding: str = "nearest",
                           error_feedback: bool = False, min_compress_bytes: int | None = None,
-                          timeout: float | None = None, seed: int = 0) -> FSDPCompression:
+                          timeout: float | None = None, seed: int = 0, start_step: int = 0,
+                          uncompressed=None) -> FSDPCompression:
     """HSDP with compressed node-to-node traffic: ``model`` is sharded by
     ``fully_shard`` over the ranks of one node (a 1-D mesh, FSDP's own
     reduce-scatter), and ``cross_group`` holds this rank and the ranks with
@@ -225,25 +250,33 @@ def compress_across_nodes(model: torch.nn.Module, cross_group, *,
     With a 2-D mesh ``mesh = init_device_mesh(dev, (nodes, node_size),
     mesh_dim_names=("node", "shard"))``: ``fully_shard(..., mesh=mesh["shard"])``
     and ``cross_group = mesh["node"].get_group()``. Every node must start
-    from the same parameters (the same seed, or a broadcast).
+    from the same parameters (the same seed, or a broadcast). ``start_step``
+    and ``uncompressed`` as in :func:`compress` (selected units are averaged
+    across nodes uncompressed).
     """
     state = FSDPCompression(compression=compression, rounding=rounding,
-                            error_feedback=error_feedback,
-                            min_compress_bytes=min_compress_bytes, timeout=timeout, seed=seed)
+                            error_feedback=error_feedback, min_compress_bytes=min_compress_bytes,
+                            timeout=timeout, seed=seed, start_step=start_step)
+    plain = {name for name, _ in _units(model)} - {name for name, _ in _units(model, uncompressed)}
     for name, unit in _units(model):
-        _set(name, unit.set_all_reduce_hook, _cross_node_hook(state, cross_group, f"hsdp.{name}"))
+        _set(name, unit.set_all_reduce_hook,
+             _cross_node_hook(state, cross_group, f"hsdp.{name}", name in plain))
         state.units.append(name)
     return state
 
 
-def _cross_node_hook(state: FSDPCompression, cross_group, name: str):
+def _cross_node_hook(state: FSDPCompression, cross_group, name: str, plain: bool):
+    calls = [0]
+
     def hook(reduce_output: torch.Tensor):
         # Step 4: the node's reduced shard, averaged with the other nodes'
         comm = state.communicator(cross_group)
+        options = ({"compression": "none", "error_feedback": False} if plain
+                   else state._options(calls[0]))
+        calls[0] += 1
         if comm.size == 1:
             return
-        out = comm.allreduce(reduce_output, op="average", name=name,
-                             error_feedback=state._ef())
+        out = comm.allreduce(reduce_output, op="average", name=name, **options)
         reduce_output.copy_(out)
 
     return hook

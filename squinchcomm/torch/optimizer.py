@@ -73,6 +73,7 @@ class _Bucket:
         self.handle = None  # the allreduce in flight (squinchcomm.collectives.Handle)
         self.sparse: dict = {}  # id(param) -> its sparse allreduce in flight (sparse gradients)
         self.first = False  # the first bucket of its dtype and device (first_bucket_bytes cap)
+        self.plain = False  # holds the parameters opted out of compression
 
     @property
     def nbytes(self) -> int:
@@ -90,7 +91,8 @@ class _DistributedOptimizer:
     # ------------------------------------------------------------ setup
     def _sq_setup(self, named_parameters, compression, backward_passes_per_step, op,
                   gradient_predivide_factor, fusion_threshold, communicator, sparse_as_dense,
-                  first_bucket_bytes=None, last_bucket_bytes=None, per_group=False):
+                  first_bucket_bytes=None, last_bucket_bytes=None, per_group=False,
+                  uncompressed_params=None):
         base = communicator if communicator is not None else _ops.communicator()
         self._sq_compression = as_compression(compression)
         op_name = _ops._op(None, op)
@@ -149,10 +151,15 @@ class _DistributedOptimizer:
         # (device, dtype[, group]) -> parameters in registration order; the sharded
         # variant keeps each bucket inside one parameter group (its shard joins it).
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        plain = _opted_out(uncompressed_params, self._sq_names, trainable)
+
+        def key_of(p):  # opted-out parameters share buckets only with each other
+            return ((p.device, p.dtype) + ((group_of[id(p)],) if per_group else ())
+                    + ((id(p) in plain,) if plain else ()))
+
         by_key: dict[tuple, list] = {}
         for p in trainable:
-            key = (p.device, p.dtype) + ((group_of[id(p)],) if per_group else ())
-            by_key.setdefault(key, []).append(p)
+            by_key.setdefault(key_of(p), []).append(p)
         tail = ({} if last is None or last >= threshold  # no cap of its own
                 else {key: _prefix(ps, last) for key, ps in by_key.items()})
         tail_ids = {id(p) for t in tail.values() for p in t}
@@ -161,7 +168,7 @@ class _DistributedOptimizer:
         for p in reversed(trainable):
             if id(p) in tail_ids:
                 continue
-            key = (p.device, p.dtype) + ((group_of[id(p)],) if per_group else ())
+            key = key_of(p)
             b = open_buckets.get(key)
             cap = first if b is not None and b.first else threshold
             if b is not None and b.params and b.nbytes + p.numel() * p.element_size() > cap:
@@ -169,11 +176,13 @@ class _DistributedOptimizer:
             if b is None:
                 b = _Bucket(len(self._sq_buckets), p.dtype, p.device)
                 b.first = key not in open_buckets
+                b.plain = id(p) in plain
                 self._sq_buckets.append(b)
                 open_buckets[key] = b
             b.add(p)
         for key, t in tail.items():
             b = _Bucket(len(self._sq_buckets), key[1], key[0])
+            b.plain = id(t[0]) in plain
             self._sq_buckets.append(b)
             for p in reversed(t):
                 b.add(p)
@@ -186,8 +195,8 @@ class _DistributedOptimizer:
         # which is also what lets a joined rank (hvd.join) answer it.
         if base.check_metadata:
             # Shapes too: (8, 4) on one rank and (4, 8) on another have equal sizes.
-            layout = [(b.name, b.numel, [(self._sq_names[id(p)], tuple(p.shape))
-                                         for p in b.params]) for b in self._sq_buckets]
+            layout = [(b.name, b.numel, b.plain, [(self._sq_names[id(p)], tuple(p.shape))
+                                                  for p in b.params]) for b in self._sq_buckets]
             mine = {"buckets": layout, "op": op_name, "bpps": self._sq_bpps,
                     "compression": repr(self._sq_compression)}
             collectives.check_agreement("DistributedOptimizer", base.allgather_object(mine),
@@ -198,6 +207,7 @@ class _DistributedOptimizer:
         self._sq_ef = ErrorFeedback()
         comp = self._sq_compression
         ef_on = base.error_feedback_default if comp.error_feedback is None else comp.error_feedback
+        self._sq_steps = 0  # optimizer steps taken (compression starts at comp.start_step)
         self._sq_options = {"op": op_name, "compression": comp.name, "rounding": comp.rounding,
                             "hierarchical": comp.hierarchical,
                             "error_feedback": self._sq_ef if ef_on else False,
@@ -256,7 +266,14 @@ class _DistributedOptimizer:
         # Step 3: submitted in index order, the same on every rank; the engine
         # runs it while backward goes on.
         b.handle = self._sq_comm.allreduce_async(b.buffer, out=b.buffer, name=b.name,
-                                                 **self._sq_options)
+                                                 **self._sq_bucket_options(b))
+
+    def _sq_bucket_options(self, b: _Bucket) -> dict:
+        """The reduction's options for bucket ``b`` now: uncompressed for the
+        opted-out parameters and during the warm-up (``start_step``)."""
+        if b.plain or self._sq_steps < self._sq_compression.start_step:
+            return {**self._sq_options, "compression": "none", "error_feedback": False}
+        return self._sq_options
 
     def _sq_fill(self, b: _Bucket, release: bool = False):
         """The bucket's gradients into its flat buffer (zeros for a parameter
@@ -361,6 +378,7 @@ class _DistributedOptimizer:
             else:
                 self.synchronize()
         self._sq_synchronized = False
+        self._sq_steps += 1
         return super().step(closure)
 
     def zero_grad(self, set_to_none: bool = True):
@@ -427,6 +445,24 @@ class _DistributedOptimizer:
         self._sq_hooks = []
 
 
+def _opted_out(spec, names: dict, params: list) -> set:
+    """ids of the parameters ``uncompressed_params`` names: an iterable of
+    names, or a predicate ``(name, parameter) -> bool``."""
+    if spec is None:
+        return set()
+    if callable(spec):
+        return {id(p) for p in params if spec(names[id(p)], p)}
+    if isinstance(spec, str):
+        spec = [spec]
+    wanted = set(spec)
+    unknown = wanted - {names[id(p)] for p in params}
+    if unknown:
+        raise ValueError(f"uncompressed_params names {sorted(unknown)}, which are not trainable "
+                         "parameters of this optimizer: pass names from named_parameters, or a "
+                         "predicate (name, parameter) -> bool")
+    return {id(p) for p in params if names[id(p)] in wanted}
+
+
 def _prefix(params: list, cap: int) -> list:
     """The longest prefix of ``params`` within ``cap`` bytes (at least one)."""
     total = 0
@@ -446,7 +482,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
                          gradient_predivide_factor=1.0, fusion_threshold=None, num_groups=0,
                          groups=None, sparse_as_dense=False, process_set=None,
                          communicator=None, first_bucket_bytes=None, last_bucket_bytes=None,
-                         shard_optimizer_state=False):
+                         shard_optimizer_state=False, uncompressed_params=None):
     """Wrap ``optimizer`` so that ``step()`` uses gradients averaged over all ranks.
 
     The result is an instance of a subclass of ``optimizer``'s class sharing
@@ -487,6 +523,10 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
             nothing overlaps, so a small one shortens the step on a slow
             link; default ``SQUINCHCOMM_LAST_BUCKET_BYTES`` or no cap of
             its own, as in Horovod and DDP).
+        uncompressed_params: parameters reduced uncompressed whatever the
+            compression (embeddings, norms, biases, beyond the size threshold):
+            names from ``named_parameters``, or a predicate ``(name,
+            parameter) -> bool``; they get buckets of their own.
         shard_optimizer_state: ZeRO stage 1/2 (:mod:`squinchcomm.torch.zero`):
             gradients are reduce-scattered (compressed), each rank keeps and
             steps the optimizer state of its shard only (memory 1/N), and the
@@ -529,7 +569,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
         wrapped.param_groups = [dict(g, params=list(g["params"])) for g in optimizer.param_groups]
     wrapped._sq_setup(named_parameters, compression, backward_passes_per_step, op,
                       gradient_predivide_factor, fusion_threshold, communicator, sparse_as_dense,
-                      first_bucket_bytes, last_bucket_bytes, per_group=bool(shard_optimizer_state))
+                      first_bucket_bytes, last_bucket_bytes, per_group=bool(shard_optimizer_state),
+                      uncompressed_params=uncompressed_params)
     if shard_optimizer_state:
         wrapped._sq_shard_setup()
     return wrapped

@@ -72,7 +72,6 @@ class _ShardedOptimizer(_DistributedOptimizer):
             self._sq_shards.append((shard, lo, hi))
         for g, params in zip(self.param_groups, kept):
             g["params"] = params
-        self._sq_options_rs = {k: v for k, v in self._sq_options.items() if k != "hierarchical"}
 
     def _sq_pull(self):
         """The shards from the model's parameters: whatever changed them since
@@ -91,8 +90,8 @@ class _ShardedOptimizer(_DistributedOptimizer):
     # ------------------------------------------------------------ step 2
     def _sq_start(self, b):
         self._sq_fill(b, release=True)  # ZeRO-2: the full gradient is not kept
-        b.handle = self._sq_comm.reduce_scatter_async(b.buffer, name=b.name,
-                                                      **self._sq_options_rs)
+        options = {k: v for k, v in self._sq_bucket_options(b).items() if k != "hierarchical"}
+        b.handle = self._sq_comm.reduce_scatter_async(b.buffer, name=b.name, **options)
 
     # ------------------------------------------------------------ step 3
     def _sq_collect(self, i, b, handle):
@@ -131,6 +130,7 @@ class _ShardedOptimizer(_DistributedOptimizer):
         if self._sq_should_synchronize and not self._sq_synchronized:
             self.synchronize()
         self._sq_synchronized = False
+        self._sq_steps += 1
         self._sq_pull()
         # Step 4: the wrapped optimizer's own step, on this rank's shards
         result = super(_DistributedOptimizer, self).step(closure)

@@ -264,6 +264,37 @@ def test_error_feedback_checkpoint_round_trip(world):
         restored.load_state_dict({"rank99": {}})
 
 
+@pytest.mark.parametrize("how", ["fsdp", "hsdp"])
+def test_warm_up_and_uncompressed_units(world, how):
+    """start_step=1: the first reduction of every unit is exact; unit "b",
+    opted out by name, stays exact; the others are compressed afterwards.
+    HSDP: the same for the cross-node allreduce (nodes of one rank here)."""
+    needs(world, 2)
+    r, n = world
+    if how == "fsdp":
+        model = shard(make())
+        state = fsdp.compress(model, start_step=1, uncompressed=["b"], min_compress_bytes=0)
+    else:  # every rank a node: FSDP over one rank, everything across nodes
+        mesh = init_device_mesh("cpu", (n, 1), mesh_dim_names=("node", "shard"))
+        model = shard(make(), mesh=mesh["shard"])
+        state = fsdp.compress_across_nodes(model, mesh["node"].get_group(), start_step=1,
+                                           uncompressed=lambda name, m: name == "b",
+                                           min_compress_bytes=0)
+    assert sorted(state.units) == (["<root>", "a"] if how == "fsdp" else ["<root>", "a", "b"])
+    for step in (0, 1):
+        model.zero_grad()
+        loss_of(model, *batch(70 + step, r)).backward()
+        for unit, flat, mine in per_unit(full_grads(model), exact_grads(0, 70 + step, range(n))):
+            top = sum(f.abs().max() for f in flat) / n
+            err = (mine - sum(flat) / n).abs().max()
+            if step == 0 or unit == "b":
+                assert err <= 1e-5 * top, (how, step, unit, float(err))
+            else:  # compressed (two quantizations across nodes)
+                assert 0 < err <= (2 * Q + Q * Q + 1e-5) * top, (how, step, unit, float(err))
+    with pytest.raises(ValueError, match="not FSDP units"):
+        fsdp.compress(shard(make()), uncompressed=["nope"])
+
+
 def test_configuration_errors(world):
     with pytest.raises(ValueError, match="fully_shard"):
         fsdp.compress(make())  # no FSDP unit

@@ -1201,3 +1201,51 @@ def test_sharded_optimizer_errors(world):
     with pytest.raises(ValueError, match="has not stepped"):
         hvd.DistributedOptimizer(stepped, named_parameters=model.named_parameters(),
                                  shard_optimizer_state=True)
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_compression_warm_up_and_opt_out(world, shard):
+    """start_step=2: the first two steps reduce uncompressed (the exact fp32
+    average), compression starts at the third; the biases, opted out by a
+    predicate, stay exact throughout. Also with the sharded optimizer."""
+    n, r = world.size, world.rank
+    model = make_model()
+    start = copy.deepcopy(model)
+    opt = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), named_parameters=model.named_parameters(),
+        compression=hvd.Compression.squinch_with(start_step=2), fusion_threshold=256,
+        uncompressed_params=lambda name, p: name.endswith("bias"), shard_optimizer_state=shard)
+    if not shard:
+        assert {b.plain for b in opt._sq_buckets} == {True, False}
+    for step in range(3):
+        opt.zero_grad()
+        loss_fn(model, *batch(60 + step, r)).backward()
+        opt.synchronize()
+        grads = [local_grads(start, 60 + step, k) for k in range(n)]
+        if shard:  # the gradients live on the shards: gather them as the step sees them
+            got = torch.cat([hvd.allgather(s.grad) for s, *_ in opt._sq_shards])
+            order = [p for b in opt._sq_buckets for p in b.params]
+            names = {id(p): name for name, p in model.named_parameters()}
+            got_by = {}
+            at = 0
+            for p in order:
+                got_by[names[id(p)]] = got[at:at + p.numel()].view_as(p)
+                at += p.numel()
+        else:
+            got_by = {name: p.grad for name, p in model.named_parameters()}
+        errors = {}
+        for name in got_by:
+            exact = sum(g[name].double() for g in grads) / n
+            errors[name] = float((got_by[name].double() - exact).abs().max() /
+                                 (exact.abs().max() + 1e-30))
+        exact_ones = [k for k in errors if step < 2 or k.endswith("bias")]
+        assert all(errors[k] < 1e-5 for k in exact_ones), (step, errors)
+        if step == 2 and n > 1:
+            weights = [errors[k] for k in errors if k.endswith("weight")]
+            assert max(weights) > 1e-4 and max(weights) < 2 * Q, (step, errors)
+        with opt.skip_synchronize():
+            opt.step()
+    with pytest.raises(ValueError, match="not trainable parameters"):
+        hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                 named_parameters=model.named_parameters(),
+                                 uncompressed_params=["net.9.weight"])
