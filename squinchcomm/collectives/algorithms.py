@@ -341,20 +341,48 @@ def reduce_scatter(t: Transport, plan: Plan, x: _arrays.Flat, n: int, bounds: li
     # Step 1: this tensor's residual (the whole tensor; no second stage).
     res1, _, step = plan.residuals("reduce_scatter", n, 0, x.data, world)
     seed = plan.seed_for(step, rank, 1)
-    # Step 2: encode every rank's part from its own first element.
-    nbytes = [wire.nbytes(c) for c in counts]
-    pos = np.cumsum([0] + nbytes)
-    payload = xp.empty(int(pos[-1]), xp.uint8)  # (sum_r bytes(part r),)
-    for r in range(world):
-        lo, hi = bounds[r], bounds[r + 1]
-        wire.encode(_part(x, lo, hi), payload[pos[r]:pos[r + 1]],
-                    None if res1 is None else res1[lo:hi], seed, offset=lo)
-    # Step 3: rank r receives part r from every rank.
-    recv = xp.empty(world * nbytes[rank], xp.uint8)  # (world * bytes(my part),)
-    yield t.alltoallv(payload, nbytes, recv, [nbytes[rank]] * world)
-    # Step 4: decode-accumulate in fp32, in rank order.
+    # Pipelined like the allreduce: every part is cut into chunks of
+    # plan.pipeline elements, multiples of 8 from the part's own start, so the
+    # blocks (and the bytes) are those of the part in one piece; chunk k's
+    # all-to-all is on the wire while chunk k+1 is encoded and chunk k-1
+    # decoded, in the same order on every rank.
+    pieces = [chunk_bounds(c, plan.pipeline) for c in counts]  # per part, from its start
+    chunks = max(len(e) - 1 for e in pieces)
     shard = xp.zeros(mine, xp.float32)
-    wire.decode_accumulate(recv.reshape(world, nbytes[rank]), mine, shard, plan.scale)
+    exchanges = {}
+
+    def piece(r, k):  # (start, stop) of part r's chunk k, relative to the part
+        e = pieces[r]
+        return (e[k], e[k + 1]) if k + 1 < len(e) else (e[-1], e[-1])
+
+    def send(k):
+        # Step 2: encode chunk k of every rank's part, from the part's own blocks.
+        spans = [piece(r, k) for r in range(world)]
+        nbytes = [wire.nbytes(b - a) for a, b in spans]
+        pos = np.cumsum([0] + nbytes)
+        payload = xp.empty(int(pos[-1]), xp.uint8)  # (sum_r bytes(chunk k of part r),)
+        for r, (a, b) in enumerate(spans):
+            lo = bounds[r] + a
+            if b > a:
+                wire.encode(_part(x, lo, lo + b - a), payload[pos[r]:pos[r + 1]],
+                            None if res1 is None else res1[lo:lo + b - a], seed, offset=lo)
+        # Step 3: rank r receives chunk k of part r from every rank.
+        recv = xp.empty(world * nbytes[rank], xp.uint8)  # (world * bytes(my chunk),)
+        exchanges[k] = (t.alltoallv(payload, nbytes, recv, [nbytes[rank]] * world), payload,
+                        recv, nbytes[rank], spans[rank])
+
+    def finish(k):
+        # Step 4: decode-accumulate chunk k of this rank's part in fp32, in rank order.
+        work, _, recv, nb, (a, b) = exchanges.pop(k)
+        yield work
+        if b > a:
+            wire.decode_accumulate(recv.reshape(world, nb), b - a, shard[a:b], plan.scale)
+
+    for k in range(chunks + 1):
+        if k < chunks:
+            send(k)
+        if k >= 1:
+            yield from finish(k - 1)
     return shard
 
 

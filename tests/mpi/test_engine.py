@@ -17,6 +17,7 @@ pytestmark = pytest.mark.mpi
 MPI = pytest.importorskip("mpi4py.MPI")
 
 from squinchcomm import codec  # noqa: E402
+from squinchcomm.collectives import Communicator  # noqa: E402
 from test_collectives import Q, all_inputs, block_max, comm, data, same_everywhere  # noqa: E402,F401
 
 
@@ -187,19 +188,25 @@ def test_exact_allreduce_of_float64_and_integers(comm, dtype, op):
     same_everywhere(comm, y)
 
 
+@pytest.mark.parametrize("pipeline_bytes", [0, 4 * 20])
 @pytest.mark.parametrize("compression", ["squinch", "none"])
-def test_reduce_scatter_over_uneven_splits_matches_the_oracle(comm, compression):
+def test_reduce_scatter_over_uneven_splits_matches_the_oracle(comm, compression,
+                                                              pipeline_bytes):
     """Horovod-style row splits (not block-aligned): every rank's part is
     encoded on its own, summed in fp32 in rank order; the expectation is
-    built here from the NumPy oracle codec, not from the collective."""
+    built here from the NumPy oracle codec, not from the collective. With
+    pipeline_bytes 80 the parts (91-104 elements) run in 4-5 chunks of 24
+    elements, a different number for different parts."""
     row, rows = 13, 7 * comm.size + 3
     splits = [(rows // comm.size + (1 if r < rows % comm.size else 0)) * row
               for r in range(comm.size)]
     n = rows * row
     bounds = np.cumsum([0] + splits)
     lo, hi = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
-    shard, got_bounds = comm.reduce_scatter(data(60, comm.rank, n), counts=splits,
-                                            compression=compression, op="average")
+    c = Communicator(comm.transport, min_compress_bytes=0, timeout=60,
+                     pipeline_bytes=pipeline_bytes)
+    shard, got_bounds = c.reduce_scatter(data(60, comm.rank, n), counts=splits,
+                                         compression=compression, op="average")
     assert got_bounds == (lo, hi) and shard.dtype == np.float32
     acc = np.zeros(hi - lo, np.float32)
     for r in range(comm.size):  # rank order, fp32, from +0
@@ -209,6 +216,27 @@ def test_reduce_scatter_over_uneven_splits_matches_the_oracle(comm, compression)
                                 backend="oracle")
         acc = acc + part
     assert np.array_equal(shard, acc * np.float32(1 / comm.size))
+
+
+@pytest.mark.parametrize("compression", ["squinch", "bf16"])
+def test_pipelined_reduce_scatter_gives_the_same_bits(comm, compression):
+    """Stochastic rounding and error feedback over three steps: the pipelined
+    reduce-scatter (chunks of 1, 3 and about 25 per part) gives the bits of
+    the one-piece one, and stays within the bound of the exact average."""
+    n = 50_021
+    results = []
+    for pipeline_bytes in (0, 4 * 6_000 + 4, 4 * 700):
+        c = Communicator(comm.transport, min_compress_bytes=0, rounding="stochastic",
+                         timeout=60, pipeline_bytes=pipeline_bytes)
+        steps = [c.reduce_scatter(data(80 + step, comm.rank, n), compression=compression,
+                                  error_feedback=True, name="g")[0] for step in range(3)]
+        results.append(np.concatenate(steps))
+    for other in results[1:]:
+        assert np.array_equal(results[0], other)
+    lo, hi = c.reduce_scatter(np.zeros(n, np.float32), compression="none")[1]
+    ref = (sum(all_inputs(comm, 80, n)) / comm.size)[lo:hi]
+    q = Q if compression == "squinch" else 2.0 ** -8
+    assert np.abs(results[0][:hi - lo] - ref).max() <= 2 * q * np.abs(ref).max() + 1e-6
 
 
 @pytest.mark.parametrize("op", ["sum", "average"])
