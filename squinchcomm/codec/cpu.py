@@ -271,17 +271,21 @@ def _encode_chunk(val, nvalid, b0, out, res, has_res, stochastic, key, offset):
                 out[o + t] = 0
         else:
             _pack_block(qs[bb], neg8[bb], codes8[bb], out, o)
-    # Step 5: error feedback, residual = value - decoded (non-finite blocks keep theirs).
+    # Step 5: error feedback, residual = value - decoded (non-finite blocks keep
+    # theirs), in one flat loop: the level F[c] = c^2 / 225 computed, not
+    # looked up (the float32 division gives the table's values exactly).
     if has_res:
-        base = 8 * b0
+        scale = np.empty(ne, np.float32)  # A(q) per element (NaN: a non-finite block)
         for bb in range(nb):
-            if qs[bb] == 255:
-                continue
-            scale = _SCALE[qs[bb]]
-            for j in range(min(8, nvalid - 8 * bb)):
-                i = 8 * bb + j
-                d = scale * _F[codes[i]]
-                res[base + i] = val[i] - (-d if neg[i] else d)
+            a = _SCALE[qs[bb]] if qs[bb] != 255 else _bits_f32(_NAN)
+            for j in range(8):
+                scale[8 * bb + j] = a
+        r = res[8 * b0:8 * b0 + nvalid]
+        for i in range(nvalid):
+            c = np.float32(codes[i])
+            d = scale[i] * (c * c / np.float32(225.0))
+            e = val[i] - (-d if neg[i] else d)
+            r[i] = e if scale[i] == scale[i] else r[i]
 
 
 @njit(inline="always")
