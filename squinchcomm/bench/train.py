@@ -204,7 +204,7 @@ class _Run:
         def adamw(params):
             return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
-        if method.startswith(("fsdp_", "hsdp_")):
+        if _sharded(method):
             self.units = _fully_shard(self.model, method, args)
             self.optimizer = adamw(self.model.parameters())
             self.net = self.model
@@ -271,7 +271,7 @@ class _Run:
         if self.powersgd is not None:  # fp32 P, Q and uncompressed tensors, allreduced
             elements = (self.powersgd.total_numel_after_compression - start) / steps
             return wire_bytes(round(elements), world, "none")
-        if method_is_sharded(self.method):
+        if _sharded(self.method):
             return self.units.wire_bytes(min_compress_bytes)
         if self.method == "zero_squinch":  # reduce-scatter, then fp32 parameter all-gather
             return sum(wire_bytes(n, world, "squinch" if 4 * n >= min_compress_bytes else "none",
@@ -291,7 +291,8 @@ class _Run:
             self.optimizer.remove_hooks()
 
 
-def method_is_sharded(method: str) -> bool:
+def _sharded(method: str) -> bool:
+    """FSDP2 methods (their optimizer steps DTensor shards)."""
     return method.startswith(("fsdp_", "hsdp_"))
 
 

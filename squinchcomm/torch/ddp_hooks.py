@@ -276,8 +276,8 @@ def _compressed_hook(state: SquinchHookState, bucket: dist.GradBucket,
     # Step 1: the opted-out parameters' slices, (offset, numel, uncompressed)
     segments, at = [], 0
     for p in bucket.parameters():
-        plain = state.uncompressed_params is not None and bool(state.uncompressed_params(p))
-        segments.append((at, p.numel(), plain))
+        opted_out = state.uncompressed_params is not None and bool(state.uncompressed_params(p))
+        segments.append((at, p.numel(), opted_out))
         at += p.numel()
     plain = [s for s in segments if s[2]]
     if compression == "none" or not plain or len(plain) == len(segments):

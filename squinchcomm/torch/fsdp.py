@@ -116,10 +116,11 @@ class FSDPCompression:
             self._comms[group] = comm
         return comm
 
-    def _options(self, calls: int) -> dict:
+    def _options(self, calls: int, plain: bool = False) -> dict:
         """The reduction's compression and error feedback at a unit's
-        ``calls``-th reduction (uncompressed during the warm-up)."""
-        if calls < self.start_step:
+        ``calls``-th reduction (uncompressed during the warm-up, and always
+        for a ``plain`` unit)."""
+        if plain or calls < self.start_step:
             return {"compression": "none", "error_feedback": False}
         return {"compression": self.compression,
                 "error_feedback": self.residuals if self.error_feedback else False}
@@ -179,9 +180,10 @@ def _fsdp_op(op) -> tuple[str, float]:
                      "SUM and PREMUL_SUM (set_gradient_divide_factor)")
 
 
-def _units(model: torch.nn.Module, uncompressed=None) -> list[tuple[str, torch.nn.Module]]:
-    """The FSDP2 units of ``model`` as (name, module), less those
-    ``uncompressed`` selects (names, or a predicate ``(name, module) -> bool``)."""
+def _units(model: torch.nn.Module, uncompressed=None) -> list[tuple[str, torch.nn.Module, bool]]:
+    """The FSDP2 units of ``model`` as (name, module, plain): ``plain`` when
+    ``uncompressed`` selects the unit (names, or a predicate ``(name, module)
+    -> bool``)."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [(name or "<root>", m) for name, m in model.named_modules()
@@ -191,15 +193,15 @@ def _units(model: torch.nn.Module, uncompressed=None) -> list[tuple[str, torch.n
                          "torch.distributed.fsdp.fully_shard(...) on its blocks and on the "
                          "model first, then compress it")
     if uncompressed is None:
-        return units
+        return [(name, m, False) for name, m in units]
     if callable(uncompressed):
-        return [(name, m) for name, m in units if not uncompressed(name, m)]
+        return [(name, m, bool(uncompressed(name, m))) for name, m in units]
     names = {uncompressed} if isinstance(uncompressed, str) else set(uncompressed)
     unknown = names - {name for name, _ in units}
     if unknown:
         raise ValueError(f"uncompressed names {sorted(unknown)}, which are not FSDP units of "
                          f"the model (its units: {', '.join(name for name, _ in units)})")
-    return [(name, m) for name, m in units if name not in names]
+    return [(name, m, name in names) for name, m in units]
 
 
 def _set(unit_name: str, setter, value):
@@ -229,10 +231,11 @@ def compress(model: torch.nn.Module, *, compression: str = "squinch",
     state = FSDPCompression(compression=compression, rounding=rounding,
                             error_feedback=error_feedback, min_compress_bytes=min_compress_bytes,
                             timeout=timeout, seed=seed, start_step=start_step)
-    for name, unit in _units(model, uncompressed):
-        _set(name, unit.set_custom_reduce_scatter,
-             _CompressedReduceScatter(state, f"fsdp.{name}"))
-        state.units.append(name)
+    for name, unit, plain in _units(model, uncompressed):
+        if not plain:  # a plain unit keeps FSDP's own reduce-scatter
+            _set(name, unit.set_custom_reduce_scatter,
+                 _CompressedReduceScatter(state, f"fsdp.{name}"))
+            state.units.append(name)
     return state
 
 
@@ -257,10 +260,9 @@ def compress_across_nodes(model: torch.nn.Module, cross_group, *,
     state = FSDPCompression(compression=compression, rounding=rounding,
                             error_feedback=error_feedback, min_compress_bytes=min_compress_bytes,
                             timeout=timeout, seed=seed, start_step=start_step)
-    plain = {name for name, _ in _units(model)} - {name for name, _ in _units(model, uncompressed)}
-    for name, unit in _units(model):
+    for name, unit, plain in _units(model, uncompressed):
         _set(name, unit.set_all_reduce_hook,
-             _cross_node_hook(state, cross_group, f"hsdp.{name}", name in plain))
+             _cross_node_hook(state, cross_group, f"hsdp.{name}", plain))
         state.units.append(name)
     return state
 
@@ -271,8 +273,7 @@ def _cross_node_hook(state: FSDPCompression, cross_group, name: str, plain: bool
     def hook(reduce_output: torch.Tensor):
         # Step 4: the node's reduced shard, averaged with the other nodes'
         comm = state.communicator(cross_group)
-        options = ({"compression": "none", "error_feedback": False} if plain
-                   else state._options(calls[0]))
+        options = state._options(calls[0], plain)
         calls[0] += 1
         if comm.size == 1:
             return

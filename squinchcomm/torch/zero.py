@@ -65,13 +65,12 @@ class _ShardedOptimizer(_DistributedOptimizer):
                 raise AssertionError("a bucket spans parameter groups")
             bounds = shard_bounds(b.numel, comm.size)
             lo, hi = bounds[comm.rank], bounds[comm.rank + 1]
-            with torch.no_grad():
-                flat = torch.cat([p.detach().reshape(-1) for p in b.params])
-                shard = flat[lo:hi].clone().requires_grad_(True)
+            shard = torch.empty(hi - lo, dtype=b.dtype, device=b.device, requires_grad=True)
             kept[groups.pop()].append(shard)
             self._sq_shards.append((shard, lo, hi))
         for g, params in zip(self.param_groups, kept):
             g["params"] = params
+        self._sq_pull()  # the shards' values, from the model
 
     def _sq_pull(self):
         """The shards from the model's parameters: whatever changed them since
