@@ -261,6 +261,49 @@ def size_table(doc: dict) -> list[str]:
     return lines
 
 
+#: The methods compression="auto" chooses between, as the sweep names their rows.
+AUTO_CANDIDATES = {"none": "engine_fp32", "bf16": "bf16", "squinch": "squinch"}
+
+
+def auto_pick(rows: dict[str, dict]) -> str | None:
+    """The row ``auto`` sent in at one size: the candidate whose wire bytes
+    its row shows (the three differ: 4, 2 and 0.75 bytes per element)."""
+    wire = rows["auto"]["wire_mb"]
+    for row in AUTO_CANDIDATES.values():
+        if row in rows and abs(rows[row]["wire_mb"] - wire) <= 1e-9 + 1e-6 * wire:
+            return row
+    return None
+
+
+def auto_table(runs: dict[float, dict]) -> list[str]:
+    """compression="auto" against the fastest of fp32, bf16 and Squinch, per
+    rate and size: the method it picked, and two ratios to the fastest row:
+    the picked method's own row (the choice, without the noise between two
+    rows of the same method) and the auto row itself."""
+    lines = ["| rate | size | auto picked | fastest | picked row / fastest | auto row / fastest |",
+             "|---|---:|---|---|---:|---:|"]
+    worst_pick = worst_row = 0.0
+    for rate, doc in runs.items():
+        for size in sorted({r["size"] for r in doc["rows"]}):
+            rows = rows_at(doc, size)
+            present = [m for m in AUTO_CANDIDATES.values() if m in rows]
+            if "auto" not in rows or len(present) < len(AUTO_CANDIDATES):
+                continue
+            fastest = min(present, key=lambda m: rows[m]["time_us"])
+            pick = auto_pick(rows)
+            best = rows[fastest]["time_us"]
+            by_pick = rows[pick]["time_us"] / best if pick else float("nan")
+            by_row = rows["auto"]["time_us"] / best
+            worst_pick, worst_row = max(worst_pick, by_pick), max(worst_row, by_row)
+            lines.append(f"| {rate_label(rate)} | {size / 2**20:g} MiB | {pick} | {fastest} "
+                         f"({_fmt_ms(best)} ms) | {by_pick:.2f} | {by_row:.2f} |")
+    if len(lines) == 2:
+        return []
+    lines += ["", f"Worst over the sweep: the picked method's row is {worst_pick:.2f}x the "
+              f"fastest row, the auto row {worst_row:.2f}x (goal: within 1.05x)."]
+    return lines
+
+
 def training_table(train_runs: dict[float, dict]) -> list[str]:
     rates = list(train_runs)
     methods = list(dict.fromkeys(r["method"] for d in train_runs.values() for r in d["rows"]))
@@ -316,6 +359,10 @@ def summary(results: Path, size: int) -> str:
             out += ["", f"Crossover against {peer} (Squinch stops beating it; interpolated "
                     f"between measured rates {', '.join(rate_label(r) for r in rates)}): "
                     f"**{where}**."]
+        auto = auto_table(runs)
+        if auto:
+            out += ["", "### compression=\"auto\" against the fastest of fp32, bf16 and Squinch",
+                    ""] + auto
         for rate, doc in runs.items():
             if len({r["size"] for r in doc["rows"]}) > 1:
                 out += ["", f"### Every size at {rate_label(rate)}", ""] + size_table(doc)

@@ -71,6 +71,15 @@ def _check(doc, collective, methods, sizes, itemsize=4):
         wire = {"engine_fp32": 4 * count if collective != "allgather" else itemsize * count,
                 "squinch": 6 * math.ceil(count / 8),
                 "squinch_ef": 6 * math.ceil(count / 8)}.get(method, 2 * count)
+        if method == "auto":  # one of fp32, bf16, Squinch: the wire says which, its error agrees
+            fp32 = 4 * count if collective != "allgather" else itemsize * count
+            picks = [(w, m) for w, m in ((fp32, "engine_fp32"), (2 * count, "bf16"),
+                                         (6 * math.ceil(count / 8), "squinch"))
+                     if factor * w / 1e6 == pytest.approx(r["wire_mb"], rel=1e-3)]
+            if len(picks) > 1:  # fp16 all-gathered uncompressed also sends 2 B, exactly
+                picks = [p for p in picks if (p[1] == "engine_fp32") == (r["rel_rms"] == 0)]
+            assert len(picks) == 1, (r, picks)
+            wire, method = picks[0]
         if not method.startswith(("powersgd", "squinch_hier")):
             assert r["wire_mb"] == pytest.approx(factor * wire / 1e6, rel=1e-3), method
         if collective == "reduce_scatter":
@@ -102,12 +111,14 @@ def test_allreduce_mpi_two_ranks(tmp_path):
     assert out.count("allreduce benchmark") == 1, out  # rank 0 alone prints
     assert "busbw(GB/s)" in out and "reduce_encode" in out and "avg busbw" in out
     # Over MPI the default is everything MPI can run; one node: no hierarchy.
-    methods = ["engine_fp32", "squinch", "squinch_ef", "fp16", "bf16"]
+    methods = ["engine_fp32", "squinch", "squinch_ef", "fp16", "bf16", "auto"]
     assert doc["methods"] == methods
     assert list(doc["not_run"]) == ["squinch_hier, squinch_hier_ef"]
     _check(doc, "allreduce", methods, [64 * KB, 256 * KB])
-    assert {(s["size"], s["method"]) for s in doc["stages"]} == {
-        (s, m) for s in (64 * KB, 256 * KB) for m in methods if m != "engine_fp32"}
+    # Stages of the compressed path (auto's only at sizes where it picked one).
+    staged = {(s["size"], s["method"]) for s in doc["stages"]}
+    assert {x for x in staged if x[1] != "auto"} == {
+        (s, m) for s in (64 * KB, 256 * KB) for m in methods if m not in ("engine_fp32", "auto")}
     assert len(doc["peak_rss_mb"]) == 2 and min(doc["peak_rss_mb"]) > 0
 
 
@@ -116,7 +127,7 @@ def test_allreduce_torch_hooks_in_place(tmp_path):
     _, doc = _bench(tmp_path, 2, ["allreduce", "--transport", "torch", "--inplace", "-b", "256K",
                                   "-e", "256K", "-n", "2", "-w", "0"], launcher="torchrun")
     methods = ["engine_fp32", "engine_bf16", "ddp_fp16", "ddp_bf16", "powersgd1", "powersgd4",
-               "squinch", "squinch_ef", "fp16", "bf16"]
+               "squinch", "squinch_ef", "fp16", "bf16", "auto"]
     rows = _check(doc, "allreduce", methods, [256 * KB])
     # 64K elements are one 64 x 1024 matrix: PowerSGD allreduces P (64 x r) and
     # Q (1024 x r) in fp32, so it must have run compressed.
@@ -129,7 +140,7 @@ def test_allreduce_torch_hooks_in_place(tmp_path):
 def test_reduce_scatter_allgather_mpi_three_ranks(tmp_path, collective):
     pytest.importorskip("mpi4py")
     _, doc = _bench(tmp_path, 3, [collective, "-b", "64K", "-e", "64K", "-n", "2", "-w", "0"])
-    methods = ["engine_fp32", "squinch", "squinch_ef", "fp16", "bf16"]
+    methods = ["engine_fp32", "squinch", "squinch_ef", "fp16", "bf16", "auto"]
     if collective == "allgather":
         methods.remove("squinch_ef")
     count = (64 * KB // 4) // 3 * 3  # rounded down to a multiple of 3
@@ -141,7 +152,7 @@ def test_reduce_scatter_allgather_torch_fp16(tmp_path, collective):
     pytest.importorskip("torch")
     _, doc = _bench(tmp_path, 2, [collective, "--transport", "torch", "-d", "float16",
                                   "-b", "64K", "-e", "64K", "-n", "2", "-w", "0"])
-    methods = ["engine_fp32", "squinch", "squinch_ef", "fp16", "bf16"]
+    methods = ["engine_fp32", "squinch", "squinch_ef", "fp16", "bf16", "auto"]
     if collective == "allgather":
         methods.remove("squinch_ef")
     rows = _check(doc, collective, methods, [64 * KB], itemsize=2)

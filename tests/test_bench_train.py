@@ -85,6 +85,9 @@ def _check(doc, stdout, methods, world):
     for m in ("squinch", "squinch_ef", "ddp_squinch"):  # 6-bit blocks: ~0.75 B per element
         if m in rows:
             assert rows[m]["wire_mb"] == pytest.approx(ring * 0.75 * params / 1e6, rel=0.01)
+    if "hvd_auto" in rows:  # each bucket in fp32, bf16 or 6-bit blocks: between the extremes
+        assert (ring * 0.75 * params / 1e6 * 0.99 <= rows["hvd_auto"]["wire_mb"]
+                <= ring * 4 * params / 1e6 * 1.0001)
     # FSDP: fp32 parameter all-gathers (two per block, one for the root unit)
     # and the gradient reduce-scatter, (N-1)/N of each payload.
     block = sum(p.numel() for p in TinyGPT(GPTConfig(block_size=32, n_layer=1, n_head=2,

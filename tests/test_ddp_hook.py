@@ -332,6 +332,47 @@ def scenario_policy(seed: int) -> None:
         print("policy: warm-up and opt-out as specified", flush=True)
 
 
+def scenario_auto(seed: int) -> None:
+    """compression="auto": over a stated 50 Mbit/s link every bucket is
+    Squinch's, bit for bit; over 1 Tbit/s with a slow codec it is DDP's own
+    average; without a stated link the first bucket probes, and every rank
+    holds the same model and the same parameters after training."""
+    import torch.distributed as dist
+
+    from squinchcomm import LinkModel
+    from squinchcomm.torch.ddp_hooks import SquinchHookState, squinch_hook
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def grads(**options):
+        model = wrap(make_model(seed))
+        state = SquinchHookState(error_feedback=False, min_compress_bytes=0, timeout=WAIT,
+                                 **options)
+        model.register_comm_hook(state, squinch_hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for step in range(2):
+            train_step(model, opt, seed, rank, step)
+        return [p.grad.clone() for p in model.parameters()], model, state
+
+    slow = grads(compression="auto", link_model=LinkModel.from_rates(world, 50e6))[0]
+    fast = grads(compression="auto", link_model=LinkModel.from_rates(
+        world, 1e12, squinch_gbps=0.1, bf16_gbps=0.1))[0]
+    squinch = grads(compression="squinch")[0]
+    none = grads(compression="none")[0]
+    assert all(torch.equal(a, b) for a, b in zip(slow, squinch))
+    assert all(torch.equal(a, b) for a, b in zip(fast, none))
+    assert not all(torch.equal(a, b) for a, b in zip(squinch, none))
+    _, model, state = grads(compression="auto")
+    model_desc = repr(state.communicator.link_model.to_dict())
+    assert state.communicator.link_model.source == "probe"
+    for text in (model_desc, params_digest(model.module)):
+        every = [None] * world
+        dist.all_gather_object(every, text)
+        assert len(set(every)) == 1, every
+    if rank == 0:
+        print(f"auto: {state.communicator.link_model.describe()}", flush=True)
+
+
 def worker_main(scenario: str) -> None:
     """Run one scenario in a worker process; exit 0 on success."""
     import torch.distributed as dist
@@ -340,7 +381,7 @@ def worker_main(scenario: str) -> None:
                             rank=int(os.environ["RANK"]),
                             world_size=int(os.environ["WORLD_SIZE"]))
     {"match": scenario_match, "checkpoint": scenario_checkpoint,
-     "policy": scenario_policy}[scenario](
+     "policy": scenario_policy, "auto": scenario_auto}[scenario](
         int(os.environ["TEST_SEED"]))
     # Then exit without destroy_process_group(): gloo (torch 2.13) sometimes
     # aborts a rank whose peer tears the group down first.
@@ -369,6 +410,10 @@ def test_hooks_match_exact_ddp_within_bounds(size):
 
 def test_warm_up_and_opted_out_parameters():
     assert "policy: warm-up and opt-out" in launch("policy", 2, seed=5)
+
+
+def test_auto_follows_the_link_model():
+    assert "auto: compression='auto' (probe, 2 ranks)" in launch("auto", 2, seed=6)
 
 
 def test_state_checkpoint_and_pickle():

@@ -34,16 +34,19 @@ allreduce, average:
                    or torchrun's GROUP_RANK / LOCAL_WORLD_SIZE); only where
                    nodes have several ranks and there are several nodes;
   fp16, bf16       the library's cast compressions (2 B on the wire, fp32 sums).
+  auto             compression="auto": per size the fastest of none, bf16 and
+                   squinch by the link model probed once before the sweep
+                   (the header prints the model and each size's pick).
 reduce_scatter, average (rank r keeps shard r):
   engine_fp32      MPI Reduce_scatter_block / torch reduce_scatter_single
                    (reduce_scatter_tensor before torch 2.13) of fp32, equal
                    shards, then / N;
-  squinch, squinch_ef, fp16, bf16   Communicator.reduce_scatter; its shards are
+  squinch, squinch_ef, fp16, bf16, auto   Communicator.reduce_scatter; its shards are
                    block-aligned, each compared with the exact shard it covers.
 allgather:
   engine_fp32      MPI Allgather / torch all_gather_single (all_gather_into_tensor
                    before torch 2.13) of the input as it is (its dtype's bytes);
-  squinch, fp16, bf16   Communicator.allgather(compression=...).
+  squinch, fp16, bf16, auto   Communicator.allgather(compression=...).
 
 Out of place by default: the library and the engines read the input buffer
 and write one output buffer shared by all methods. ``--inplace`` (allreduce
@@ -175,6 +178,7 @@ METHODS: dict[str, dict[str, Method]] = {
         "squinch_hier_ef": Method(_LIB, "squinch", True, hierarchical=True),
         "fp16": Method(_LIB, "fp16"),
         "bf16": Method(_LIB, "bf16"),
+        "auto": Method(_LIB, "auto"),
     },
     "reduce_scatter": {
         "engine_fp32": Method("engine", "none"),
@@ -182,12 +186,14 @@ METHODS: dict[str, dict[str, Method]] = {
         "squinch_ef": Method(_LIB, "squinch", True),
         "fp16": Method(_LIB, "fp16"),
         "bf16": Method(_LIB, "bf16"),
+        "auto": Method(_LIB, "auto"),
     },
     "allgather": {
         "engine_fp32": Method("engine", "input"),
         "squinch": Method(_LIB, "squinch"),
         "fp16": Method(_LIB, "fp16"),
         "bf16": Method(_LIB, "bf16"),
+        "auto": Method(_LIB, "auto"),
     },
 }
 _CHUNK = 1 << 20  # elements per step of the error statistics (bounded temporaries)
@@ -369,7 +375,11 @@ class _Bench:
         else:
             r = self._allgather(name, m, b)
         if r.wire is None:
-            wire = _wire(self.collective, m.compression, b.n, self.world, self.itemsize)
+            comp = m.compression
+            if comp == "auto":  # what auto sends (an uncompressed all-gather: the input's bytes)
+                comp = self.comm.link_model.choose(b.n)
+                comp = "input" if comp == "none" and self.collective == "allgather" else comp
+            wire = _wire(self.collective, comp, b.n, self.world, self.itemsize)
             r.wire = lambda: wire
         return r
 
@@ -837,6 +847,9 @@ def main(argv=None, collective: str = "allreduce") -> dict:
         threads = share_cores(comm.local_size)
     bench = _Bench(collective, comm, comm_hier, engine, args.dtype, args.inplace, args.seed,
                    torch_family)
+    # "auto" probes once, here, with the codec threads the timed calls use.
+    auto = comm.measure_link() if any(METHODS[collective][m].compression == "auto"
+                                      for m in methods) else None
     nodes = comm_hier or comm
     layout = (f"nodes {nodes.cross_size} x {nodes.local_size} ranks "
               f"({'--node-size' if comm_hier is not None and args.node_size else 'detected'})")
@@ -844,6 +857,10 @@ def main(argv=None, collective: str = "allreduce") -> dict:
     if root:
         print(_header(args, collective, bench, desc, methods, unavailable, layout, threads),
               flush=True)
+        if auto is not None:
+            print(f"# auto: {auto.describe()}; chose "
+                  + ", ".join(f"{size} {auto.choose(bench.count(size))}" for size in sizes),
+                  flush=True)
     bar = _progress_bar(args.progress, len(sizes) * (args.warmup + args.iters),
                         collective) if root else None
 

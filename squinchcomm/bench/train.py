@@ -15,6 +15,8 @@ method starts from the same initial weights and sees the same batches:
   ``bf16``, ``squinch`` and ``squinch_with(error_feedback=True)``; the gradients
   are fused into one buffer (the 64 MiB fusion threshold) and averaged by the
   library's allreduce (fp32: gloo's own ``all_reduce``);
+- ``hvd_auto``: the same with ``Compression.auto`` (each bucket in the
+  fastest of none, bf16 and Squinch by the link model the first step probes);
 - ``ddp_fp32``: ``DistributedDataParallel`` with its default allreduce;
 - ``ddp_fp16``: DDP with PyTorch's ``default_hooks.fp16_compress_hook``;
 - ``ddp_powersgd4``: DDP with PyTorch's ``powerSGD_hook`` (rank 4, error
@@ -105,7 +107,7 @@ from squinchcomm.transport.torch_dist import init_process_group_from_env
 
 __all__ = ["main", "run_method", "METHODS", "LOSS_STEPS", "wire_bytes_per_rank"]
 
-METHODS = ("hvd_fp32", "hvd_fp16", "hvd_bf16", "squinch", "squinch_ef",
+METHODS = ("hvd_fp32", "hvd_fp16", "hvd_bf16", "squinch", "squinch_ef", "hvd_auto",
            "ddp_fp32", "ddp_fp16", "ddp_powersgd4", "ddp_squinch",
            "fsdp_fp32", "fsdp_squinch", "hsdp_squinch", "zero_squinch")
 LOSS_STEPS = 5  # the loss column averages this many final timed steps
@@ -232,7 +234,8 @@ class _Run:
                            "hvd_bf16": hvd.Compression.bf16,
                            "squinch": hvd.Compression.squinch_with(error_feedback=False),
                            "squinch_ef": hvd.Compression.squinch_with(error_feedback=True),
-                           "zero_squinch": hvd.Compression.squinch_with(error_feedback=False)}
+                           "zero_squinch": hvd.Compression.squinch_with(error_feedback=False),
+                           "hvd_auto": hvd.Compression.auto}
             hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
             self.net = self.model
             self.optimizer = hvd.DistributedOptimizer(
@@ -278,6 +281,10 @@ class _Run:
                                   collective="reduce_scatter")
                        + wire_bytes(n, world, "none", collective="allgather")
                        for _, n in self.optimizer.buckets)
+        if self.method == "hvd_auto":  # each bucket in the method the link model picks
+            model = hvd.communicator().link_model
+            return sum(wire_bytes(n, world, "none" if 4 * n < min_compress_bytes
+                                  else model.choose(n)) for _, n in self.optimizer.buckets)
         if self.buckets:  # a recording hook: the buckets of the timed steps
             timed = self.buckets[start:]
             return wire_bytes_per_rank(self.method, timed, world, min_compress_bytes) / steps

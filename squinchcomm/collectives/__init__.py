@@ -10,6 +10,7 @@ The package, layer by layer:
   the :class:`Handle` of an operation in flight;
 - :mod:`.algorithms`: the algorithms as numbered steps (compressed and
   hierarchical allreduce, reduce-scatter, allgather, broadcast, alltoall);
+- :mod:`.policy`: ``compression="auto"``, the link model and its probe;
 - :mod:`.communicator`: validation, topology and the public methods;
 - :mod:`.default`: ``squinchcomm.init()`` and the default communicator.
 """
@@ -21,9 +22,11 @@ from squinchcomm.collectives.default import (cross_rank, cross_size, default, in
                                              shutdown, size)
 from squinchcomm.collectives.engine import Engine, Handle
 from squinchcomm.collectives.error_feedback import ErrorFeedback
+from squinchcomm.collectives.policy import CHOICES, LinkModel
 from squinchcomm.collectives.wire import COMPRESSIONS, payload_bytes, wire_bytes
 
-__all__ = ["Communicator", "Handle", "Engine", "ErrorFeedback", "COMPRESSIONS", "OPS",
+__all__ = ["Communicator", "Handle", "Engine", "ErrorFeedback", "COMPRESSIONS", "CHOICES",
+           "LinkModel", "OPS",
            "shard_bounds", "chunk_bounds", "check_agreement", "wire_bytes", "payload_bytes",
            "init", "shutdown", "is_initialized", "default", "rank", "size", "local_rank",
            "local_size", "cross_rank", "cross_size"]

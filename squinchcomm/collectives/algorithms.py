@@ -21,8 +21,9 @@ The compressed allreduce (ARCHITECTURE.md section 4):
 Large tensors run these steps in block-aligned chunks so that one chunk's
 exchange overlaps the codec work on the next (:func:`compressed_allreduce`).
 The reduce-scatter is steps 1-4 over any split of the tensor; the
-hierarchical allreduce sums inside a node uncompressed and runs steps 1-6
-across nodes on one slice per local rank.
+hierarchical allreduce reduce-scatters inside a node uncompressed, runs
+steps 1-6 across nodes on one slice per local rank, and all-gathers the
+slices inside the node.
 """
 
 from __future__ import annotations
@@ -212,8 +213,13 @@ def allreduce(t: Transport, plan: Plan, x: _arrays.Flat, n: int, dst: _arrays.Fl
     return (yield from compressed_allreduce(t, plan, x, n, dst))
 
 
-def compressed_allreduce(t: Transport, plan: Plan, x: _arrays.Flat, n: int, dst: _arrays.Flat):
+def compressed_allreduce(t: Transport, plan: Plan, x: _arrays.Flat, n: int, dst: _arrays.Flat,
+                         payload_out=None):
     """Steps 1-6 of the module docstring over transport ``t``, pipelined.
+
+    With ``payload_out`` (``wire.nbytes(n)`` bytes) step 6 gathers the
+    result's payload into it and does not decode (``dst`` unused): the
+    hierarchical allreduce shares payloads inside the node instead of fp32.
 
     The tensor is cut into block-aligned chunks of ``plan.pipeline``
     elements; the exchanges of a chunk are started without waiting, so chunk
@@ -229,6 +235,7 @@ def compressed_allreduce(t: Transport, plan: Plan, x: _arrays.Flat, n: int, dst:
     world, rank = t.size, t.rank
     chunks = []  # (start, stop, shard bounds inside the chunk, payload bytes per shard)
     edges = chunk_bounds(n, plan.pipeline)
+    starts = [wire.nbytes(lo) for lo in edges]  # chunks are block-aligned: payload offsets
     for lo, hi in zip(edges, edges[1:]):
         b = shard_bounds(hi - lo, world)
         chunks.append((lo, hi, b, [wire.nbytes(b[r + 1] - b[r]) for r in range(world)]))
@@ -261,7 +268,8 @@ def compressed_allreduce(t: Transport, plan: Plan, x: _arrays.Flat, n: int, dst:
         wire.reduce_encode(recv.reshape(world, nb[rank]), mine[k], plan.scale, reduced,
                            None if res2 is None else res2[at[k]:at[k + 1]], seed2, lo + b[rank])
         clock.lap("reduce_encode")
-        gathered = xp.empty(sum(nb), xp.uint8)  # (sum_r bytes(shard r),)
+        gathered = (xp.empty(sum(nb), xp.uint8) if payload_out is None  # (sum_r bytes(shard r),)
+                    else payload_out[starts[k]:starts[k] + sum(nb)])
         exchanges[-1 - k] = (t.allgatherv(reduced, gathered, nb), reduced, gathered)
 
     def finish(k):
@@ -270,8 +278,9 @@ def compressed_allreduce(t: Transport, plan: Plan, x: _arrays.Flat, n: int, dst:
         work, _, gathered = exchanges.pop(-1 - k)
         yield work
         clock.lap("allgather")
-        wire.decode(gathered, hi - lo, _part(dst, lo, hi))
-        clock.lap("decode")
+        if payload_out is None:
+            wire.decode(gathered, hi - lo, _part(dst, lo, hi))
+            clock.lap("decode")
 
     for k in range(len(chunks) + 2):
         if k < len(chunks):
@@ -285,24 +294,37 @@ def compressed_allreduce(t: Transport, plan: Plan, x: _arrays.Flat, n: int, dst:
 
 def hierarchical_allreduce(local: Transport, cross: Transport, plan: Plan, x: _arrays.Flat,
                            n: int, dst: _arrays.Flat):
-    """Sum inside the node uncompressed; each local rank allreduces one
-    block-aligned slice across nodes, compressed; share the slices in the node."""
+    """Reduce-scatter inside the node uncompressed; each local rank allreduces
+    its block-aligned slice across nodes, compressed; share the slices'
+    payloads in the node and decode them all."""
     xp = array_module(x.data)
-    # Step 1: the node's fp32 sum, on every local rank.
-    node_sum = as_f32(x.data, xp, x.kind).astype(xp.float32, copy=True)  # (n,)
-    yield local.allreduce(node_sum)
-    # Step 2: local rank l allreduces slice l across the nodes, compressed.
+    # Step 1: local rank l gets slice l of the node's fp32 sum (an uncompressed
+    # reduce-scatter: an all-to-all of the slices, summed in local rank order,
+    # half the node-local bytes of a whole-tensor allreduce).
     lb = shard_bounds(n, local.size)
     lo, hi = lb[local.rank], lb[local.rank + 1]
-    piece = _arrays.Flat(node_sum[lo:hi], "float32", x.family, x.device, None)
-    reduced = _arrays.Flat(xp.empty(hi - lo, xp.float32), "float32", x.family, x.device, None)
+    node_slice = yield from reduce_scatter(local, Plan(wire=None), x, n, lb)  # (hi - lo,)
+    # Step 2: local rank l allreduces slice l across the nodes, compressed.
+    piece = _arrays.Flat(node_slice, "float32", x.family, x.device, None)
     if plan.ef_name is not None:
         plan = Plan(**{**plan.__dict__, "ef_name": f"{plan.ef_name}/node-slice{local.rank}"})
-    yield from compressed_allreduce(cross, plan, piece, hi - lo, reduced)
-    # Step 3: every local rank gets every slice.
-    full = xp.empty(n, xp.float32)
-    yield local.allgatherv(reduced.data, full, [lb[r + 1] - lb[r] for r in range(local.size)])
-    return store(full, dst, xp)
+    wire = plan.wire
+    counts = [wire.nbytes(lb[r + 1] - lb[r]) for r in range(local.size)]  # payload per slice
+    payload = xp.empty(sum(counts), xp.uint8)  # the whole tensor's payload (slices block-aligned)
+    at = sum(counts[:local.rank])
+    yield from compressed_allreduce(cross, plan, piece, hi - lo, None,
+                                    payload_out=payload[at:at + counts[local.rank]])
+    # Step 3: every local rank gets every slice's payload (0.75 B per element
+    # for Squinch instead of 4 in fp32) and decodes the whole tensor: the same
+    # bytes on every rank of every node, so the same result everywhere.
+    full = xp.empty(sum(counts), xp.uint8)
+    yield local.allgatherv(payload[at:at + counts[local.rank]], full, counts)
+    if dst.kind == "float32":
+        wire.decode(full, n, dst)
+        return dst
+    out = xp.empty(n, xp.float32)
+    wire.decode(full, n, _arrays.Flat(out, "float32", x.family, x.device, None))
+    return store(out, dst, xp)
 
 
 # ----------------------------------------------------------------------------
@@ -324,12 +346,16 @@ def reduce_scatter(t: Transport, plan: Plan, x: _arrays.Flat, n: int, bounds: li
     counts = [bounds[r + 1] - bounds[r] for r in range(world)]
     mine = counts[rank]
     if plan.wire is None:
-        # Steps 2-4 uncompressed: all-to-all of the parts in the accumulator dtype.
-        buf = _widen(x, _accumulator(x.kind), xp, plan.prescale)  # (n,)
+        # Steps 2-4 uncompressed: all-to-all of the parts in the accumulator dtype
+        # (fp32 input is sent as it is: the transport only reads it).
+        acc = _accumulator(x.kind)
+        buf = (x.data if x.kind == acc == "float32" and plan.prescale == 1.0
+               else _widen(x, acc, xp, plan.prescale))  # (n,)
         recv = xp.empty(world * mine, buf.dtype)  # (world * mine,)
         yield t.alltoallv(buf, counts, recv, [mine] * world)
-        shard = xp.zeros(mine, buf.dtype)
-        for row in recv.reshape(world, mine):  # in rank order: the same sum everywhere
+        rows = recv.reshape(world, mine)
+        shard = rows[0].copy()
+        for row in rows[1:]:  # in rank order: the same sum everywhere
             shard += row
         out = _arrays.Flat(xp.empty(mine, buf.dtype), str(buf.dtype), "cupy" if xp is not np
                            else "numpy", x.device, None)

@@ -26,7 +26,8 @@ from squinchcomm.codec import _arrays
 from squinchcomm.collectives import algorithms as alg
 from squinchcomm.collectives.engine import Handle, engine_for
 from squinchcomm.collectives.error_feedback import ErrorFeedback
-from squinchcomm.collectives.wire import COMPRESSIONS, get_wire
+from squinchcomm.collectives.policy import CHOICES, PROBE_BYTES, LinkModel, log, probe
+from squinchcomm.collectives.wire import get_wire
 from squinchcomm.errors import MismatchError
 from squinchcomm.transport.base import Transport
 
@@ -56,7 +57,10 @@ class Communicator:
         transport: a :class:`~squinchcomm.transport.base.Transport`, an mpi4py
             communicator, a torch.distributed process group, or None for MPI's
             COMM_WORLD.
-        compression: default compression, "none" | "fp16" | "bf16" | "squinch".
+        compression: default compression, "none" | "fp16" | "bf16" | "squinch"
+            | "auto" (per message size, the fastest of none, bf16 and Squinch
+            from a model of this job's link and codec measured by a short
+            probe at construction: :mod:`squinchcomm.collectives.policy`).
         rounding: Squinch rounding, "nearest" | "stochastic".
         error_feedback: default for named allreduces.
         min_compress_bytes: smaller tensors go uncompressed (latency dominates).
@@ -71,6 +75,9 @@ class Communicator:
             bytes runs in chunks of this size, the exchange of one chunk
             overlapping the codec work of the next; 0 turns it off. The
             result does not depend on it (chunks are block-aligned).
+        link_model: the :class:`~squinchcomm.collectives.policy.LinkModel`
+            that ``auto`` uses, given instead of probed (the same on every
+            rank; ``LinkModel.from_rates`` states one).
 
     Every collective also takes per-call options (compression, rounding,
     hierarchical, error_feedback, check_metadata, seed) that override these
@@ -85,14 +92,14 @@ class Communicator:
                  min_compress_bytes: int | None = None, check_metadata: bool | None = None,
                  hierarchical: bool | None = None, node_size: int | None = None,
                  timeout: float | None = None, seed: int = 0,
-                 pipeline_bytes: int | None = None):
+                 pipeline_bytes: int | None = None, link_model: LinkModel | None = None):
         self.timeout = config.timeout() if timeout is None else float(timeout)
         if not self.timeout > 0:  # NaN included
             raise ValueError(f"timeout={timeout!r}: pass the seconds to wait for peers (> 0), "
                              "or None for SQUINCHCOMM_TIMEOUT (default 300)")
         self.compression = _choice("compression", compression if compression is not None else
-                                   config.env_choice("COMPRESSION", COMPRESSIONS, "squinch"),
-                                   COMPRESSIONS)
+                                   config.env_choice("COMPRESSION", CHOICES, "squinch"),
+                                   CHOICES)
         self.rounding = _choice("rounding", rounding if rounding is not None else
                                 config.env_choice("ROUNDING", codec.ROUNDINGS, "nearest"),
                                 codec.ROUNDINGS)
@@ -122,6 +129,56 @@ class Communicator:
         self.engine = engine_for(self.transport)
         self._build_groups(node_size, hierarchical)
         self.hierarchical = hierarchical and self._can_split()
+        #: The model ``compression="auto"`` picks from (None until measured or given).
+        self.link_model: LinkModel | None = None
+        self._model_lock = threading.RLock()
+        if link_model is not None:
+            self.set_link_model(link_model)
+        elif self.compression == "auto":
+            self.measure_link()
+
+    # ------------------------------------------------------------ auto
+    def measure_link(self, probe_bytes=None, repeats: int = 3) -> LinkModel:
+        """Measure the link and codecs that ``compression="auto"`` chooses by
+        (a short probe: :func:`squinchcomm.collectives.policy.probe`), keep
+        the model and log it once (rank 0, logger ``squinchcomm``).
+        Collective: every rank calls it at the same point; every rank gets
+        the same model. Call it again to re-measure (after the network or
+        the job's load changed).
+
+        Args:
+            probe_bytes: fp32 message sizes to time (default 256 KiB, 1 MiB,
+                4 MiB, raised to ``min_compress_bytes``: smaller messages go
+                uncompressed whatever the model says).
+            repeats: timed calls per method and size (median; one more warms up).
+        """
+        if probe_bytes is None:
+            floor = max(self.min_compress_bytes, 1)
+            probe_bytes = [max(b, floor << i) for i, b in enumerate(PROBE_BYTES)]
+        with self._model_lock:
+            model = probe(self, probe_bytes, repeats)
+            self.link_model = model
+        if self.rank == 0:
+            log.info("%s", model.describe())
+        return model
+
+    def set_link_model(self, model: LinkModel):
+        """Use a given model for ``auto`` (every rank must pass the same)."""
+        if not isinstance(model, LinkModel):
+            raise ValueError(f"link_model={model!r}: pass a squinchcomm.collectives.policy."
+                             "LinkModel (LinkModel.from_rates states one)")
+        if model.world != self.size:
+            raise ValueError(f"link_model is for {model.world} ranks but this communicator has "
+                             f"{self.size}: measure_link() or state one for {self.size}")
+        self.link_model = model
+
+    def _auto(self, n: int) -> str:
+        """What ``auto`` sends ``n`` elements in; the first call on a communicator
+        built without ``auto`` measures the link (collective, in program order)."""
+        with self._model_lock:  # one probe, even when two threads ask at once
+            if self.link_model is None:
+                self.measure_link()
+        return self.link_model.choose(n)
 
     # ------------------------------------------------------------ topology
     def _settings(self, node_size: int, hierarchical: bool) -> dict:
@@ -188,7 +245,7 @@ class Communicator:
                             min_compress_bytes=self.min_compress_bytes,
                             check_metadata=self.check_metadata, hierarchical=self.hierarchical,
                             timeout=self.timeout, seed=self.seed,
-                            pipeline_bytes=self.pipeline_bytes)
+                            pipeline_bytes=self.pipeline_bytes)  # auto: its own probe
 
     def _can_split(self) -> bool:
         return self.local.size > 1 and self.cross.size > 1
@@ -586,7 +643,7 @@ class Communicator:
         return _Call(flat, tuple(x.shape), int(flat.data.size))
 
     def _compression(self, compression, call: _Call) -> str:
-        comp = _choice("compression", compression or self.compression, COMPRESSIONS)
+        comp = _choice("compression", compression or self.compression, CHOICES)
         if call.flat.kind not in _FLOAT_KINDS:
             if call.flat.kind.startswith("complex"):
                 raise ValueError(f"cannot reduce {call.flat.kind} data: reduce its real and "
@@ -595,14 +652,15 @@ class Communicator:
         itemsize = 4 if call.flat.kind == "float32" else 2
         if comp != "none" and call.n * itemsize < self.min_compress_bytes:
             return "none"  # small tensors: latency dominates, compression only adds error
-        return comp
+        return self._auto(call.n) if comp == "auto" else comp
 
-    @staticmethod
-    def _raw_compression(compression, call: _Call) -> str:
+    def _raw_compression(self, compression, call: _Call) -> str:
         """Compression of a data-moving collective: what was asked for float
         kinds, none (exact bytes) for every other dtype."""
-        comp = _choice("compression", compression or "none", COMPRESSIONS)
-        return comp if call.flat.kind in _FLOAT_KINDS else "none"
+        comp = _choice("compression", compression or "none", CHOICES)
+        if call.flat.kind not in _FLOAT_KINDS:
+            return "none"
+        return self._auto(call.n) if comp == "auto" else comp
 
     def _hierarchical(self, hierarchical, comp: str) -> bool:
         if comp == "none":

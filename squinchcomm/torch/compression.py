@@ -1,4 +1,4 @@
-"""Horovod-style compression choices: ``hvd.Compression.none | fp16 | bf16 | squinch``.
+"""Horovod-style compression choices: ``hvd.Compression.none | fp16 | bf16 | squinch | auto``.
 
 Unlike Horovod's compressors, which cast the tensor before an uncompressed
 allreduce, these only *name* the wire format: the collective encodes on the
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from squinchcomm.collectives import COMPRESSIONS
+from squinchcomm.collectives import CHOICES
 
 __all__ = ["Compression", "WireCompression", "as_compression"]
 
@@ -43,8 +43,8 @@ class WireCompression:
     start_step: int = 0
 
     def __post_init__(self):
-        if self.name not in COMPRESSIONS:
-            raise ValueError(f"compression {self.name!r}: choose one of {', '.join(COMPRESSIONS)}")
+        if self.name not in CHOICES:
+            raise ValueError(f"compression {self.name!r}: choose one of {', '.join(CHOICES)}")
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) \
                 or self.start_step < 0:
             raise ValueError(f"start_step={self.start_step!r}: pass the number of uncompressed "
@@ -88,12 +88,17 @@ class Compression:
     bytes per element and sum in fp32; ``squinch`` sends 0.75 bytes per
     element (6-bit blocks). Tensors smaller than the communicator's
     ``min_compress_bytes`` (64 KiB by default) always go uncompressed.
+    ``auto`` sends each message in the fastest of none, bf16 and squinch for
+    its size, from the communicator's measured link model
+    (:meth:`squinchcomm.Communicator.measure_link`, probed at the first
+    ``auto`` call).
     """
 
     none = WireCompression("none")
     fp16 = WireCompression("fp16")
     bf16 = WireCompression("bf16")
     squinch = WireCompression("squinch")
+    auto = WireCompression("auto")
 
     @staticmethod
     def squinch_with(error_feedback: bool | None = None, rounding: str | None = None,
@@ -117,10 +122,17 @@ class Compression:
         """
         return WireCompression("squinch", error_feedback, rounding, hierarchical, start_step)
 
+    @staticmethod
+    def auto_with(error_feedback: bool | None = None, rounding: str | None = None,
+                  hierarchical: bool | None = None, start_step: int = 0) -> WireCompression:
+        """``auto`` with the options of :meth:`squinch_with` (they apply to the
+        messages ``auto`` sends in Squinch)."""
+        return WireCompression("auto", error_feedback, rounding, hierarchical, start_step)
+
 
 def as_compression(compression) -> WireCompression:
     """Return ``compression`` as a :class:`WireCompression` (also accepts the
-    strings "none", "fp16", "bf16", "squinch" and None for none)."""
+    strings "none", "fp16", "bf16", "squinch", "auto" and None for none)."""
     if compression is None:
         return Compression.none
     if isinstance(compression, WireCompression):
@@ -128,5 +140,5 @@ def as_compression(compression) -> WireCompression:
     if isinstance(compression, str):
         return WireCompression(compression)
     raise ValueError(f"compression={compression!r} is not supported: pass hvd.Compression.none, "
-                     ".fp16, .bf16, .squinch or Compression.squinch_with(...) (custom Horovod "
+                     ".fp16, .bf16, .squinch, .auto or Compression.squinch_with(...) (custom Horovod "
                      "Compressor classes are not supported)")

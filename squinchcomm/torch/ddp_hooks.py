@@ -57,7 +57,7 @@ import hashlib
 import torch
 import torch.distributed as dist
 
-from squinchcomm.collectives import COMPRESSIONS, Communicator
+from squinchcomm.collectives import CHOICES, Communicator
 from squinchcomm.codec import ROUNDINGS
 
 __all__ = ["SquinchHookState", "squinch_hook", "fp16_hook", "bf16_hook"]
@@ -73,7 +73,10 @@ class SquinchHookState:
             the default (world) group. Not pickled: after unpickling, the
             state uses the default group unless you set ``process_group``.
         compression: what :func:`squinch_hook` sends, "squinch" | "fp16" |
-            "bf16" | "none" (``none``: the engine's own fp32 allreduce).
+            "bf16" | "none" (``none``: the engine's own fp32 allreduce) |
+            "auto" (per bucket size the fastest of none, bf16 and Squinch,
+            from the link model probed when the communicator is built, at
+            the first bucket: :mod:`squinchcomm.collectives.policy`).
         rounding: Squinch rounding, "nearest" | "stochastic" (unbiased).
         error_feedback: keep each bucket's quantization error (both stages)
             and add it to the next step's gradient.
@@ -91,6 +94,8 @@ class SquinchHookState:
             (embeddings, norms, biases): a collection of parameters, or a
             predicate ``parameter -> bool``; a bucket holding some of them
             makes two exchanges, one uncompressed. Not pickled.
+        link_model: the :class:`~squinchcomm.LinkModel` ``auto`` uses, stated
+            instead of probed (the same on every rank).
 
     Example:
         >>> state = SquinchHookState(compression="squinch", error_feedback=True)
@@ -101,10 +106,10 @@ class SquinchHookState:
                  rounding: str = "nearest", error_feedback: bool = True,
                  hierarchical: bool = False, min_compress_bytes: int | None = None,
                  timeout: float | None = None, check_metadata: bool | None = None,
-                 start_step: int = 0, uncompressed_params=None):
+                 start_step: int = 0, uncompressed_params=None, link_model=None):
         # Validate here, not at the first bucket: a typo should fail before training starts.
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"compression={compression!r}: choose one of {', '.join(COMPRESSIONS)}")
+        if compression not in CHOICES:
+            raise ValueError(f"compression={compression!r}: choose one of {', '.join(CHOICES)}")
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding={rounding!r}: choose one of {', '.join(ROUNDINGS)}")
         if min_compress_bytes is not None and int(min_compress_bytes) < 0:
@@ -129,6 +134,7 @@ class SquinchHookState:
         self.min_compress_bytes = None if min_compress_bytes is None else int(min_compress_bytes)
         self.timeout = None if timeout is None else float(timeout)
         self.check_metadata = check_metadata
+        self.link_model = link_model
         self._comm: Communicator | None = None
         # Iterations completed, and the iteration each residual name was last used in.
         self._iteration = 0
@@ -156,7 +162,7 @@ class SquinchHookState:
                 compression=self.compression, rounding=self.rounding,
                 error_feedback=self.error_feedback, hierarchical=self.hierarchical,
                 min_compress_bytes=self.min_compress_bytes, timeout=self.timeout,
-                check_metadata=self.check_metadata)
+                check_metadata=self.check_metadata, link_model=self.link_model)
             if self._pending is not None:
                 pending, self._pending = self._pending, None
                 self._apply(pending)

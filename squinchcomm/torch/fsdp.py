@@ -60,7 +60,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from squinchcomm.collectives import COMPRESSIONS, Communicator, ErrorFeedback
+from squinchcomm.collectives import CHOICES, Communicator, ErrorFeedback
 from squinchcomm.codec import ROUNDINGS
 
 __all__ = ["FSDPCompression", "compress", "compress_across_nodes"]
@@ -83,10 +83,11 @@ class FSDPCompression:
 
     def __init__(self, *, compression: str = "squinch", rounding: str = "nearest",
                  error_feedback: bool = False, min_compress_bytes: int | None = None,
-                 timeout: float | None = None, seed: int = 0, start_step: int = 0):
-        if compression not in COMPRESSIONS:
+                 timeout: float | None = None, seed: int = 0, start_step: int = 0,
+                 link_model=None):
+        if compression not in CHOICES:
             raise ValueError(f"compression={compression!r}: choose one of "
-                             f"{', '.join(COMPRESSIONS)}")
+                             f"{', '.join(CHOICES)}")
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding={rounding!r}: choose one of {', '.join(ROUNDINGS)}")
         if min_compress_bytes is not None and int(min_compress_bytes) < 0:
@@ -99,6 +100,7 @@ class FSDPCompression:
         self.error_feedback = bool(error_feedback)
         self.min_compress_bytes = None if min_compress_bytes is None else int(min_compress_bytes)
         self.timeout, self.seed = timeout, int(seed)
+        self.link_model = link_model
         self.residuals = ErrorFeedback()
         self.units: list[str] = []
         self._comms: dict = {}
@@ -112,7 +114,8 @@ class FSDPCompression:
             comm = Communicator(TorchTransport(group, timeout=self.timeout),
                                 compression=self.compression, rounding=self.rounding,
                                 min_compress_bytes=self.min_compress_bytes,
-                                timeout=self.timeout, seed=self.seed)
+                                timeout=self.timeout, seed=self.seed,
+                                link_model=self.link_model)
             self._comms[group] = comm
         return comm
 
@@ -216,7 +219,8 @@ def _set(unit_name: str, setter, value):
 def compress(model: torch.nn.Module, *, compression: str = "squinch",
              rounding: str = "nearest", error_feedback: bool = False,
              min_compress_bytes: int | None = None, timeout: float | None = None,
-             seed: int = 0, start_step: int = 0, uncompressed=None) -> FSDPCompression:
+             seed: int = 0, start_step: int = 0, uncompressed=None,
+             link_model=None) -> FSDPCompression:
     """Compress the gradient reduce-scatter of every FSDP2 unit of ``model``.
 
     Call after ``fully_shard`` (every rank, same model). Units smaller than
@@ -227,10 +231,15 @@ def compress(model: torch.nn.Module, *, compression: str = "squinch",
     ``named_modules``, ``"<root>"`` for the model, or a predicate ``(name,
     module) -> bool``): those keep FSDP's own reduce-scatter. Returns the
     :class:`FSDPCompression` that holds the communicators and residuals.
+    ``compression="auto"`` picks none, bf16 or Squinch per unit size from the
+    link model probed when the communicator is built (at the first
+    reduction), or from ``link_model`` (a :class:`~squinchcomm.LinkModel`
+    for the group's size).
     """
     state = FSDPCompression(compression=compression, rounding=rounding,
                             error_feedback=error_feedback, min_compress_bytes=min_compress_bytes,
-                            timeout=timeout, seed=seed, start_step=start_step)
+                            timeout=timeout, seed=seed, start_step=start_step,
+                            link_model=link_model)
     for name, unit, plain in _units(model, uncompressed):
         if not plain:  # a plain unit keeps FSDP's own reduce-scatter
             _set(name, unit.set_custom_reduce_scatter,
@@ -243,7 +252,7 @@ def compress_across_nodes(model: torch.nn.Module, cross_group, *,
                           compression: str = "squinch", rounding: str = "nearest",
                           error_feedback: bool = False, min_compress_bytes: int | None = None,
                           timeout: float | None = None, seed: int = 0, start_step: int = 0,
-                          uncompressed=None) -> FSDPCompression:
+                          uncompressed=None, link_model=None) -> FSDPCompression:
     """HSDP with compressed node-to-node traffic: ``model`` is sharded by
     ``fully_shard`` over the ranks of one node (a 1-D mesh, FSDP's own
     reduce-scatter), and ``cross_group`` holds this rank and the ranks with
@@ -255,11 +264,13 @@ def compress_across_nodes(model: torch.nn.Module, cross_group, *,
     and ``cross_group = mesh["node"].get_group()``. Every node must start
     from the same parameters (the same seed, or a broadcast). ``start_step``
     and ``uncompressed`` as in :func:`compress` (selected units are averaged
-    across nodes uncompressed).
+    across nodes uncompressed); ``compression="auto"`` and ``link_model`` as
+    there, for the cross-node group.
     """
     state = FSDPCompression(compression=compression, rounding=rounding,
                             error_feedback=error_feedback, min_compress_bytes=min_compress_bytes,
-                            timeout=timeout, seed=seed, start_step=start_step)
+                            timeout=timeout, seed=seed, start_step=start_step,
+                            link_model=link_model)
     for name, unit, plain in _units(model, uncompressed):
         _set(name, unit.set_all_reduce_hook,
              _cross_node_hook(state, cross_group, f"hsdp.{name}", plain))

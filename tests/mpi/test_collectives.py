@@ -370,6 +370,28 @@ def test_pipelined_chunks_give_the_same_bits(comm, compression, rounding):
     assert np.abs(results[0][:n] - ref).max() <= 2 * q * np.abs(ref).max() + 1e-6
 
 
+@pytest.mark.parametrize("compression", ["squinch", "bf16"])
+def test_hierarchical_pipelined_gives_the_same_bits(comm, compression):
+    """2 x 2 ranks: the cross-node allreduce in 4 KiB chunks, whose payloads
+    the node shares (step 3), gives the bits of the one-piece run, with and
+    without error feedback (two calls: the residuals carry over)."""
+    if comm.size != 4:
+        pytest.skip("emulates 2 nodes x 2 ranks")
+    runs = []
+    for pipeline in (0, 4096):
+        h = Communicator(comm.transport, hierarchical=True, node_size=2, min_compress_bytes=0,
+                         pipeline_bytes=pipeline, timeout=60)
+        out = [h.allreduce(data(41 + k, comm.rank, 50_001), compression=compression)
+               for k in range(2)]
+        out += [h.allreduce(data(43, comm.rank, 50_001), compression=compression,
+                            name="hier-ef", error_feedback=True) for _ in range(2)]
+        runs.append(out)
+    for a, b in zip(*runs):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+        same_everywhere(comm, a)
+    assert not np.array_equal(runs[0][2], runs[0][3])  # same input: the residual changed it
+
+
 def test_join_answers_with_zeros_exactly(comm):
     """The last rank joins at once (Communicator.join); the others' flat,
     error-feedback and (2 x 2 ranks) hierarchical allreduces see zeros from
@@ -409,3 +431,92 @@ def test_join_answers_with_zeros_exactly(comm):
     digests = comm.transport.allgather_object(
         [hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for a in got])
     assert len({tuple(d) for d in digests[:last]}) == 1, "results differ across ranks"
+
+
+# ---------------------------------------------------------------------------- compression="auto"
+from squinchcomm.collectives import LinkModel  # noqa: E402
+
+
+def _stated(comm, bandwidth_bps, squinch_gbps=1.0):
+    return LinkModel.from_rates(comm.size, bandwidth_bps, latency_s=1e-4,
+                                squinch_gbps=squinch_gbps, bf16_gbps=4.0)
+
+
+def test_auto_probe_gives_every_rank_the_same_model(comm):
+    """Built with compression="auto", the communicator probes its link at
+    construction; every rank holds the same model, so every rank sends each
+    size in the same method, and the result is that method's, bit for bit."""
+    auto = Communicator(comm.transport, compression="auto", min_compress_bytes=0, timeout=60)
+    model = auto.link_model
+    assert model is not None and model.world == comm.size
+    same_everywhere(comm, np.frombuffer(repr(model.to_dict()).encode(), np.uint8))
+    if comm.size == 1:
+        assert model.source == "single rank" and model.choose(1 << 26) == "none"
+    else:
+        assert model.source == "probe" and model.bytes_per_s > 0
+        assert {m for _, m in model.ranges()} <= {"none", "bf16", "squinch"}
+    for n in (1000, 300_000, 2_000_000):
+        x = data(31, comm.rank, n)
+        chosen = model.choose(n)
+        got = auto.allreduce(x)
+        want = comm.allreduce(x, compression=chosen)
+        assert np.array_equal(got, want), f"n={n}: auto did not send in {chosen}"
+        same_everywhere(comm, got)
+    again = auto.measure_link(probe_bytes=[64 << 10, 256 << 10], repeats=1)  # re-measurable
+    assert auto.link_model is again and again.world == comm.size
+    same_everywhere(comm, np.frombuffer(repr(again.to_dict()).encode(), np.uint8))
+
+
+@pytest.mark.parametrize("collective", ["allreduce", "reduce_scatter", "allgather"])
+def test_auto_follows_a_stated_link(comm, collective):
+    """A slow stated link (50 Mbit/s) makes a 1 MiB message go in Squinch (its
+    wire time, 5.3x shorter than fp32's, outweighs a 1 GB/s codec); a fast one
+    (1 Tbit/s) with a slow codec makes it go uncompressed, exact."""
+    if comm.size == 1:
+        pytest.skip("one rank: nothing travels, auto is always uncompressed")
+    n = 1 << 18
+    x = data(32, comm.rank, n)
+    call = {"allreduce": lambda c, **kw: c.allreduce(x, **kw),
+            "reduce_scatter": lambda c, **kw: c.reduce_scatter(x, **kw)[0],  # (shard, bounds)
+            "allgather": lambda c, **kw: c.allgather(x, **kw)}[collective]
+    slow = Communicator(comm.transport, compression="auto", min_compress_bytes=0, timeout=60,
+                        link_model=_stated(comm, 50e6))
+    fast = Communicator(comm.transport, compression="auto", min_compress_bytes=0, timeout=60,
+                        link_model=_stated(comm, 1e12, squinch_gbps=0.1))
+    # (allgather moves exact bytes unless asked: its compression= defaults to none)
+    assert np.array_equal(call(slow, compression="auto"), call(comm, compression="squinch"))
+    assert np.array_equal(call(fast, compression="auto"), call(comm, compression="none"))
+    assert not np.array_equal(call(slow, compression="auto"), call(fast, compression="auto"))
+
+
+def test_auto_per_call_probes_once_at_first_use(comm):
+    """compression="auto" on a communicator built without it measures the link
+    at the first such call (collectively, in program order), then reuses it."""
+    c = Communicator(comm.transport, min_compress_bytes=0, timeout=60)
+    assert c.link_model is None
+    c.allreduce(data(33, comm.rank, 4096), compression="auto")
+    first = c.link_model
+    assert first is not None and first.world == comm.size
+    c.allreduce(data(34, comm.rank, 4096), compression="auto")
+    assert c.link_model is first
+
+
+def test_auto_with_different_models_raises_on_every_rank(comm):
+    """Ranks that state different links would send in different methods: the
+    metadata check names the disagreement on every rank instead of mixing
+    wire formats."""
+    if comm.size == 1:
+        pytest.skip("needs two ranks")
+    model = _stated(comm, 50e6 if comm.rank == 0 else 1e12, squinch_gbps=0.1)
+    c = Communicator(comm.transport, compression="auto", min_compress_bytes=0, timeout=60,
+                     link_model=model)
+    with pytest.raises(ValueError, match="compression: rank 0='squinch'"):
+        c.allreduce(data(35, comm.rank, 1 << 18))
+    comm.barrier()
+
+
+def test_auto_rejects_a_model_for_another_world(comm):
+    with pytest.raises(ValueError, match=f"link_model is for {comm.size + 1} ranks"):
+        Communicator(comm.transport, compression="auto", timeout=60,
+                     link_model=LinkModel.from_rates(comm.size + 1, 1e9))
+    comm.barrier()

@@ -365,3 +365,35 @@ def test_hsdp_compresses_only_across_nodes(world):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     assert same_on_every_rank(digest(model))
+
+
+def test_auto_sends_each_unit_in_the_method_the_link_model_picks(world):
+    """compression="auto" with a stated link: over 50 Mbit/s every unit's
+    reduce-scatter is Squinch's, bit for bit; over 1 Tbit/s with a slow codec
+    it is the uncompressed one. Without a stated link the communicator probes
+    at the first reduction and every rank holds the same model."""
+    from squinchcomm import LinkModel
+
+    r, n = world
+    if n == 1:
+        pytest.skip("one rank: FSDP calls no reduce-scatter")
+
+    def grads(**options):
+        model = shard(make())
+        state = fsdp.compress(model, min_compress_bytes=0, **options)
+        loss_of(model, *batch(0, r)).backward()
+        return full_grads(model), state
+
+    slow, _ = grads(compression="auto", link_model=LinkModel.from_rates(n, 50e6))
+    fast, _ = grads(compression="auto", link_model=LinkModel.from_rates(
+        n, 1e12, squinch_gbps=0.1, bf16_gbps=0.1))
+    squinch, _ = grads(compression="squinch")
+    none, _ = grads(compression="none")
+    assert all(torch.equal(slow[k], squinch[k]) for k in slow)
+    assert all(torch.equal(fast[k], none[k]) for k in fast)
+    assert not all(torch.equal(squinch[k], none[k]) for k in slow)
+    probed, state = grads(compression="auto")
+    (comm,) = state._comms.values()
+    assert comm.link_model.source == "probe"
+    assert same_on_every_rank(repr(comm.link_model.to_dict()))
+    check_within_bound(probed, exact_grads(0, 0, range(n)), "squinch", n)  # loosest bound
