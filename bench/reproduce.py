@@ -13,9 +13,9 @@ command this script ran. Steps:
     quality   error per method on Gaussian, t3, GPT grads (... quality)
     pipeline  single-process codec pipeline per allreduce (... pipeline)
     mpi       4 MPI ranks on this machine, 1-64 MiB     (mpirun ... allreduce)
-    shaped    4 hosts at 200 Mbit/s, 1 and 10 Gbit/s, 1-256 MiB, every method
+    shaped    4 hosts at 200 Mbit/s, 1 and 10 Gbit/s, 1-256 MiB, every method (auto too)
     collectives  reduce_scatter and allgather at 1 Gbit/s, 1-64 MiB
-    hier      2 hosts x 2 ranks at 1 Gbit/s, 64 MiB: flat vs hierarchical Squinch
+    hier      2 hosts x 2 ranks at 200 Mbit/s and 1 Gbit/s, 64 MiB: flat vs hierarchical
     train     the GPT training step per compression method, 4 hosts at each rate
     overlap   the step unshaped vs 200 Mbit/s and 1 Gbit/s, 2 and 4 hosts (wire hidden?)
     model     the speedup model from the pipeline numbers, checked against the shaped runs
@@ -87,11 +87,11 @@ def steps(out: Path) -> dict[str, list[tuple[list[str], str | None]]]:
                        o("allreduce_mpi_4rank.json"))], o("allreduce_mpi_4rank.txt"))],
         "shaped": shaped,
         "collectives": collectives,
-        "hier": [(_shaped("1gbit", o("shaped_hier_2x2_1gbit.txt"),
+        "hier": [(_shaped(r, o(f"shaped_hier_2x2_{r}.txt"),
                           ["allreduce", "-b", "64M", "-e", "64M", "-n", "3", "-w", "1",
                            "--methods", "engine_fp32,squinch,squinch_ef,squinch_hier,"
-                           "squinch_hier_ef", "--json", o("shaped_hier_2x2_1gbit.json")],
-                          ranks_per_host=2), None)],
+                           "squinch_hier_ef", "--json", o(f"shaped_hier_2x2_{r}.json")],
+                          ranks_per_host=2), None) for r in ("200mbit", "1gbit")],
         "train": train,
         "overlap": overlap,
         # The prediction uses the single-process pipeline numbers (a rank with the

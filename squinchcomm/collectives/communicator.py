@@ -138,7 +138,7 @@ class Communicator:
             self.measure_link()
 
     # ------------------------------------------------------------ auto
-    def measure_link(self, probe_bytes=None, repeats: int = 3) -> LinkModel:
+    def measure_link(self, probe_bytes=None, repeats: int = 5) -> LinkModel:
         """Measure the link and codecs that ``compression="auto"`` chooses by
         (a short probe: :func:`squinchcomm.collectives.policy.probe`), keep
         the model and log it once (rank 0, logger ``squinchcomm``).
@@ -150,7 +150,8 @@ class Communicator:
             probe_bytes: fp32 message sizes to time (default 256 KiB, 1 MiB,
                 4 MiB, raised to ``min_compress_bytes``: smaller messages go
                 uncompressed whatever the model says).
-            repeats: timed calls per method and size (median; one more warms up).
+            repeats: timed calls per method and size (the fastest counts; one
+                more warms up).
         """
         if probe_bytes is None:
             floor = max(self.min_compress_bytes, 1)

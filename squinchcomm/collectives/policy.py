@@ -22,18 +22,20 @@ that one rank reaches, the codec costs ``c_m``) are either given
 collective run once when a :class:`~squinchcomm.Communicator` is built with
 ``compression="auto"`` (or at its first ``auto`` call):
 
-1. Step 1: every method runs a few allreduces of each probe size (default
-   256 KiB, 1 MiB and 4 MiB of fp32; interleaved, after a barrier, one
-   warm-up round), through the communicator itself, so the times include
-   its engine, its metadata check, its codec threads sharing the cores with
-   the other ranks, and its hierarchy if it has one.
-2. Step 2: the medians are reduced with ``max`` over the ranks (a collective
-   is as slow as its slowest rank), so every rank holds the same numbers.
+1. Step 1: every method runs 5 allreduces of each probe size (default
+   256 KiB, 1 MiB and 4 MiB of fp32, and 16 MiB where 4 MiB uncompressed
+   took under 0.1 s; interleaved, after a barrier, one warm-up round),
+   through the communicator itself, so the times include its engine, its
+   metadata check, its codec threads sharing the cores with the other ranks,
+   and its hierarchy if it has one.
+2. Step 2: each rank keeps its fastest repeat; the slowest rank's times are
+   taken (a collective is as slow as its slowest rank), so every rank holds
+   the same numbers.
 3. Step 3: each method's times are fitted by least squares to ``a + b n``;
    ``B`` comes from the uncompressed slope, ``c_m`` is what is left of
-   ``b_m`` after its wire time (never negative). Probe sizes sit below the
-   default pipeline chunk (16 MiB), so the fitted slope is codec plus wire
-   and the model extrapolates the pipelining to larger messages.
+   ``b_m`` after its wire time (never negative). Probe sizes stay within
+   one pipeline chunk (16 MiB by default), so the fitted slope is codec plus
+   wire and the model extrapolates the pipelining to larger messages.
 
 Every rank fits the same floats in the same order, so every rank picks the
 same method for the same size; the metadata check compares the resolved
@@ -56,7 +58,7 @@ import numpy as np
 from squinchcomm.collectives.algorithms import chunk_bounds
 from squinchcomm.collectives.wire import COMPRESSIONS, wire_bytes
 
-__all__ = ["CHOICES", "CANDIDATES", "MARGIN", "PROBE_BYTES", "LinkModel", "probe"]
+__all__ = ["CHOICES", "CANDIDATES", "MARGIN", "PROBE_BYTES", "EXTEND_BELOW_S", "LinkModel", "probe"]
 
 #: What ``compression=`` accepts: the wire formats and "auto".
 CHOICES = COMPRESSIONS + ("auto",)
@@ -66,6 +68,9 @@ CANDIDATES = ("none", "bf16", "squinch")
 #: How much faster (relative) a lossier method must be modelled to be chosen:
 #: near a crossover the methods cost the same, and the exact one is better.
 MARGIN = 0.02
+#: The probe adds a 4x larger size where the largest uncompressed call took
+#: less than this many seconds.
+EXTEND_BELOW_S = 0.1
 #: fp32 bytes of the probe's messages.
 PROBE_BYTES = (256 << 10, 1 << 20, 4 << 20)
 
@@ -83,7 +88,7 @@ class LinkModel:
         codec_s_per_elem: compute seconds per element of each method (none: 0).
         pipeline_bytes: the communicator's pipeline chunk (0: no pipelining).
         source: "probe" (measured) or "given".
-        probe: the measured medians, {method: [[bytes, seconds], ...]}.
+        probe: the measured times, {method: [[bytes, seconds], ...]}.
     """
 
     world: int
@@ -190,26 +195,8 @@ def _fit(sizes: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def probe(comm, probe_bytes=PROBE_BYTES, repeats: int = 3) -> LinkModel:
-    """Measure ``comm``'s link and codecs (collective: every rank calls it).
-
-    Returns the same :class:`LinkModel` on every rank (Steps 1-3 of the
-    module docstring). Costs ``(repeats + 1)`` allreduces of each size in
-    each method: about 2 s at 200 Mbit/s over 4 ranks, 0.1 s on loopback.
-    """
-    if comm.size == 1:  # nothing travels: uncompressed is exact and free
-        return LinkModel(world=1, bytes_per_s=1e15, latency=dict.fromkeys(CANDIDATES, 0.0),
-                         codec_s_per_elem=dict.fromkeys(CANDIDATES, 0.0),
-                         pipeline_bytes=comm.pipeline_bytes, source="single rank")
-    sizes = sorted({max(8, int(b) // 4) for b in probe_bytes})
-    if len(sizes) < 2:
-        raise ValueError(f"probe_bytes={probe_bytes!r}: pass at least two different sizes")
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats!r}: pass at least 1")
-    # Step 1: time each method at each size, interleaved, after a barrier.
-    xp = np
-    if comm.transport.name == "nccl":  # a GPU job: probe with device buffers
-        import cupy as xp
+def _measure(comm, sizes: list[int], repeats: int, xp) -> np.ndarray:
+    """Steps 1-2 for ``sizes``: seconds per (method, size), the same on every rank."""
     data = {n: xp.asarray(np.random.default_rng([comm.rank, n]).standard_normal(n, np.float32))
             for n in sizes}
     times = np.zeros((len(CANDIDATES), len(sizes), repeats))
@@ -222,11 +209,44 @@ def probe(comm, probe_bytes=PROBE_BYTES, repeats: int = 3) -> LinkModel:
                                error_feedback=False)
                 if r:  # round 0 warms the codec, the buffers and the connections
                     times[i, j, r - 1] = time.perf_counter() - t0
-    # Step 2: the slowest rank's medians, identical on every rank.
-    medians = np.max(comm.allgather_object(np.median(times, axis=2).tolist()), axis=0)
+    # Step 2: each rank's fastest repeat (noise only ever adds time), then the
+    # slowest rank's (a collective is as slow as its slowest rank): identical
+    # numbers on every rank.
+    return np.max(comm.allgather_object(np.min(times, axis=2).tolist()), axis=0)
+
+
+def probe(comm, probe_bytes=PROBE_BYTES, repeats: int = 5) -> LinkModel:
+    """Measure ``comm``'s link and codecs (collective: every rank calls it).
+
+    Returns the same :class:`LinkModel` on every rank (Steps 1-3 of the
+    module docstring). Costs ``(repeats + 1)`` allreduces of each size in
+    each method; where the largest uncompressed probe takes under
+    :data:`EXTEND_BELOW_S` (a fast link, where the methods are close and the
+    slopes decide), one more size, 4 times the largest (at most one pipeline
+    chunk). About 3 s at 200 Mbit/s over 4 ranks, 1-2 s on loopback.
+    """
+    if comm.size == 1:  # nothing travels: uncompressed is exact and free
+        return LinkModel(world=1, bytes_per_s=1e15, latency=dict.fromkeys(CANDIDATES, 0.0),
+                         codec_s_per_elem=dict.fromkeys(CANDIDATES, 0.0),
+                         pipeline_bytes=comm.pipeline_bytes, source="single rank")
+    sizes = sorted({max(8, int(b) // 4) for b in probe_bytes})
+    if len(sizes) < 2:
+        raise ValueError(f"probe_bytes={probe_bytes!r}: pass at least two different sizes")
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats!r}: pass at least 1")
+    xp = np
+    if comm.transport.name == "nccl":  # a GPU job: probe with device buffers
+        import cupy as xp
+    # Steps 1-2: time each method at each size, interleaved, after a barrier.
+    seconds = _measure(comm, sizes, repeats, xp)
+    extra = 4 * sizes[-1] if not comm.pipeline_bytes else min(4 * sizes[-1],
+                                                               comm.pipeline_bytes // 4)
+    if seconds[0, -1] < EXTEND_BELOW_S and extra > sizes[-1]:  # the same test on every rank
+        seconds = np.hstack([seconds, _measure(comm, [extra], repeats, xp)])
+        sizes.append(extra)
     # Step 3: a + b n per method; the link from the uncompressed slope.
     n_arr = np.asarray(sizes, np.float64)
-    fits = {m: _fit(n_arr, medians[i]) for i, m in enumerate(CANDIDATES)}
+    fits = {m: _fit(n_arr, seconds[i]) for i, m in enumerate(CANDIDATES)}
     per_elem_wire = {m: wire_bytes(1 << 20, comm.size, m) / (1 << 20) for m in CANDIDATES}
     b_none = fits["none"][1]
     bytes_per_s = per_elem_wire["none"] / b_none if b_none > 0 else math.inf
@@ -234,9 +254,8 @@ def probe(comm, probe_bytes=PROBE_BYTES, repeats: int = 3) -> LinkModel:
         bytes_per_s = 1e15
     codec = {m: max(fits[m][1] - per_elem_wire[m] / bytes_per_s, 0.0) for m in CANDIDATES}
     codec["none"] = 0.0
-    model = LinkModel(world=comm.size, bytes_per_s=bytes_per_s,
-                      latency={m: fits[m][0] for m in CANDIDATES}, codec_s_per_elem=codec,
-                      pipeline_bytes=comm.pipeline_bytes, source="probe",
-                      probe={m: [[4 * n, float(medians[i, j])] for j, n in enumerate(sizes)]
-                             for i, m in enumerate(CANDIDATES)})
-    return model
+    return LinkModel(world=comm.size, bytes_per_s=bytes_per_s,
+                     latency={m: fits[m][0] for m in CANDIDATES}, codec_s_per_elem=codec,
+                     pipeline_bytes=comm.pipeline_bytes, source="probe",
+                     probe={m: [[4 * n, float(seconds[i, j])] for j, n in enumerate(sizes)]
+                            for i, m in enumerate(CANDIDATES)})
