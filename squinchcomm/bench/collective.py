@@ -886,7 +886,7 @@ def main(argv=None, collective: str = "allreduce") -> dict:
            "numba_num_threads": os.environ.get("NUMBA_NUM_THREADS"), "torch_threads": threads,
            "check_metadata": comm.check_metadata, "pipeline_bytes": comm.pipeline_bytes,
            "peak_rss_mb": rss_mb, "rows": rows,
-           "stages": stage_rows}
+           "stages": stage_rows, "auto_model": None if auto is None else auto.to_dict()}
     if root:
         if stage_rows:
             print(_stage_table(stage_rows), flush=True)

@@ -31,7 +31,8 @@ collective run once when a :class:`~squinchcomm.Communicator` is built with
 2. Step 2: each rank keeps its fastest repeat; the slowest rank's times are
    taken (a collective is as slow as its slowest rank), so every rank holds
    the same numbers.
-3. Step 3: each method's times are fitted by least squares to ``a + b n``;
+3. Step 3: each method's times are fitted to ``a + b n`` (least squares of
+   the relative residuals);
    ``B`` comes from the uncompressed slope, ``c_m`` is what is left of
    ``b_m`` after its wire time (never negative). Probe sizes stay within
    one pipeline chunk (16 MiB by default), so the fitted slope is codec plus
@@ -186,12 +187,15 @@ def _size(nbytes: int) -> str:
 
 
 def _fit(sizes: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
-    """Least squares ``seconds = a + b * sizes``, with a, b >= 0."""
-    b, a = np.polyfit(sizes, seconds, 1)
+    """``seconds = a + b * sizes`` by least squares of the *relative* residuals
+    (weights 1/seconds: the small sizes, where latency decides, count as much
+    as the large ones), with a, b >= 0."""
+    w = 1.0 / np.maximum(seconds, 1e-9)
+    b, a = np.polyfit(sizes, seconds, 1, w=w)
     if b <= 0:  # flat or noisy: all latency
         return float(np.mean(seconds)), 0.0
-    if a < 0:  # through the origin
-        return 0.0, float(sizes @ seconds / (sizes @ sizes))
+    if a < 0:  # through the origin, relative residuals: b = mean(seconds / sizes)
+        return 0.0, float(np.mean(seconds / sizes))
     return float(a), float(b)
 
 
