@@ -235,8 +235,11 @@ def allreduce_table(runs: dict[float, dict], size: int) -> list[str]:
                 cells.append(_fmt_ms(row["time_us"]))
             else:
                 cells.append(f"{_fmt_ms(row['time_us'])} ({row['time_us'] / sq['time_us']:.2f}x)")
-        lines.append(f"| {m} | {ref['wire_mb']:.1f} | {ref['rel_rms']:.1e} | "
-                     + " | ".join(cells) + " |")
+        wire = f"{ref['wire_mb']:.1f}"
+        if m == "auto":  # what it sends depends on its pick at each rate
+            wire = " / ".join(f"{per_rate[r][m]['wire_mb']:.1f}" for r in rates
+                              if m in per_rate[r])
+        lines.append(f"| {m} | {wire} | {ref['rel_rms']:.1e} | " + " | ".join(cells) + " |")
     return lines
 
 

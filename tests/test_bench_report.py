@@ -94,3 +94,19 @@ def test_reproduce_rejects_unknown_steps(tmp_path):
                            "codec,nope", "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode != 0 and "unknown step" in proc.stderr and "nope" in proc.stderr
+
+
+def test_auto_table_names_the_pick_and_its_distance_from_the_fastest():
+    """auto's pick is read from its wire bytes; the two ratios divide by the
+    fastest of fp32, bf16 and Squinch at that rate and size."""
+    size = 4 * MiB
+    doc = dict(rows=[_row("engine_fp32", size, 40.0, 4, rel=1e-8), _row("bf16", size, 20.0, 2),
+                     _row("squinch", size, 25.0, 0.75), _row("auto", size, 22.0, 2)])
+    rows = report.rows_at(doc, size)
+    assert report.auto_pick(rows) == "bf16"
+    lines = report.auto_table({10.0: doc})
+    assert "| 10 Gbit/s | 4 MiB | bf16 | bf16 (20.0 ms) | 1.00 | 1.10 |" in lines
+    doc["rows"][-1] = _row("auto", size, 30.0, 0.75)  # picked Squinch: 25 / 20
+    lines = report.auto_table({10.0: doc})
+    assert "| 10 Gbit/s | 4 MiB | squinch | bf16 (20.0 ms) | 1.25 | 1.50 |" in lines
+    assert report.auto_table({10.0: dict(rows=doc["rows"][:3])}) == []  # no auto row

@@ -124,3 +124,18 @@ def test_auto_is_a_choice_everywhere_users_name_compression():
 
     assert as_compression("auto") == Compression.auto
     assert Compression.auto_with(error_feedback=True).error_feedback is True
+
+
+def test_measured_times_win_within_the_probed_sizes():
+    """The formula says Squinch (slow link); the probe measured fp32 fastest up
+    to 1 MiB: there the measurement decides (interpolated, the smallest
+    point below it), above it the formula."""
+    m = LinkModel(world=4, bytes_per_s=25e6, latency=dict.fromkeys(CANDIDATES, 1e-3),
+                  codec_s_per_elem={"none": 0.0, "bf16": 1e-9, "squinch": 4e-9},
+                  probe={"none": [[256 << 10, 0.002], [MiB, 0.004]],
+                         "bf16": [[256 << 10, 0.003], [MiB, 0.006]],
+                         "squinch": [[256 << 10, 0.005], [MiB, 0.005]]})
+    assert m.time("none", (512 << 10) // 4) == pytest.approx(0.002 + 0.002 / 3)
+    assert m.time("bf16", 1000) == 0.003  # below the smallest probe: its time
+    assert m.choose(MiB // 4) == "none" and m.choose(1000) == "none"
+    assert m.choose(16 * MiB) == "squinch"  # above: the formula (slow link)

@@ -14,8 +14,9 @@ candidate method ``m`` as
     C_m(n)       = c_m * n                              (codec seconds per element)
     K(n)         = ceil(4 n / pipeline_bytes)           (the compressed path's chunks)
 
-and sends each message in the method with the smallest modelled time (a
-lossier method only when it is modelled at least 2% faster). The
+and sends each message in the method with the smallest time (a lossier
+method only when it is at least 2% faster): up to the largest probed size
+the probe's measured times (interpolated), above it the formula. The
 parameters (the latencies ``a_m``, the link rate ``B`` in bytes per second
 that one rank reaches, the codec costs ``c_m``) are either given
 (:meth:`LinkModel.from_rates`) or measured by :func:`probe`, a short
@@ -131,7 +132,14 @@ class LinkModel:
                    pipeline_bytes=int(pipeline_bytes))
 
     def time(self, method: str, n: int) -> float:
-        """Modelled seconds of one allreduce of ``n`` elements in ``method``."""
+        """Modelled seconds of one allreduce of ``n`` elements in ``method``:
+        within the probed sizes the measured times themselves (linear between
+        probe sizes, the smallest one's below it: there latency decides, which
+        a fitted line gets wrong by more than the methods differ), above them
+        the fitted formula (it knows the pipelining)."""
+        points = self.probe.get(method)
+        if points and 4 * n <= points[-1][0]:
+            return float(np.interp(4 * n, [b for b, _ in points], [t for _, t in points]))
         wire = wire_bytes(int(n), self.world, method) / self.bytes_per_s
         if method == "none":
             return self.latency[method] + wire
