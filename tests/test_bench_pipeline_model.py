@@ -354,13 +354,15 @@ def test_validate_the_committed_shaped_results(capsys):
             assert r["squinch_model_s"] == pytest.approx(
                 t_pipelined(n, ranks, rate, eff, alpha, codec_s, 0.0, chunks), rel=1e-9)
             assert r["squinch_measured_s"] == pytest.approx(t_sq, rel=1e-12)
-            # The README's reading of these runs: the model is optimistic everywhere (it
-            # assumes perfect codec/wire overlap), and at 200 Mbit/s and 1 Gbit/s from
-            # 4 MiB up it predicts the measured Squinch time to within a third.
+            # The README's reading of these runs: from 4 MiB up the model is
+            # optimistic (it assumes perfect codec/wire overlap), and at 200 Mbit/s
+            # and 1 Gbit/s from 16 MiB up it predicts the measured Squinch time to
+            # within 30%.
             ratio = r["squinch_model_s"] / t_sq
-            assert ratio <= 1.0, (path.name, stage["size"], ratio)
-            if rate <= 1e9 and stage["size"] >= 4 << 20:
-                assert ratio >= 2 / 3, (path.name, stage["size"], ratio)
+            if stage["size"] >= 4 << 20:
+                assert ratio <= 1.0, (path.name, stage["size"], ratio)
+            if rate <= 1e9 and stage["size"] >= 16 << 20:
+                assert ratio >= 0.7, (path.name, stage["size"], ratio)
 
 
 @pytest.mark.parametrize("argv, message", [
