@@ -159,9 +159,26 @@ def check_torch_ddp_hook(cp, comm):
         same_everywhere(comm, g, f"DDP gradient {i}")
 
 
+def check_auto(cp, comm):
+    """compression="auto" on GPU buffers: with a stated slow link the bits of
+    the host path and of Squinch; a probe on this communicator agrees across
+    ranks."""
+    from squinchcomm import LinkModel
+
+    comm.set_link_model(LinkModel.from_rates(comm.size, 50e6))
+    x = values(3, comm.rank)
+    want = np.asarray(comm.allreduce(x.copy(), compression="auto"))
+    got = cp.asnumpy(comm.allreduce(cp.asarray(x), compression="auto"))
+    same_bits(got, want, "allreduce auto")
+    same_bits(want, np.asarray(comm.allreduce(x.copy(), compression="squinch")), "auto = squinch")
+    model = comm.measure_link(probe_bytes=[64 << 10, 256 << 10], repeats=1)
+    same_everywhere(comm, np.frombuffer(repr(model.to_dict()).encode(), np.uint8), "link model")
+    comm.link_model = None
+
+
 CHECKS = {
     "arrays": [check_allreduce, check_reduce_scatter_allgather_broadcast,
-               check_error_feedback_on_a_side_stream],
+               check_error_feedback_on_a_side_stream, check_auto],
     "torch": [check_torch_cuda_tensors, check_torch_distributed_optimizer, check_torch_ddp_hook],
 }
 

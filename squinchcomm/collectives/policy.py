@@ -219,6 +219,8 @@ def _measure(comm, sizes: list[int], repeats: int, xp) -> np.ndarray:
                 t0 = time.perf_counter()
                 comm.allreduce(data[n], compression=m, name=f"squinchcomm-probe-{m}-{n}",
                                error_feedback=False)
+                if xp is not np:  # the result is ordered on the stream: wait for the device
+                    xp.cuda.get_current_stream().synchronize()
                 if r:  # round 0 warms the codec, the buffers and the connections
                     times[i, j, r - 1] = time.perf_counter() - t0
     # Step 2: each rank's fastest repeat (noise only ever adds time), then the
