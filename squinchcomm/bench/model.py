@@ -80,7 +80,7 @@ from pathlib import Path
 from squinchcomm import __version__, collectives
 from squinchcomm.bench.common import parse_size, versions
 from squinchcomm.codec.format import BLOCK, BLOCK_BYTES
-from squinchcomm.collectives import chunk_bounds
+from squinchcomm.collectives.policy import overlapped_seconds, pipeline_chunks
 
 __all__ = ["main", "parse_rate", "parse_time", "wire_bytes", "pipeline_chunks",
            "allreduce_times", "crossover_bps", "codec_seconds", "validate", "BYTES_PER_ELEMENT"]
@@ -127,15 +127,6 @@ def wire_bytes(n: int, ranks: int, method: str = "squinch") -> float:
     return collectives.wire_bytes(int(n), ranks, method)
 
 
-def pipeline_chunks(n: int, pipeline_bytes: int) -> int:
-    """K, the chunks the compressed allreduce pipelines ``n`` fp32 elements in:
-    ceil(4n / pipeline_bytes) block-aligned chunks, 1 when ``pipeline_bytes`` is 0."""
-    if pipeline_bytes < 0:
-        raise ValueError(f"pipeline_bytes={pipeline_bytes}: pass 0 (no pipelining) or a "
-                         "positive chunk size in fp32 bytes, like 16M")
-    return len(chunk_bounds(n, pipeline_bytes // 4)) - 1
-
-
 def allreduce_times(n: int, ranks: int, rate_bps: float, efficiency: float, alpha: float,
                     codec_s: float, overhead: float = 0.0, chunks: int = 1) -> dict:
     """Modelled seconds per allreduce of ``n`` fp32 elements for fp32, bf16 and Squinch.
@@ -150,7 +141,7 @@ def allreduce_times(n: int, ranks: int, rate_bps: float, efficiency: float, alph
     t = {m: wire_bytes(n, ranks, m) / bytes_per_s + latency for m in ("fp32", "bf16")}
     wire_s = wire_bytes(n, ranks, "squinch") / bytes_per_s
     t["squinch_wire"] = wire_s + latency
-    t["squinch"] = max(codec_s, wire_s) + min(codec_s, wire_s) / chunks + latency + overhead
+    t["squinch"] = overlapped_seconds(codec_s, wire_s, chunks) + latency + overhead
     return t
 
 

@@ -60,7 +60,8 @@ import numpy as np
 from squinchcomm.collectives.algorithms import chunk_bounds
 from squinchcomm.collectives.wire import COMPRESSIONS, wire_bytes
 
-__all__ = ["CHOICES", "CANDIDATES", "MARGIN", "PROBE_BYTES", "EXTEND_BELOW_S", "LinkModel", "probe"]
+__all__ = ["CHOICES", "CANDIDATES", "MARGIN", "PROBE_BYTES", "EXTEND_BELOW_S", "LinkModel", "probe",
+           "pipeline_chunks", "overlapped_seconds"]
 
 #: What ``compression=`` accepts: the wire formats and "auto".
 CHOICES = COMPRESSIONS + ("auto",)
@@ -77,6 +78,21 @@ EXTEND_BELOW_S = 0.1
 PROBE_BYTES = (256 << 10, 1 << 20, 4 << 20)
 
 log = logging.getLogger("squinchcomm")
+
+
+def pipeline_chunks(n: int, pipeline_bytes: int) -> int:
+    """K, the chunks the compressed allreduce pipelines ``n`` fp32 elements in:
+    ceil(4n / pipeline_bytes) block-aligned chunks, 1 when ``pipeline_bytes`` is 0."""
+    if pipeline_bytes < 0:
+        raise ValueError(f"pipeline_bytes={pipeline_bytes}: pass 0 (no pipelining) or a "
+                         "positive chunk size in fp32 bytes, like 16M")
+    return len(chunk_bounds(int(n), pipeline_bytes // 4)) - 1
+
+
+def overlapped_seconds(codec_s: float, wire_s: float, chunks: int) -> float:
+    """Codec and wire overlapped over ``chunks`` pipeline chunks: only the shorter
+    stage of one chunk is not hidden, max(C, W) + min(C, W) / K."""
+    return max(codec_s, wire_s) + min(codec_s, wire_s) / chunks
 
 
 @dataclass(frozen=True)
@@ -143,9 +159,8 @@ class LinkModel:
         wire = wire_bytes(int(n), self.world, method) / self.bytes_per_s
         if method == "none":
             return self.latency[method] + wire
-        c = self.codec_s_per_elem[method] * n
-        k = len(chunk_bounds(int(n), self.pipeline_bytes // 4)) - 1 if n else 1
-        return self.latency[method] + max(c, wire) + min(c, wire) / max(k, 1)
+        return self.latency[method] + overlapped_seconds(
+            self.codec_s_per_elem[method] * n, wire, pipeline_chunks(n, self.pipeline_bytes))
 
     def choose(self, n: int) -> str:
         """The method with the smallest modelled time for ``n`` elements; a
