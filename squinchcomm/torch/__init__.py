@@ -49,6 +49,7 @@ from squinchcomm.torch.process_sets import (ProcessSet, add_process_set, global_
                                             remove_process_set)
 from squinchcomm.torch.compression import Compression, WireCompression
 from squinchcomm.torch.optimizer import DistributedOptimizer
+from squinchcomm.torch.diloco import DiLoCo
 from squinchcomm.torch.sync_batch_norm import SyncBatchNorm
 
 __all__ = ["init", "shutdown", "is_initialized", "communicator", "rank", "size", "local_rank",
@@ -64,5 +65,5 @@ __all__ = ["init", "shutdown", "is_initialized", "communicator", "rank", "size",
            "grouped_allreduce_async_", "allgather", "allgather_async", "allgather_object",
            "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "broadcast_object",
            "reducescatter", "alltoall", "barrier", "join", "synchronize", "poll",
-           "broadcast_parameters", "broadcast_optimizer_state", "DistributedOptimizer",
+           "broadcast_parameters", "broadcast_optimizer_state", "DistributedOptimizer", "DiLoCo",
            "SyncBatchNorm"]
