@@ -117,12 +117,13 @@ def test_every_method_trains_identically_on_every_rank(quick):
         assert r["identical"], r["method"]
         assert all(math.isfinite(x) for x in r["train_losses"]), r["method"]
         assert len(r["train_losses"]) == doc["args"]["steps"]
-        # the sharded methods reduce inside backward: no exact average to compare with
-        sharded = parity.METHODS[r["method"]].kind == "fsdp"
+        # the sharded methods reduce inside backward, DiLoCo averages parameter
+        # changes: no exact average gradient to compare with
+        sharded = parity.METHODS[r["method"]].kind in ("fsdp", "diloco")
         assert len(r["cosines"]) == (0 if sharded else doc["args"]["steps"]), r["method"]
         assert math.isfinite(r["final_loss"])
     assert stdout.count("# Loss parity") == 1  # rank 0 alone prints
-    for png in ("parity_loss.png", "parity_cosine.png"):
+    for png in ("parity_loss.png", "parity_cosine.png", "parity_bytes.png"):
         assert (out / png).stat().st_size > 1000
     assert "Criterion (stated before the runs)" in (out / "parity.md").read_text()
 
@@ -159,6 +160,24 @@ def test_wire_bytes_and_gradient_fidelity(quick):
         2 * 1 / 2 * 0.75 * n / 2, rel=0.01)
     assert s["hsdp-squinch-ef"]["local_bytes_per_step"] == pytest.approx(1 / 2 * 4 * n, rel=0.01)
     assert math.isnan(s["fsdp-squinch-ef"]["cosine_mean"])
+
+    # DiLoCo (--quick: H = 3 over 6 steps, so two syncs of every parameter; the
+    # streaming one's 3 fragments each launch twice, the last flushed at the end)
+    steps = a["steps"]
+    assert s["diloco10-fp32"]["wire_bytes_per_step"] == pytest.approx(2 * ring * 4 * n / steps)
+    assert s["diloco50-bf16"]["wire_bytes_per_step"] == pytest.approx(2 * ring * 2 * n / steps)
+    for name in ("diloco10-squinch-ef", "sdiloco50-squinch-ef"):
+        assert s[name]["wire_bytes_per_step"] == pytest.approx(2 * ring * 0.75 * n / steps,
+                                                               rel=0.01), name
+    for r in doc["runs"]:
+        sent = r["bytes_curve"]
+        assert len(sent) == len(r["held_out_curve"]) and sent == sorted(sent), r["method"]
+        assert sent[-1] == pytest.approx(r["wire_bytes_per_step"] * steps), r["method"]
+        if parity.METHODS[r["method"]].kind == "diloco":
+            assert sent[0] == 0 and r["diloco"]["sync_every"] == 3
+            assert r["diloco"]["syncs"] == [2] * r["diloco"]["fragments"], r["method"]
+    assert doc["runs"][0]["settings"] != [r for r in doc["runs"]
+                                          if r["method"] == "diloco10-fp32"][0]["settings"]
 
 
 def test_resume_runs_only_what_is_missing(quick, tmp_path):

@@ -201,6 +201,19 @@ def _train(torch, kind, device, steps=3):
             shard_optimizer_state=kind == "zero")
         assert len(opt.buckets) > 1, opt.buckets
         run = model
+    elif kind == "diloco":
+        import functools
+
+        import squinchcomm.torch as hvd
+
+        hvd.init("torch", min_compress_bytes=0, timeout=WAIT)
+        # Powers of two wherever a product meets a sum (inner lr, outer momentum,
+        # mixing 0.5): a fused multiply-add on the GPU rounds like the CPU's.
+        outer = functools.partial(torch.optim.SGD, lr=1.0, momentum=0.5, nesterov=True)
+        opt = hvd.DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.125), sync_every=2,
+                         fragments=2, fragment_sync_delay=1, outer_optimizer=outer,
+                         compression=hvd.Compression.squinch_with(error_feedback=True))
+        run = model
     elif kind == "fsdp":
         from squinchcomm.torch import fsdp
 
@@ -233,11 +246,15 @@ def _train(torch, kind, device, steps=3):
                 reduced = [out]
             elif kind == "zero":
                 reduced = [s.grad for s, *_ in opt._sq_shards]
+            elif kind == "diloco":  # the step syncs: the global and local parameters after it
+                opt.step()
+                reduced = [*opt.global_parameters().values(), *model.ps]
             else:
                 reduced = [p.grad for p in model.ps]
             grads += [g.detach().to("cpu", non_blocking=False).clone() for g in reduced]
-            with opt.skip_synchronize() if kind in ("optimizer", "zero") else _null():
-                opt.step()
+            if kind != "diloco":
+                with opt.skip_synchronize() if kind in ("optimizer", "zero") else _null():
+                    opt.step()
     if stream is not None:
         stream.synchronize()
     return [g.numpy() for g in grads]
@@ -274,16 +291,18 @@ def test_communicator_nccl_equals_host(cp):
     _run_worker("communicator")
 
 
-@pytest.mark.parametrize("kind", ["optimizer", "ddp", "zero", "fsdp"])
+@pytest.mark.parametrize("kind", ["optimizer", "ddp", "zero", "fsdp", "diloco"])
 def test_torch_nccl_on_a_side_stream_equals_cpu(torch_cuda, tmp_path, kind):
     """DistributedOptimizer (and its sharded variant) / the DDP hook / FSDP2's
     compressed reduce-scatter on a CUDA model over a one-rank NCCL group, run
     inside a non-default stream, average to the gradients of the same steps
-    on the CPU over gloo, bit for bit (error feedback included)."""
+    on the CPU over gloo, bit for bit (error feedback included); DiLoCo
+    (streaming: an exchange in flight across a step) gives the same global
+    and local parameters after every step."""
     for device in ("cpu", "cuda"):
         _run_worker("torch", kind, device, str(tmp_path / f"{device}.npz"))
     cpu, gpu = np.load(tmp_path / "cpu.npz"), np.load(tmp_path / "cuda.npz")
-    per_step = {"optimizer": 4, "ddp": 4, "fsdp": 1}.get(kind)
+    per_step = {"optimizer": 4, "ddp": 4, "fsdp": 1, "diloco": 8}.get(kind)
     assert len(cpu.files) == len(gpu.files) > 0
     assert per_step is None or len(cpu.files) == 3 * per_step
     for name in cpu.files:

@@ -61,7 +61,22 @@ parameters) replaces the gradients, and the optimizer steps. Methods:
                    error feedback)
 ``hsdp-squinch-ef`` FSDP2 inside "nodes" of 2 ranks (its own fp32
                    reduce-scatter), ``fsdp.compress_across_nodes`` across them
+``dilocoH-fp32``   DiLoCo (:class:`squinchcomm.torch.DiLoCo`) with H = 10 or 50
+                   inner steps per sync: every rank trains alone with the AdamW
+                   above (its own gradient clipped), and every H steps the
+                   pseudo-gradient is averaged in fp32 and applied by Nesterov
+                   SGD (lr 0.7, momentum 0.9) to the global parameters
+``dilocoH-bf16``   ... the pseudo-gradient in bf16 on the wire
+``dilocoH-squinch-ef`` ... in Squinch with error feedback across syncs
+``sdiloco50-squinch-ef`` Streaming DiLoCo: H = 50, 5 fragments synced 10 steps
+                   apart, each exchange applied 5 inner steps after it starts
+                   (mixing 0.5), Squinch with error feedback
 =================  ==========================================================
+
+DiLoCo methods are evaluated on their global parameters (identical on every
+rank) and send bytes only at syncs: their wire column is the run's total over
+its steps. ``--quick`` caps H at 3 (so that its 6 steps sync), the fragments at
+H and the delay at H - 1.
 
 The sharded methods reduce inside backward, so no exact average of the same
 gradient exists to compare with: their cosine is not measured (n/a). They are
@@ -86,9 +101,10 @@ times the encoded size of the rank's ``n/L`` slice for C nodes of L ranks; the
 fp32 traffic inside the node is reported separately.
 
 Criterion, stated before the runs (``CRITERION``): a Squinch method passes if
-the difference between its mean final held-out loss and bf16's is at most the
-seed-to-seed spread of bf16 (max - min over the seeds) and at most 0.5% of
-bf16's mean. The primary method is ``squinch-ef``; every other method is
+the difference between its mean final held-out loss and its baseline's is at
+most the seed-to-seed spread of the baseline (max - min over the seeds) and at
+most 0.5% of the baseline's mean. The baseline is bf16, fsdp-bf16 for the
+FSDP2 methods, and the fp32 DiLoCo of the same H for the DiLoCo methods. The primary method is ``squinch-ef``; every other method is
 judged by the same rule and reported, failures included.
 """
 
@@ -122,8 +138,9 @@ __all__ = ["main", "METHODS", "CRITERION", "PRIMARY", "judge", "summarize"]
 
 DEFAULT_PROG = "python -m squinchcomm.bench parity"
 PRIMARY = "squinch-ef"
-CRITERION = ("|mean(final held-out loss of the Squinch method) - mean(bf16)| <= "
-             "max(bf16) - min(bf16) over the seeds, and <= 0.5% of mean(bf16)")
+CRITERION = ("|mean(final held-out loss of the Squinch method) - mean(baseline)| <= "
+             "max(baseline) - min(baseline) over the seeds, and <= 0.5% of mean(baseline); "
+             "baseline: bf16 (fsdp-bf16 for FSDP2, dilocoH-fp32 for DiLoCo with H steps)")
 RELATIVE_TOLERANCE = 0.005
 INT4_BLOCK = 128
 NODE_SIZE = 2  # ranks per "node" of the hierarchical methods
@@ -136,13 +153,16 @@ LONG = {"n_layer": 6, "n_embd": 384, "n_head": 6, "seq": 256, "batch": 16, "step
 class Method:
     """How a method averages the flat gradient (see the module docstring)."""
 
-    kind: str  # "fp32" | "wire" (squinchcomm) | "fp16_hook" | "powersgd" | "int4"
+    kind: str  # "fp32" | "wire" (squinchcomm) | "fp16_hook" | "powersgd" | "int4" | "fsdp" | "diloco"
     compression: str = "none"
     rounding: str = "nearest"
     error_feedback: bool = False
     hierarchical: bool = False
     zreg: bool = False
     baseline: str = "bf16"  # what the criterion compares it with
+    sync_every: int = 0  # DiLoCo: inner steps per sync (H)
+    fragments: int = 1  # Streaming DiLoCo: fragments
+    delay: int = 0  # Streaming DiLoCo: inner steps an exchange runs under
 
 
 METHODS = {
@@ -163,6 +183,12 @@ METHODS = {
     "fsdp-squinch-ef": Method("fsdp", "squinch", error_feedback=True, baseline="fsdp-bf16"),
     "hsdp-squinch-ef": Method("fsdp", "squinch", error_feedback=True, hierarchical=True,
                               baseline="fsdp-bf16"),
+    **{f"diloco{h}-{label}": Method("diloco", comp, error_feedback=ef, sync_every=h,
+                                    baseline=f"diloco{h}-fp32")
+       for h in (10, 50) for label, comp, ef in (("fp32", "none", False), ("bf16", "bf16", False),
+                                                 ("squinch-ef", "squinch", True))},
+    "sdiloco50-squinch-ef": Method("diloco", "squinch", error_feedback=True, sync_every=50,
+                                   fragments=5, delay=5, baseline="diloco50-fp32"),
 }
 
 
@@ -286,6 +312,8 @@ _SETTINGS = ("steps", "warmup", "batch", "seq", "n_layer", "n_embd", "n_head", "
 def _settings(name: str, args) -> dict:
     """What a run's result depends on besides method and seed (``--resume`` compares it)."""
     out = {k: getattr(args, k) for k in _SETTINGS}
+    if METHODS[name].kind == "diloco":
+        out["diloco"] = list(diloco_schedule(METHODS[name], args))
     if METHODS[name].zreg:
         out["zreg_coef"] = args.zreg_coef
     return out
@@ -303,8 +331,23 @@ def _resumable(path: Path, args) -> list[dict]:
 def train_run(name: str, seed: int, args, data, eval_windows, quick_eval) -> dict:
     """Train one method from one seed (collective); returns its record (rank 0's view)."""
     method = METHODS[name]
-    if method.kind == "fsdp":
-        return _train_sharded(name, seed, args, data, eval_windows, quick_eval)
+    if method.kind in ("fsdp", "diloco"):
+        train = _train_sharded if method.kind == "fsdp" else _train_diloco
+        return _with_bytes_curve(train(name, seed, args, data, eval_windows, quick_eval))
+    return _with_bytes_curve(_train_replicated(name, seed, args, data, eval_windows, quick_eval))
+
+
+def _with_bytes_curve(record: dict) -> dict:
+    """Cumulative wire bytes per rank at each held-out point (every step's
+    bytes for the per-step methods; DiLoCo records its own)."""
+    record.setdefault("bytes_curve", [step * record["wire_bytes_per_step"]
+                                      for step, _ in record["held_out_curve"]])
+    return record
+
+
+def _train_replicated(name: str, seed: int, args, data, eval_windows, quick_eval) -> dict:
+    """:func:`train_run` for the methods that average one flat gradient per step."""
+    method = METHODS[name]
     rank, world = dist.get_rank(), dist.get_world_size()
     config = GPTConfig(block_size=args.seq, n_layer=args.n_layer, n_head=args.n_head,
                        n_embd=args.n_embd, init_seed=seed,
@@ -436,6 +479,79 @@ def _train_sharded(name: str, seed: int, args, data, eval_windows, quick_eval) -
             "train_losses": losses, "cosines": [], "held_out_curve": curve}
 
 
+def diloco_schedule(method: Method, args) -> tuple[int, int, int]:
+    """(H, fragments, delay) of a DiLoCo method; ``--quick`` caps them (see the docstring)."""
+    h = min(method.sync_every, 3) if args.quick else method.sync_every
+    fragments = min(method.fragments, h)
+    return h, fragments, min(method.delay, h - 1)
+
+
+def _train_diloco(name: str, seed: int, args, data, eval_windows, quick_eval) -> dict:
+    """:func:`train_run` for DiLoCo: the same model, batches, inner optimizer,
+    schedule and clipping (of each rank's own gradient); the global
+    parameters are evaluated."""
+    import squinchcomm.torch as hvd
+
+    method = METHODS[name]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if not hvd.is_initialized():  # the default communicator, over the same gloo group
+        hvd.init("torch", min_compress_bytes=0, check_metadata=False)
+    config = GPTConfig(block_size=args.seq, n_layer=args.n_layer, n_head=args.n_head,
+                       n_embd=args.n_embd, init_seed=seed)
+    device = torch.device(args.device)
+    model = TinyGPT(config).to(device)
+    params = list(model.parameters())
+    for p in params:
+        dist.broadcast(p.data, 0)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    h, fragments, delay = diloco_schedule(method, args)
+    compression = hvd.WireCompression(method.compression, error_feedback=method.error_feedback)
+    diloco = hvd.DiLoCo(model, opt, sync_every=h, compression=compression, fragments=fragments,
+                        fragment_sync_delay=delay, name=f"{name}.seed{seed}")
+    plain = TinyGPT(config).to(device)  # the global parameters, for the held-out loss
+    shared = diloco.global_parameters()
+
+    def held_out(windows):
+        with torch.no_grad():
+            for n, p in plain.named_parameters():
+                p.copy_(shared[n])
+        return _held_out(plain, windows, device)
+
+    losses, curve, sent = [], [], []
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        if step % args.eval_every == 0:
+            curve.append((step, held_out(quick_eval)))
+            sent.append(diloco.wire_bytes)
+        x, y = batch_tensors(sample_windows(data.train, args.batch, args.seq, seed, step + 1,
+                                            rank), device)
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        mean_loss = loss.detach().double().reshape(1)
+        dist.all_reduce(mean_loss)
+        losses.append(float(mean_loss) / world)
+        torch.nn.utils.clip_grad_norm_(params, args.clip)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, args)
+        diloco.step()
+    diloco.synchronize()  # an exchange still in flight is applied before the evaluation
+    final = held_out(eval_windows)
+    curve.append((args.steps, held_out(quick_eval)))
+    sent.append(diloco.wire_bytes)
+    digests = [None] * world
+    dist.all_gather_object(digests, params_digest(plain))
+    return {"method": name, "seed": seed, "settings": _settings(name, args), "final_loss": final,
+            "train_loss_tail": float(np.mean(losses[-args.tail:])),
+            "cosine_mean": float("nan"), "cosine_min": float("nan"),
+            "wire_bytes_per_step": diloco.wire_bytes / args.steps, "local_bytes_per_step": 0.0,
+            "identical": len(set(digests)) == 1, "seconds": round(time.perf_counter() - t0, 1),
+            "train_losses": losses, "cosines": [], "held_out_curve": curve, "bytes_curve": sent,
+            "diloco": {"sync_every": h, "fragments": fragments, "delay": delay,
+                       "syncs": list(diloco.syncs), "exchange_s": diloco.exchange_seconds,
+                       "exposed_s": diloco.exposed_seconds}}
+
+
 # ---------------------------------------------------------------------------- summary
 def summarize(runs: list[dict]) -> dict[str, dict]:
     """Per method: mean/std/min/max of the final held-out loss over seeds, the
@@ -512,8 +628,9 @@ def _markdown(doc: dict) -> str:
         f"Criterion (stated before the runs): {CRITERION}; primary method {PRIMARY}",
         "",
         "| method | final held-out loss (mean ± std) | min..max | vs baseline, paired (mean ± std) "
-        "| 1 - cosine to fp32 avg (mean / max) | wire KB/rank/step | identical | verdict |",
-        "|---|---:|---:|---:|---:|---:|:-:|:-:|",
+        "| 1 - cosine to fp32 avg (mean / max) | wire KB/rank/step | wire MB/rank, run "
+        "| identical | verdict |",
+        "|---|---:|---:|---:|---:|---:|---:|:-:|:-:|",
     ]
     for name, r in s.items():
         paired = ("-" if r["paired_diff_mean"] is None else
@@ -525,9 +642,10 @@ def _markdown(doc: dict) -> str:
             wire += f" (+{r['local_bytes_per_step'] / 1e3:.0f} in node)"
         lines.append(f"| {name} | {r['mean']:.4f} ± {r['std']:.4f} | {r['min']:.4f}..{r['max']:.4f}"
                      f" | {paired} | {_one_minus(r['cosine_mean'])} / {_one_minus(r['cosine_min'])} | {wire} | "
+                     f"{r['wire_bytes_per_step'] * a['steps'] / 1e6:.1f} | "
                      f"{'yes' if r['identical'] else 'NO'} | {verdict} |")
-    lines += ["", "Baseline: bf16; fsdp-bf16 for the fsdp-/hsdp- methods. Verdicts (diff = "
-              "mean - mean(baseline)):", ""]
+    lines += ["", "Baseline: bf16; fsdp-bf16 for the fsdp-/hsdp- methods; dilocoH-fp32 for the "
+              "DiLoCo methods with H steps. Verdicts (diff = mean - mean(baseline)):", ""]
     for name, x in v.items():
         base = METHODS[name].baseline
         side = "" if x["pass"] else (f", lower loss than {base}" if x["diff"] < 0 else
@@ -565,8 +683,11 @@ def _plot(doc: dict, out: Path) -> list[str]:
     loss_png = out / f"{doc['args']['name']}_loss.png"
     fig.savefig(loss_png, dpi=110)
     plt.close(fig)
-    if not any(r["cosines"] for r in doc["runs"]):  # only sharded methods: no cosine
-        return [str(loss_png)]
+    plots = [str(loss_png)]
+    if any(METHODS[r["method"]].kind == "diloco" for r in doc["runs"]):
+        plots.append(_plot_bytes(doc, out, colors, plt))
+    if not any(r["cosines"] for r in doc["runs"]):  # only sharded or DiLoCo: no cosine
+        return plots
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in doc["runs"]:
         if r["seed"] != doc["args"]["seeds"][0] or r["method"] == "fp32" or not r["cosines"]:
@@ -580,7 +701,29 @@ def _plot(doc: dict, out: Path) -> list[str]:
     cos_png = out / f"{doc['args']['name']}_cosine.png"
     fig.savefig(cos_png, dpi=110)
     plt.close(fig)
-    return [str(loss_png), str(cos_png)]
+    return plots + [str(cos_png)]
+
+
+def _plot_bytes(doc: dict, out: Path, colors, plt) -> str:
+    """Held-out loss against the wire bytes each rank has sent so far (mean over seeds)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in doc["summary"]:
+        runs = [r for r in doc["runs"] if r["method"] == name]
+        sent = np.mean([r["bytes_curve"] for r in runs], axis=0)
+        loss = np.mean([[v for _, v in r["held_out_curve"]] for r in runs], axis=0)
+        keep = sent > 0  # the start (no bytes yet) has no place on a log axis
+        style = "--" if METHODS[name].kind == "diloco" else "-"
+        ax.plot(sent[keep] / 1e6, loss[keep], style, marker=".", color=colors[name], lw=1,
+                label=name)
+    ax.set(xscale="log", xlabel="wire MB sent per rank so far",
+           ylabel="held-out loss (nats/byte, mean over seeds)",
+           title="held-out loss against bytes on the wire")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    png = out / f"{doc['args']['name']}_bytes.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return str(png)
 
 
 # ---------------------------------------------------------------------------- main

@@ -35,7 +35,17 @@ method starts from the same initial weights and sees the same batches:
   of the reduced shards across nodes, error feedback on);
 - ``zero_squinch``: ``DistributedOptimizer(shard_optimizer_state=True)`` with
   ``Compression.squinch`` (ZeRO-2: a Squinch reduce-scatter per bucket, each
-  rank steps its shard, fp32 parameter all-gather).
+  rank steps its shard, fp32 parameter all-gather);
+- ``diloco_squinch``: ``hvd.DiLoCo`` (AdamW inner steps, Nesterov outer
+  step) syncing every ``--sync-every`` steps (default 10), the
+  pseudo-gradient in Squinch with error feedback; ``sdiloco_squinch``:
+  Streaming DiLoCo, 5 fragments synced ``--sync-every``/5 steps apart, each
+  exchange applied that many inner steps after it starts (the exchange runs
+  under them). Only one step in H carries a sync (a fragment's, streaming),
+  so their time is the *mean* over the timed steps, not the median: run a
+  multiple of ``--sync-every`` timed steps. Their ``wait`` is the mean time a
+  step waited for an exchange, and the footer gives each exchange's total
+  time against that exposed wait (how much of it the inner steps hid).
 
 Each method runs ``--warmup`` untimed steps, then ``--steps`` timed ones. A step
 is timed from ``zero_grad`` through ``optimizer.step`` after an untimed
@@ -59,7 +69,8 @@ barrier; its time is that of the slowest rank. Columns (rank 0 prints):
   plus the cross-node allreduce of each rank's shard; for ZeRO the
   reduce-scatter and the fp32 parameter all-gather of every bucket;
 - ``ident``: the parameters hash to the same bytes on every rank at the end
-  (data parallelism's invariant; a method that breaks it is wrong, not fast);
+  (data parallelism's invariant; a method that breaks it is wrong, not fast;
+  for DiLoCo its global parameters);
 - ``wait(ms)``: for the hvd methods, the median over timed steps of the
   slowest rank's time from the end of ``backward()`` to the reduced gradients
   (``opt.synchronize()``, then ``step()`` inside ``skip_synchronize()``): the
@@ -109,7 +120,9 @@ __all__ = ["main", "run_method", "METHODS", "LOSS_STEPS", "wire_bytes_per_rank"]
 
 METHODS = ("hvd_fp32", "hvd_fp16", "hvd_bf16", "squinch", "squinch_ef", "hvd_auto",
            "ddp_fp32", "ddp_fp16", "ddp_powersgd4", "ddp_squinch",
-           "fsdp_fp32", "fsdp_squinch", "hsdp_squinch", "zero_squinch")
+           "fsdp_fp32", "fsdp_squinch", "hsdp_squinch", "zero_squinch",
+           "diloco_squinch", "sdiloco_squinch")
+STREAMING_FRAGMENTS = 5
 LOSS_STEPS = 5  # the loss column averages this many final timed steps
 POWERSGD_RANK = 4
 # method -> (wire format of a gradient element, sent by squinchcomm: whose small
@@ -201,7 +214,7 @@ class _Run:
         self.method = method
         self.model = TinyGPT(config)  # seeded init: the same weights for every method
         self.buckets: list[int] = []  # DDP hook methods: bucket sizes seen
-        self.powersgd = None
+        self.powersgd = self.diloco = None
 
         def adamw(params):
             return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -210,6 +223,17 @@ class _Run:
             self.units = _fully_shard(self.model, method, args)
             self.optimizer = adamw(self.model.parameters())
             self.net = self.model
+        elif "diloco" in method:
+            hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+            self.net = self.model
+            self.optimizer = adamw(self.model.parameters())
+            h = args.sync_every
+            fragments = min(STREAMING_FRAGMENTS, h) if method == "sdiloco_squinch" else 1
+            self.diloco = hvd.DiLoCo(self.model, self.optimizer, sync_every=h,
+                                     compression=hvd.Compression.squinch_with(error_feedback=True),
+                                     fragments=fragments,
+                                     fragment_sync_delay=h // fragments if fragments > 1 else 0,
+                                     name=method)
         elif method.startswith("ddp_"):
             cap = {} if args.bucket_bytes is None else {"bucket_cap_mb": args.bucket_bytes / 2**20}
             self.net = DDP(self.model, **cap)  # broadcasts rank 0's weights
@@ -253,6 +277,10 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         _, loss = self.net(x, y)
         loss.backward()
+        if self.diloco is not None:  # the wait: this step's time blocked on an exchange
+            before = self.diloco.exposed_seconds
+            self.diloco.step()
+            return loss, self.diloco.exposed_seconds - before
         if not hasattr(self.optimizer, "synchronize"):
             self.optimizer.step()
             return loss, None
@@ -267,6 +295,8 @@ class _Run:
         """A running count whose growth over the timed steps gives their wire volume."""
         if self.powersgd is not None:
             return self.powersgd.total_numel_after_compression
+        if self.diloco is not None:
+            return self.diloco.wire_bytes
         return len(self.buckets)
 
     def wire_bytes(self, start: int, steps: int, world: int, min_compress_bytes: int) -> float:
@@ -276,6 +306,8 @@ class _Run:
             return wire_bytes(round(elements), world, "none")
         if _sharded(self.method):
             return self.units.wire_bytes(min_compress_bytes)
+        if self.diloco is not None:  # the syncs of the timed steps, per step
+            return (self.diloco.wire_bytes - start) / steps
         if self.method == "zero_squinch":  # reduce-scatter, then fp32 parameter all-gather
             return sum(wire_bytes(n, world, "squinch" if 4 * n >= min_compress_bytes else "none",
                                   collective="reduce_scatter")
@@ -368,7 +400,7 @@ def _bucket_mib(run: _Run, last_step_start: int) -> list[float]:
     buckets, or those a recording DDP hook saw in the last step (else empty)."""
     if hasattr(run.optimizer, "buckets"):
         return [4 * n / 2**20 for _, n in run.optimizer.buckets]
-    if run.powersgd is None:
+    if run.powersgd is None and run.diloco is None:
         return [4 * n / 2**20 for n in run.buckets[last_step_start:]]
     return []
 
@@ -385,11 +417,14 @@ def run_method(method: str, config, args, data, min_compress_bytes: int) -> dict
     rank, world = dist.get_rank(), dist.get_world_size()
     run = _Run(method, config, args)
     times, waits, losses, wire_start, last_start = [], [], [], 0, 0
+    exchange = exposed = 0.0
     for step in range(1, args.warmup + args.steps + 1):
         x, y = batch_tensors(sample_windows(data.train, args.batch, args.seq, args.seed,
                                             step=step, rank=rank))
         if step == args.warmup + 1:
             wire_start = run.wire_counter()
+            if run.diloco is not None:
+                exchange, exposed = run.diloco.exchange_seconds, run.diloco.exposed_seconds
         last_start = run.wire_counter()
         dist.barrier()
         t0 = time.perf_counter()
@@ -399,7 +434,15 @@ def run_method(method: str, config, args, data, min_compress_bytes: int) -> dict
             times.append(dt)
             waits.append(wait)
             losses.append(loss.item())
-    mine = dict(times=times, waits=waits, losses=losses, digest=params_digest(_full(run.model)),
+    if run.diloco is not None:  # the timed steps' exchanges (one in flight is applied now)
+        run.diloco.synchronize()
+        exchange = run.diloco.exchange_seconds - exchange
+        exposed = run.diloco.exposed_seconds - exposed
+    # DiLoCo's shared state is its global parameters (the local ones differ by design).
+    shared = (_full(run.model) if run.diloco is None
+              else list(run.diloco.global_parameters().values()))
+    mine = dict(times=times, waits=waits, losses=losses, digest=params_digest(shared),
+                exchange=exchange, exposed=exposed,
                 wire=run.wire_bytes(wire_start, args.steps, world, min_compress_bytes),
                 buckets=_bucket_mib(run, last_start))
     run.close()
@@ -408,15 +451,20 @@ def run_method(method: str, config, args, data, min_compress_bytes: int) -> dict
     # A step ends when its slowest rank does: max over ranks, then the median.
     slowest = [max(e["times"][i] for e in everyone) for i in range(args.steps)]
     mean_losses = [statistics.fmean(e["losses"][i] for e in everyone) for i in range(args.steps)]
-    t = statistics.median(slowest)
-    wait = None if waits[0] is None else statistics.median(
+    # DiLoCo: one step in H syncs, so the mean over whole cycles is its cost.
+    average = statistics.fmean if run.diloco is not None else statistics.median
+    t = average(slowest)
+    wait = None if waits[0] is None else average(
         max(e["waits"][i] for e in everyone) for i in range(args.steps)) * 1e3
     return dict(method=method, time_ms=t * 1e3, wait_ms=wait,
                 tokens_per_s=world * args.batch * args.seq / t,
                 loss=statistics.fmean(mean_losses[-LOSS_STEPS:]),
                 wire_mb=everyone[0]["wire"] / 1e6, buckets_mib=everyone[0]["buckets"],
                 params_identical=len({e["digest"] for e in everyone}) == 1,
-                step_times_ms=[v * 1e3 for v in slowest], losses=mean_losses)
+                step_times_ms=[v * 1e3 for v in slowest], losses=mean_losses,
+                **({} if run.diloco is None else {
+                    "exchange_ms": max(e["exchange"] for e in everyone) * 1e3,
+                    "exposed_ms": max(e["exposed"] for e in everyone) * 1e3}))
 
 
 # ---------------------------------------------------------------------------- output
@@ -481,6 +529,10 @@ def _footer(rows) -> str:
     lines = ["#", "# parameters bit-identical on every rank: "
              + ("all methods" if not bad else "NOT for " + ", ".join(bad))]
     for r in rows:
+        if "exchange_ms" in r:
+            lines.append(f"# {r['method']}: the timed steps' exchanges took {r['exchange_ms']:.0f} "
+                         f"ms from launch to result, of which the steps waited "
+                         f"{r['exposed_ms']:.0f} ms (slowest rank)")
         if r["buckets_mib"]:
             lines.append(f"# buckets {r['method']}: {len(r['buckets_mib'])} of "
                          + " ".join(f"{b:.2f}" for b in r["buckets_mib"])
@@ -518,10 +570,14 @@ def main(argv=None):
     p.add_argument("--last-bucket-bytes", type=parse_size, default=None, metavar="SIZE",
                    help="DistributedOptimizer's last_bucket_bytes: a cap on the bucket "
                         "backward finishes with (default: none of its own)")
+    p.add_argument("--sync-every", type=int, default=10, metavar="H",
+                   help="DiLoCo methods: inner steps between a fragment's syncs (default 10)")
     p.add_argument("--json", metavar="FILE", help="rank 0 writes rows and parameters as JSON")
     args = p.parse_args(argv)
     # Validate before any collective, so every rank fails the same way at once.
     methods = _methods(args.methods, args.warmup)
+    if args.sync_every < 1:
+        raise ValueError(f"--sync-every {args.sync_every}: pass at least 1")
     if args.steps < 1 or args.warmup < 0:
         raise ValueError(f"--steps {args.steps} --warmup {args.warmup}: pass at least one timed "
                          "step and a non-negative warm-up count")

@@ -36,7 +36,10 @@ How a step runs (``DiLoCo.step()``), step by step:
 The global parameters are bit-identical on every rank after every sync (the
 allreduce's result is, and the outer step is the same arithmetic on the same
 numbers); so are the local ones wherever ``mixing`` is 0. Buffers (e.g.
-BatchNorm statistics) are not synchronized.
+BatchNorm statistics) are not synchronized. The exchanges run on a group of
+their own over the same ranks (built at construction, a collective), so the
+training loop may issue its own collectives on the default group while an
+exchange is in flight.
 """
 
 from __future__ import annotations
@@ -144,7 +147,13 @@ class DiLoCo:
         self.model, self.inner_optimizer = model, inner_optimizer
         self.sync_every, self.fragment_sync_delay, self.mixing = sync_every, delay, float(mixing)
         self.compression, self.name = as_compression(compression), str(name)
-        self._comm = _ops._check_process_set(process_set)
+        # The exchanges get a group of their own (the same ranks, its own
+        # connections and engine): a streaming exchange is in flight during the
+        # inner steps, and a collective the training loop issues meanwhile on
+        # the default group (a loss all_reduce, say) must not meet it there in
+        # a different order on different ranks.
+        base = _ops._check_process_set(process_set)
+        self._comm = base.subset(range(base.size))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters")

@@ -8,7 +8,6 @@ every other rank's local training and check the library against a plain
 single-process implementation of the papers' update rules.
 """
 
-import copy
 import functools
 import hashlib
 import io
@@ -413,3 +412,27 @@ def test_wire_bytes_fall_with_compression(world):
     # 6 bytes per 8 values, whole blocks per rank's shard
     assert counts["squinch"] <= 2 * ring * (0.75 * n + 6 * world.size)
     assert counts["squinch"] >= 2 * ring * 0.75 * n
+
+
+def test_training_loop_collectives_during_a_streaming_exchange(world):
+    """A loss all_reduce on the default gloo group while a fragment's exchange
+    is in flight (as the parity benchmark's loop does): the exchanges run on a
+    group of their own, so the two never meet in different orders (the same
+    group hung here: rank A's all_reduce met rank B's exchange)."""
+    if os.environ.get("SQUINCHCOMM_TEST_TRANSPORT", "mpi") != "torch":
+        pytest.skip("raw torch.distributed collectives: the gloo suites")
+    import torch.distributed as dist
+
+    model = make(4)
+    d = hvd.DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=1e-2), sync_every=4,
+                   fragments=2, fragment_sync_delay=3, compression=hvd.Compression.squinch,
+                   name="loop")
+    losses = []
+    for t in range(1, 10):
+        local_step(model, d.inner_optimizer, 5, world.rank, t)
+        loss = torch.tensor([float(t)])
+        dist.all_reduce(loss)  # the training loop's own collective
+        losses.append(float(loss))
+        d.step()
+    assert losses == [float(t * world.size) for t in range(1, 10)]
+    assert d.syncs == [2, 1] and same_everywhere(list(d.global_parameters().values()))
