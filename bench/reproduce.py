@@ -21,6 +21,8 @@ command this script ran. Steps:
     model     the speedup model from the pipeline numbers, checked against the shaped runs
     companions  Z-Reg, QAT, Dynamic Clamping, visibility attention, distillation
     parity    loss parity: 13 gradient methods x 5 seeds on 4 ranks, Z-Reg at 1e-4 (~100 min)
+    diloco    DiLoCo and Streaming DiLoCo against synchronous training: loss against wire
+              bytes (3 seeds, ~25 min), and the training step on 4 hosts at 200 Mbit/s, 1 Gbit/s
     report    plots and summary.md (bench/report.py)
 
 The shaped steps need root (network namespaces and tc); the others do not.
@@ -37,6 +39,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing it
+from squinchcomm.bench.parity import DILOCO_STUDY  # noqa: E402
+
 RATES = ("200mbit", "1gbit", "10gbit")
 _MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
@@ -120,6 +125,14 @@ def steps(out: Path) -> dict[str, list[tuple[list[str], str | None]]]:
                    for extra in ([], ["--zreg-coef", "1e-4", "--name", "parity_zreg1e-4",
                                       "--methods", "fp32,bf16,squinch-ef,bf16+zreg,"
                                       "squinch-ef+zreg"])],
+        # Issue 17: DiLoCo's loss against bytes, then its step time on slow links.
+        "diloco": [(["mpirun", "-n", "4", "--oversubscribe", "-x", "NUMBA_NUM_THREADS=1",
+                     *_py("-m", "squinchcomm.bench", "parity", "--methods", DILOCO_STUDY,
+                          "--seeds", "0,1,2", "--name", "diloco", "--out", o("diloco"))], None)]
+        + [(_shaped(r, o(f"diloco/shaped_train_4rank_{r}.txt"),
+                    ["train", "--methods", "hvd_fp32,squinch_ef,diloco_squinch,sdiloco_squinch",
+                     "--steps", "20", "--json", o(f"diloco/shaped_train_4rank_{r}.json")]), None)
+           for r in ("200mbit", "1gbit")],
         "report": [(_py("bench/report.py", "--results", str(out)), None)],
     }
 
@@ -144,11 +157,12 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"--only {args.only!r}: unknown step(s) {bad}; choose from "
                          f"{', '.join(plan)}")
-    needs_root = {"shaped", "collectives", "hier", "train", "overlap"} & set(chosen)
+    needs_root = {"shaped", "collectives", "hier", "train", "overlap", "diloco"} & set(chosen)
     if needs_root and os.geteuid() != 0 and not args.list:
         raise SystemExit(f"steps {sorted(needs_root)} build network namespaces and need root: "
                          "run with sudo, or leave them out with --only")
-    (args.out / "overlap").mkdir(parents=True, exist_ok=True)
+    for sub in ("overlap", "diloco"):
+        (args.out / sub).mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **_MPI_ENV, PYTHONPATH=str(ROOT))
     for step in chosen:
         for cmd, stdout in plan[step]:

@@ -103,7 +103,8 @@ def test_learning_rate_schedule():
 def quick(tmp_path_factory):
     """A --quick run of every method on 4 ranks; returns (doc, stdout, out dir)."""
     out = tmp_path_factory.mktemp("parity")
-    proc = _mpirun(4, ["-m", "squinchcomm.bench", "parity", "--quick", "--out", str(out)])
+    proc = _mpirun(4, ["-m", "squinchcomm.bench", "parity", "--quick", "--out", str(out),
+                       "--methods", ",".join(parity.METHODS)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "parity.json").read_text()), proc.stdout, out
 

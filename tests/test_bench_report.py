@@ -74,7 +74,7 @@ def test_reproduce_lists_every_step_without_running(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     for step in ("codec", "quality", "pipeline", "mpi", "shaped", "collectives", "hier",
-                 "train", "model", "companions", "parity", "report"):
+                 "train", "model", "companions", "parity", "diloco", "report"):
         assert f"[{step}]" in proc.stdout
     for rate in ("200mbit", "1gbit", "10gbit"):
         assert f"shaped_4rank_{rate}.json" in proc.stdout

@@ -1,6 +1,8 @@
 """Loss parity: does training with Squinch-compressed gradients reach the loss of bf16?
 
-One command, from the repository root (about 75 minutes on a 2-core CPU)::
+One command, from the repository root (about 75 minutes on a 2-core CPU; the
+DiLoCo study, issue 17, is ``--methods`` :data:`DILOCO_STUDY` ``--seeds 0,1,2
+--name diloco``)::
 
     OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \\
     mpirun -n 4 --oversubscribe -x NUMBA_NUM_THREADS=1 python -m squinchcomm.bench parity
@@ -134,7 +136,7 @@ from squinchcomm.models.corpus import load_corpus, sample_windows
 from squinchcomm.models.tinygpt import GPTConfig, TinyGPT, batch_tensors
 from squinchcomm.transport.torch_dist import init_process_group_from_env
 
-__all__ = ["main", "METHODS", "CRITERION", "PRIMARY", "judge", "summarize"]
+__all__ = ["main", "METHODS", "CRITERION", "PRIMARY", "DILOCO_STUDY", "judge", "summarize"]
 
 DEFAULT_PROG = "python -m squinchcomm.bench parity"
 PRIMARY = "squinch-ef"
@@ -190,6 +192,12 @@ METHODS = {
     "sdiloco50-squinch-ef": Method("diloco", "squinch", error_feedback=True, sync_every=50,
                                    fragments=5, delay=5, baseline="diloco50-fp32"),
 }
+# The default --methods: every per-step method. The DiLoCo study (issue 17) is
+# its own run, against the synchronous methods it is compared with:
+#   parity --methods <DILOCO_STUDY> --seeds 0,1,2 --name diloco
+PER_STEP = [m for m, x in METHODS.items() if x.kind != "diloco"]
+DILOCO_STUDY = ",".join(["fp32", "bf16", "squinch-ef"]
+                        + [m for m, x in METHODS.items() if x.kind == "diloco"])
 
 
 # ---------------------------------------------------------------------------- reducers
@@ -730,8 +738,10 @@ def _plot_bytes(doc: dict, out: Path, colors, plt) -> str:
 def _parse(argv):
     p = argparse.ArgumentParser(prog=DEFAULT_PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma list of {', '.join(METHODS)} (default all)")
+    p.add_argument("--methods", default=",".join(PER_STEP),
+                   help=f"comma list of {', '.join(METHODS)} (default: all but the DiLoCo "
+                        f"ones; the DiLoCo study: --methods {DILOCO_STUDY} --seeds 0,1,2 "
+                        "--name diloco)")
     p.add_argument("--seeds", default=None,
                    help="comma list of seeds (default 0,1,2,3,4; with --quick 0,1)")
     p.add_argument("--steps", type=int, default=400)
