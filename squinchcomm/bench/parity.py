@@ -73,6 +73,8 @@ parameters) replaces the gradients, and the optimizer steps. Methods:
 ``sdiloco50-squinch-ef`` Streaming DiLoCo: H = 50, 5 fragments synced 10 steps
                    apart, each exchange applied 5 inner steps after it starts
                    (mixing 0.5), Squinch with error feedback
+``diloco10-fp32-avg`` a diagnosis outside the study: plain parameter averaging
+                   every 10 steps (outer SGD lr 1, no momentum)
 =================  ==========================================================
 
 DiLoCo methods are evaluated on their global parameters (identical on every
@@ -165,6 +167,8 @@ class Method:
     sync_every: int = 0  # DiLoCo: inner steps per sync (H)
     fragments: int = 1  # Streaming DiLoCo: fragments
     delay: int = 0  # Streaming DiLoCo: inner steps an exchange runs under
+    outer_lr: float = 0.7  # DiLoCo's outer Nesterov SGD
+    outer_momentum: float = 0.9
 
 
 METHODS = {
@@ -191,13 +195,18 @@ METHODS = {
                                                  ("squinch-ef", "squinch", True))},
     "sdiloco50-squinch-ef": Method("diloco", "squinch", error_feedback=True, sync_every=50,
                                    fragments=5, delay=5, baseline="diloco50-fp32"),
+    # A diagnosis, not in the study: plain parameter averaging every 10 steps
+    # (outer SGD lr 1, no momentum), to separate the outer optimizer's share.
+    "diloco10-fp32-avg": Method("diloco", sync_every=10, outer_lr=1.0, outer_momentum=0.0,
+                                baseline="diloco10-fp32"),
 }
 # The default --methods: every per-step method. The DiLoCo study (issue 17) is
 # its own run, against the synchronous methods it is compared with:
 #   parity --methods <DILOCO_STUDY> --seeds 0,1,2 --name diloco
 PER_STEP = [m for m, x in METHODS.items() if x.kind != "diloco"]
 DILOCO_STUDY = ",".join(["fp32", "bf16", "squinch-ef"]
-                        + [m for m, x in METHODS.items() if x.kind == "diloco"])
+                        + [m for m, x in METHODS.items() if x.kind == "diloco"
+                           and not m.endswith("-avg")])
 
 
 # ---------------------------------------------------------------------------- reducers
@@ -514,8 +523,13 @@ def _train_diloco(name: str, seed: int, args, data, eval_windows, quick_eval) ->
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     h, fragments, delay = diloco_schedule(method, args)
     compression = hvd.WireCompression(method.compression, error_feedback=method.error_feedback)
+
+    def outer(global_params):
+        return torch.optim.SGD(global_params, lr=method.outer_lr, momentum=method.outer_momentum,
+                               nesterov=method.outer_momentum > 0)
+
     diloco = hvd.DiLoCo(model, opt, sync_every=h, compression=compression, fragments=fragments,
-                        fragment_sync_delay=delay, name=f"{name}.seed{seed}")
+                        fragment_sync_delay=delay, outer_optimizer=outer, name=f"{name}.seed{seed}")
     plain = TinyGPT(config).to(device)  # the global parameters, for the held-out loss
     shared = diloco.global_parameters()
 

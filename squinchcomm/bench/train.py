@@ -497,7 +497,8 @@ def _header(args, info) -> str:
         f"# {info['corpus']}",
         "# " + "  ".join(f"{k} {val}" for k, val in versions().items()),
         "# time = median over timed steps of the slowest rank, zero_grad..optimizer.step "
-        "(barrier before each step, not timed)",
+        "(barrier before each step, not timed); DiLoCo methods: the mean (one step in H "
+        "syncs), wait = the mean time a step waited for an exchange",
         "# tokens/s = world*batch*seq / time; speedup = time(hvd_fp32) / time; loss = mean "
         f"over ranks and the last {LOSS_STEPS} timed steps",
         "# wire = MB (1e6 B) of gradients each rank sends per step, ring model 2(N-1)/N * "
