@@ -429,7 +429,7 @@ def _train_sharded(name: str, seed: int, args, data, eval_windows, quick_eval) -
     from squinchcomm.torch import fsdp
 
     method = METHODS[name]
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     config = GPTConfig(block_size=args.seq, n_layer=args.n_layer, n_head=args.n_head,
                        n_embd=args.n_embd, init_seed=seed)
     device = torch.device(args.device)
@@ -467,23 +467,9 @@ def _train_sharded(name: str, seed: int, args, data, eval_windows, quick_eval) -
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=0.0)
-    losses, curve = [], []
     t0 = time.perf_counter()
-    for step in range(args.steps):
-        if step % args.eval_every == 0:
-            curve.append((step, held_out(quick_eval)))
-        x, y = batch_tensors(sample_windows(data.train, args.batch, args.seq, seed, step + 1,
-                                            rank), device)
-        _, loss = model(x, y)
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        mean_loss = loss.detach().double().reshape(1)
-        dist.all_reduce(mean_loss)
-        losses.append(float(mean_loss) / world)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, args)
-        opt.step()
+    losses, curve = _local_loop(model, opt, opt.step, held_out, quick_eval, args, data, seed,
+                                device)
     final = held_out(eval_windows)
     curve.append((args.steps, held_out(quick_eval)))
     digests = [None] * world
@@ -494,6 +480,34 @@ def _train_sharded(name: str, seed: int, args, data, eval_windows, quick_eval) -
             "wire_bytes_per_step": wire, "local_bytes_per_step": local_bytes,
             "identical": len(set(digests)) == 1, "seconds": round(time.perf_counter() - t0, 1),
             "train_losses": losses, "cosines": [], "held_out_curve": curve}
+
+
+def _local_loop(model, opt, step, held_out, quick_eval, args, data, seed, device,
+                on_eval=None) -> tuple[list, list]:
+    """The steps of the methods that reduce outside this loop (FSDP2 inside
+    backward, DiLoCo in its ``step``): the batches, the loss averaged over
+    the ranks, clipping of this rank's gradient, the schedule, ``step()``;
+    the held-out curve every ``--eval-every`` steps. Returns (losses, curve)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    losses, curve = [], []
+    for s in range(args.steps):
+        if s % args.eval_every == 0:
+            curve.append((s, held_out(quick_eval)))
+            if on_eval is not None:
+                on_eval()
+        x, y = batch_tensors(sample_windows(data.train, args.batch, args.seq, seed, s + 1, rank),
+                             device)
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        mean_loss = loss.detach().double().reshape(1)
+        dist.all_reduce(mean_loss)
+        losses.append(float(mean_loss) / world)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        for group in opt.param_groups:
+            group["lr"] = _lr(s, args)
+        step()
+    return losses, curve
 
 
 def diloco_schedule(method: Method, args) -> tuple[int, int, int]:
@@ -510,7 +524,7 @@ def _train_diloco(name: str, seed: int, args, data, eval_windows, quick_eval) ->
     import squinchcomm.torch as hvd
 
     method = METHODS[name]
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     if not hvd.is_initialized():  # the default communicator, over the same gloo group
         hvd.init("torch", min_compress_bytes=0, check_metadata=False)
     config = GPTConfig(block_size=args.seq, n_layer=args.n_layer, n_head=args.n_head,
@@ -539,24 +553,10 @@ def _train_diloco(name: str, seed: int, args, data, eval_windows, quick_eval) ->
                 p.copy_(shared[n])
         return _held_out(plain, windows, device)
 
-    losses, curve, sent = [], [], []
+    sent = []
     t0 = time.perf_counter()
-    for step in range(args.steps):
-        if step % args.eval_every == 0:
-            curve.append((step, held_out(quick_eval)))
-            sent.append(diloco.wire_bytes)
-        x, y = batch_tensors(sample_windows(data.train, args.batch, args.seq, seed, step + 1,
-                                            rank), device)
-        _, loss = model(x, y)
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        mean_loss = loss.detach().double().reshape(1)
-        dist.all_reduce(mean_loss)
-        losses.append(float(mean_loss) / world)
-        torch.nn.utils.clip_grad_norm_(params, args.clip)
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, args)
-        diloco.step()
+    losses, curve = _local_loop(model, opt, diloco.step, held_out, quick_eval, args, data, seed,
+                                device, on_eval=lambda: sent.append(diloco.wire_bytes))
     diloco.synchronize()  # an exchange still in flight is applied before the evaluation
     final = held_out(eval_windows)
     curve.append((args.steps, held_out(quick_eval)))

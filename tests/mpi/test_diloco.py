@@ -23,22 +23,11 @@ import numpy as np  # noqa: E402
 
 import squinchcomm.torch as hvd  # noqa: E402
 from squinchcomm.errors import MismatchError  # noqa: E402
+import test_torch_hvd  # noqa: E402
 from test_torch_hvd import squinch_bound  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def world():
-    """hvd over MPI, or over torch.distributed gloo (SQUINCHCOMM_TEST_TRANSPORT=torch);
-    min_compress_bytes=0 so the tiny test models really are compressed."""
-    if os.environ.get("SQUINCHCOMM_TEST_TRANSPORT", "mpi") == "torch":
-        from squinchcomm.transport.torch_dist import init_process_group_from_env
-
-        init_process_group_from_env(backend="gloo")
-        hvd.init("torch", min_compress_bytes=0, timeout=60)
-    else:
-        hvd.init(MPI.COMM_WORLD.Dup(), min_compress_bytes=0, timeout=60)
-    yield hvd.communicator()
-    hvd.shutdown()
+world = test_torch_hvd.world  # the fixture: hvd over MPI, or gloo with
+# SQUINCHCOMM_TEST_TRANSPORT=torch; min_compress_bytes=0
 
 
 def digest(tensors):
