@@ -126,6 +126,25 @@ class DiLoCo:
                  compression=Compression.squinch, fragments=1, fragment_sync_delay: int = 0,
                  mixing: float | None = None, process_set=None, name: str = "diloco"):
         # Step 1: global copies, fragments, schedule; agreement across ranks.
+        # The exchanges get a group of their own (the same ranks, its own
+        # connections and engine): a streaming exchange is in flight during the
+        # inner steps, and a collective the training loop issues meanwhile on
+        # the default group (a loss all_reduce, say) must not meet it there in
+        # a different order on different ranks.
+        base = _ops._check_process_set(process_set)
+        self._comm = base.subset(range(base.size))
+        # A refusal is raised on every rank (one rank's bad option must not
+        # leave the others waiting in the agreement's collective).
+        try:
+            self._setup(model, inner_optimizer, sync_every, outer_optimizer, compression,
+                        fragments, fragment_sync_delay, mixing, name)
+            problem = None
+        except ValueError as e:
+            problem = str(e)
+        self._agree(problem)
+
+    def _setup(self, model, inner_optimizer, sync_every, outer_optimizer, compression,
+               fragments, delay, mixing, name):
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"model is a {type(model).__name__}: pass the torch.nn.Module you train")
         if not isinstance(inner_optimizer, torch.optim.Optimizer):
@@ -134,7 +153,6 @@ class DiLoCo:
         if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every={sync_every!r}: pass the inner steps between syncs "
                              "(an int >= 1)")
-        delay = fragment_sync_delay
         if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay < sync_every:
             raise ValueError(f"fragment_sync_delay={delay!r}: pass an int with 0 <= delay < "
                              f"sync_every ({sync_every}): an exchange must be applied before its "
@@ -147,13 +165,6 @@ class DiLoCo:
         self.model, self.inner_optimizer = model, inner_optimizer
         self.sync_every, self.fragment_sync_delay, self.mixing = sync_every, delay, float(mixing)
         self.compression, self.name = as_compression(compression), str(name)
-        # The exchanges get a group of their own (the same ranks, its own
-        # connections and engine): a streaming exchange is in flight during the
-        # inner steps, and a collective the training loop issues meanwhile on
-        # the default group (a loss all_reduce, say) must not meet it there in
-        # a different order on different ranks.
-        base = _ops._check_process_set(process_set)
-        self._comm = base.subset(range(base.size))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters")
@@ -190,7 +201,6 @@ class DiLoCo:
         self.exchange_seconds = 0.0  # launch to result, summed over the exchanges
         self.exposed_seconds = 0.0  # of which the training thread waited
         self._pending: list[_Exchange] = []
-        self._agree()
 
     # ------------------------------------------------------------------ public
     def step(self, closure=None):
@@ -254,6 +264,8 @@ class DiLoCo:
                              f"{', '.join(diff)} ({', '.join(repr(state['config'].get(k)) for k in diff)}"
                              f"; this DiLoCo has {', '.join(repr(mine[k]) for k in diff)}): "
                              "build it with the options of the saved run")
+        for x in self._pending:  # this run's exchanges in flight end before they are replaced
+            self._wait(x)
         with torch.no_grad():
             for n, g in self._globals.items():
                 g.copy_(state["globals"][n])
@@ -328,16 +340,22 @@ class DiLoCo:
                 "outer_optimizer": type(self.outer_optimizer).__name__,
                 "outer_defaults": sorted((k, repr(v)) for k, v in self.outer_optimizer.defaults.items())}
 
-    def _agree(self):
+    def _agree(self, problem: str | None):
         """Every rank built the same DiLoCo over the same parameters (one
-        allgather_object; the same error on every rank otherwise)."""
-        digest = hashlib.sha256()
-        for f in self.fragments:
-            for p in f.params:
-                digest.update(p.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
-        mine = {"collective": "DiLoCo", **self._config(), "parameters": digest.hexdigest()[:16]}
+        allgather_object; the same error on every rank otherwise, including
+        when some rank refused its own arguments: ``problem``)."""
+        mine = {"collective": "DiLoCo", "problem": problem}
+        if problem is None:
+            digest = hashlib.sha256()
+            for f in self.fragments:
+                for p in f.params:
+                    digest.update(p.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+            mine.update(self._config(), parameters=digest.hexdigest()[:16])
         metas = self._comm.allgather_object(mine)
-        keys = [k for k in mine if k not in ("collective", "parameters")]
+        refused = [(r, m["problem"]) for r, m in enumerate(metas) if m["problem"] is not None]
+        if refused:
+            raise ValueError("DiLoCo: " + "; ".join(f"rank {r}: {msg}" for r, msg in refused))
+        keys = [k for k in mine if k not in ("collective", "problem", "parameters")]
         collectives.check_agreement("DiLoCo", metas, keys,
                                     "; build DiLoCo with the same model and options on every rank")
         collectives.check_agreement("DiLoCo", metas, ["parameters"],

@@ -340,6 +340,11 @@ def test_ranks_with_different_options_fail_on_every_rank(world):
     with pytest.raises(MismatchError, match="fragment_sync_delay"):
         hvd.DiLoCo(model, torch.optim.SGD(model.parameters(), lr=1), sync_every=4,
                    fragment_sync_delay=world.rank % 2)
+    # One rank refuses its own arguments: every rank raises it (none waits).
+    with pytest.raises(ValueError, match=f"rank {world.size - 1}: 3 fragments cannot be "
+                                         "staggered over sync_every=2"):
+        hvd.DiLoCo(model, torch.optim.SGD(model.parameters(), lr=1), sync_every=2,
+                   fragments=3 if world.rank == world.size - 1 else 2)
 
 
 def test_parameters_that_differ_across_ranks_are_refused(world):
