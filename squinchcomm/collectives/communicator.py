@@ -643,6 +643,13 @@ class Communicator:
             raise ValueError("the array is read-only; broadcast writes into it")
         return _Call(flat, tuple(x.shape), int(flat.data.size))
 
+    def resolved_compression(self, x, compression: str | None = None) -> str:
+        """What an allreduce of ``x`` sends with ``compression`` (None: this
+        communicator's default): after the dtype, the ``min_compress_bytes``
+        threshold and ``auto``'s model (whose first use probes the link, a
+        collective). Pair it with :func:`wire_bytes` to count bytes."""
+        return self._compression(compression, self._input(x))
+
     def _compression(self, compression, call: _Call) -> str:
         comp = _choice("compression", compression or self.compression, CHOICES)
         if call.flat.kind not in _FLOAT_KINDS:

@@ -57,7 +57,7 @@ import hashlib
 import torch
 import torch.distributed as dist
 
-from squinchcomm.collectives import CHOICES, Communicator
+from squinchcomm.collectives import CHOICES, Communicator, wire_bytes
 from squinchcomm.codec import ROUNDINGS
 
 __all__ = ["SquinchHookState", "squinch_hook", "fp16_hook", "bf16_hook"]
@@ -136,6 +136,12 @@ class SquinchHookState:
         self.check_metadata = check_metadata
         self.link_model = link_model
         self._comm: Communicator | None = None
+        # What the hook did (the integrations check it after the first step):
+        # buckets reduced, and this rank's bytes on the wire against what the
+        # same buffers cost uncompressed (the ring model of wire_bytes).
+        self.buckets_reduced = 0
+        self.wire_bytes = 0.0
+        self.uncompressed_bytes = 0.0
         # Iterations completed, and the iteration each residual name was last used in.
         self._iteration = 0
         self._last_seen: dict[str, int] = {}
@@ -298,6 +304,12 @@ def _compressed_hook(state: SquinchHookState, bucket: dist.GradBucket,
     handles = [comm.allreduce_async(t, op="average", compression=comp, name=part_name, out=t,
                                     error_feedback=state.error_feedback)
                for t, comp, part_name, _ in parts]
+    state.buckets_reduced += 1
+    for t, comp, _, _ in parts:
+        dense = wire_bytes(t.numel(), comm.size, "none") * t.element_size() / 4
+        state.wire_bytes += (dense if comp == "none" else
+                             wire_bytes(t.numel(), comm.size, comm.resolved_compression(t, comp)))
+        state.uncompressed_bytes += dense
     if bucket.is_last():  # buckets are launched in index order: the iteration is over
         state._retire()
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()

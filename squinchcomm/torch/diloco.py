@@ -382,14 +382,9 @@ class DiLoCo:
         x = _Exchange(f, t, handle)
         handle.add_done_callback(lambda _h, x=x: setattr(x, "finished", time.perf_counter()))
         self._pending.append(x)
-        self.wire_bytes += wire_bytes(f.numel, self._comm.size, self._method(f.numel, options))
+        sent = self._comm.resolved_compression(flat, options["compression"])
+        self.wire_bytes += wire_bytes(f.numel, self._comm.size, sent)
 
-    def _method(self, n: int, options: dict) -> str:
-        """What the allreduce just launched sends (auto's model exists by now)."""
-        comp = options["compression"]
-        if comp == "none" or 4 * n < self._comm.min_compress_bytes:
-            return "none"
-        return self._comm.link_model.choose(n) if comp == "auto" else comp
 
     def _wait(self, x: _Exchange):
         if x.result is None:

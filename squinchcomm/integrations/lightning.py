@@ -1,0 +1,101 @@
+"""PyTorch Lightning: ``Trainer(strategy=SquinchDDPStrategy())``.
+
+Lightning's ``DDPStrategy(ddp_comm_state=..., ddp_comm_hook=...)`` registers
+the hook only when the root device is CUDA (``_register_ddp_hooks``), so on
+CPU/gloo a Squinch hook passed there is dropped without a word. This strategy:
+
+1. registers :func:`~squinchcomm.torch.ddp_hooks.squinch_hook` with its
+   :class:`~squinchcomm.torch.ddp_hooks.SquinchHookState` on the DDP model on
+   every device type, right where Lightning would register its own;
+2. after the first optimizer step checks that the hook reduced the gradients
+   and sent fewer bytes than uncompressed
+   (:func:`~squinchcomm.integrations.check_compressed`), raising
+   :class:`~squinchcomm.integrations.CompressionNotActiveError` otherwise;
+3. puts every rank's error-feedback residuals into the checkpoint Lightning
+   writes on rank 0 (``checkpoint["squinchcomm"]``, gathered from all ranks at
+   save time) and gives each rank its own back when training resumes.
+
+Everything else is Lightning's ``DDPStrategy``: its launchers (``start_method``
+"popen" re-runs the script per device, "spawn"; torchrun and mpirun-style
+environments are detected by Lightning), devices, precision and options.
+
+Example::
+
+    import lightning as L
+    from squinchcomm.integrations.lightning import SquinchDDPStrategy
+    from squinchcomm.torch.ddp_hooks import SquinchHookState
+
+    trainer = L.Trainer(accelerator="cpu", devices=2,
+                        strategy=SquinchDDPStrategy(hook_state=SquinchHookState(error_feedback=True)))
+    trainer.fit(module, data)
+"""
+
+from __future__ import annotations
+
+from squinchcomm.errors import require
+
+require("lightning", "lightning", "squinchcomm.integrations.lightning")
+
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
+
+from squinchcomm.integrations._common import (check_compressed, gather_hook_state,  # noqa: E402
+                                              load_hook_state)
+from squinchcomm.torch.ddp_hooks import SquinchHookState, squinch_hook  # noqa: E402
+
+__all__ = ["SquinchDDPStrategy"]
+
+_KEY = "squinchcomm"
+
+
+class SquinchDDPStrategy(DDPStrategy):
+    """Lightning's ``DDPStrategy`` with the Squinch DDP hook on every device.
+
+    Args:
+        hook_state: the hook's state (compression, rounding, error feedback,
+            warm-up, opt-outs; see ``SquinchHookState``); default
+            ``SquinchHookState()`` (Squinch, error feedback on).
+        *args, **kwargs: ``DDPStrategy``'s, except the comm-hook and
+            model-averaging ones, which this strategy replaces.
+    """
+
+    strategy_name = "squinch_ddp"
+
+    def __init__(self, *args, hook_state: SquinchHookState | None = None, **kwargs):
+        taken = [k for k in ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper",
+                             "model_averaging_period") if kwargs.get(k) is not None]
+        if taken:
+            raise ValueError(f"SquinchDDPStrategy registers the Squinch hook itself: drop "
+                             f"{', '.join(taken)} (pass hook_state=SquinchHookState(...) for "
+                             "its options)")
+        if hook_state is not None and not isinstance(hook_state, SquinchHookState):
+            raise ValueError(f"hook_state is a {type(hook_state).__name__}: pass a "
+                             "squinchcomm.torch.ddp_hooks.SquinchHookState")
+        super().__init__(*args, **kwargs)
+        self.hook_state = SquinchHookState() if hook_state is None else hook_state
+        self._checked = False
+
+    @classmethod
+    def register_strategies(cls, strategy_registry) -> None:
+        """Register nothing under DDP's names (``strategy=SquinchDDPStrategy()``)."""
+
+    # Step 1: the hook, on every device type (Lightning's own: CUDA only).
+    def _register_ddp_hooks(self) -> None:
+        self.model.register_comm_hook(self.hook_state, squinch_hook)
+
+    # Step 2: the first optimizer step proves the compression.
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs):
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if not self._checked:
+            check_compressed(self.hook_state, "SquinchDDPStrategy")
+            self._checked = True
+        return out
+
+    # Step 3: every rank's residuals in rank 0's checkpoint, and back.
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        checkpoint[_KEY] = gather_hook_state(self.hook_state)  # collective: every rank is here
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        load_hook_state(self.hook_state, checkpoint.get(_KEY))
+        return checkpoint

@@ -1,0 +1,92 @@
+"""A 2-process Lightning job on the CPU (Lightning's own launcher re-runs this
+script for rank 1): ``python lightning_job.py MODE OUT``.
+
+MODE: ``plain`` (Lightning's DDPStrategy, no hook), ``squinch``
+(SquinchDDPStrategy), ``dropped`` (a SquinchDDPStrategy whose registration is
+Lightning's own CUDA-only one: the first step must raise), ``save`` /
+``resume`` (a checkpoint after 3 steps; resumed, every rank gets its own
+residuals back). Each rank writes ``OUT/<mode>.rank<r>.pt``.
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+
+from squinchcomm.integrations import CompressionNotActiveError
+from squinchcomm.integrations.lightning import SquinchDDPStrategy
+from squinchcomm.torch.ddp_hooks import SquinchHookState
+
+MODE, OUT = sys.argv[1], Path(sys.argv[2])
+
+
+class Net(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.Tanh(),
+                                       torch.nn.Linear(256, 64))
+        self.grads = []
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return ((self.net(x) - y) ** 2).mean()
+
+    def on_after_backward(self):  # DDP has reduced every bucket by now
+        self.grads.append(torch.cat([p.grad.reshape(-1) for p in self.parameters()]).clone())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    ds = torch.utils.data.TensorDataset(torch.randn(64, 32, generator=g), torch.randn(64, 64, generator=g))
+    return torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False)
+
+
+class CudaOnly(SquinchDDPStrategy):
+    _register_ddp_hooks = DDPStrategy._register_ddp_hooks  # Lightning's: CUDA only
+
+
+def trainer(strategy, steps):
+    return L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps,
+                     logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0)
+
+
+state = SquinchHookState(error_feedback=True, min_compress_bytes=0)
+strategy = {"plain": lambda: DDPStrategy(), "dropped": lambda: CudaOnly(hook_state=state)}.get(
+    MODE, lambda: SquinchDDPStrategy(hook_state=state))()
+module = Net()
+result = {}
+if MODE == "dropped":
+    try:
+        trainer(strategy, 2).fit(module, data())
+        result["raised"] = None
+    except CompressionNotActiveError as e:
+        result["raised"] = str(e)
+elif MODE == "resume":
+    t = trainer(strategy, 4)
+    seen = {}
+
+    class Peek(L.Callback):
+        def on_train_start(self, trainer, pl_module):  # after the checkpoint is loaded
+            seen["state"] = state.state_dict()
+
+    t.callbacks.append(Peek())
+    t.fit(module, data(), ckpt_path=str(OUT / "ckpt.ckpt"))
+    result["restored"] = seen["state"]
+else:
+    t = trainer(strategy, 3)
+    t.fit(module, data())
+    if MODE == "save":
+        t.save_checkpoint(str(OUT / "ckpt.ckpt"))
+        result["saved"] = state.state_dict()
+rank = strategy.global_rank
+result.update(grads=module.grads, params=[p.detach().clone() for p in module.parameters()],
+              buckets_reduced=state.buckets_reduced, wire_bytes=state.wire_bytes,
+              uncompressed_bytes=state.uncompressed_bytes)
+torch.save(result, OUT / f"{MODE}.rank{rank}.pt")
