@@ -1,7 +1,7 @@
 """squinchcomm.integrations with the real frameworks: 2 CPU processes over gloo.
 
 Lightning runs through its own launcher (the job re-runs itself for rank 1),
-Accelerate under torchrun. Each framework's jobs (tests/frameworks/*_job.py)
+Accelerate and the Hugging Face Trainer under torchrun. Each framework's jobs (tests/frameworks/*_job.py)
 run once per module; every rank saves what it saw. Checked: the hook really
 reduced the gradients (its bucket count, and 5.3x fewer bytes than the same
 buffers uncompressed), the gradients of the first step are within Squinch's
@@ -25,7 +25,8 @@ torch = pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "tests" / "frameworks"
 MODES = {"lightning": ["plain", "squinch", "dropped", "save", "resume"],
-         "accelerate": ["plain", "squinch", "unprepared", "dropped", "save", "resume"]}
+         "accelerate": ["plain", "squinch", "unprepared", "dropped", "save", "resume"],
+         "transformers": ["plain", "squinch", "dropped", "save", "resume"]}
 
 
 def _launch(framework, mode, out):

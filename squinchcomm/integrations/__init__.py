@@ -1,4 +1,4 @@
-"""Squinch where users already train: PyTorch Lightning and Hugging Face Accelerate.
+"""Squinch where users already train: PyTorch Lightning, Hugging Face Accelerate and Trainer.
 
 A leaf of the package: each submodule imports its framework only when it is
 imported itself, and nothing else in squinchcomm imports this package.
@@ -12,8 +12,12 @@ imported itself, and nothing else in squinchcomm imports this package.
   optimizer)`` after ``accelerator.prepare()`` (Accelerate's own
   ``DistributedDataParallelKwargs(comm_hook=...)`` takes only its enum of
   PyTorch's hooks), with the residuals in ``accelerator.save_state``.
+- :mod:`squinchcomm.integrations.transformers`: ``SquinchTrainer``, the
+  Hugging Face ``Trainer`` (which builds its own DDP handler and passes no
+  hook) with the hook registered on the model it wraps and each rank's
+  residuals beside every checkpoint.
 
-Both check after the first optimizer step that compression really happened
+All three check after the first optimizer step that compression really happened
 (the hook ran and this rank sent fewer bytes than the same buffers
 uncompressed) and raise :class:`CompressionNotActiveError` otherwise, so a
 framework change can never fall back to uncompressed training unnoticed.
