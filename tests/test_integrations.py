@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "tests" / "frameworks"
-MODES = {"lightning": ["plain", "squinch", "dropped", "save", "resume"],
+MODES = {"lightning": ["plain", "squinch", "dropped", "save", "resume", "torchrun"],
          "accelerate": ["plain", "squinch", "unprepared", "dropped", "save", "resume"],
          "transformers": ["plain", "squinch", "dropped", "save", "resume"]}
 
@@ -32,7 +32,7 @@ MODES = {"lightning": ["plain", "squinch", "dropped", "save", "resume"],
 def _launch(framework, mode, out):
     env = dict(os.environ, PYTHONPATH=str(ROOT), NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1")
     script = str(JOBS / f"{framework}_job.py")
-    if framework == "lightning":  # Lightning's launcher starts rank 1 itself
+    if framework == "lightning" and mode != "torchrun":  # its launcher starts rank 1 itself
         cmd = [sys.executable, script, mode, str(out)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -102,3 +102,13 @@ def test_checkpoints_give_every_rank_its_own_residuals(runs):
                               np.asarray(saved[1][name]["residual"]))
     for k in (0, 1):  # and training went on compressed after the resume
         assert r["resume"][k]["buckets_reduced"] >= 1
+
+
+def test_lightning_under_torchrun_trains_as_under_its_own_launcher(runs):
+    framework, r = runs
+    if framework != "lightning":
+        pytest.skip("Lightning's launchers")
+    for k in (0, 1):
+        assert r["torchrun"][k]["buckets_reduced"] >= 3
+        assert _flat(r["torchrun"][k]["params"]).tobytes() == \
+            _flat(r["squinch"][k]["params"]).tobytes()

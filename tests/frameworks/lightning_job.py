@@ -5,7 +5,8 @@ MODE: ``plain`` (Lightning's DDPStrategy, no hook), ``squinch``
 (SquinchDDPStrategy), ``dropped`` (a SquinchDDPStrategy whose registration is
 Lightning's own CUDA-only one: the first step must raise), ``save`` /
 ``resume`` (a checkpoint after 3 steps; resumed, every rank gets its own
-residuals back). Each rank writes ``OUT/<mode>.rank<r>.pt``.
+residuals back), ``torchrun`` (``squinch``, started by torchrun instead).
+Each rank writes ``OUT/<mode>.rank<r>.pt``.
 """
 
 import sys
