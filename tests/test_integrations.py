@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "tests" / "frameworks"
-MODES = {"lightning": ["plain", "squinch", "dropped", "save", "resume", "torchrun"],
+MODES = {"lightning": ["plain", "squinch", "dropped", "save", "resume", "torchrun", "fsdp2"],
          "accelerate": ["plain", "squinch", "unprepared", "dropped", "save", "resume"],
          "transformers": ["plain", "squinch", "dropped", "save", "resume"]}
 
@@ -112,3 +112,20 @@ def test_lightning_under_torchrun_trains_as_under_its_own_launcher(runs):
         assert r["torchrun"][k]["buckets_reduced"] >= 3
         assert _flat(r["torchrun"][k]["params"]).tobytes() == \
             _flat(r["squinch"][k]["params"]).tobytes()
+
+
+def test_lightning_fsdp2_reduce_scatters_are_compressed(runs):
+    """ModelParallelStrategy (FSDP2, fully_shard in configure_model) with the
+    SquinchFSDP callback: both sharded layers' reduce-scatters compressed at
+    every step, and the gathered parameters identical on both ranks."""
+    framework, r = runs
+    if framework != "lightning":
+        pytest.skip("Lightning's FSDP2 strategy")
+    for k in (0, 1):
+        s = r["fsdp2"][k]
+        assert s["units"] == ["net", "net.0", "net.2"]
+        assert s["buckets_reduced"] == 2 * 3  # the two layers' units, 3 steps
+        assert s["uncompressed_bytes"] / s["wire_bytes"] == pytest.approx(32 / 6, rel=0.02)
+    assert _flat(r["fsdp2"][0]["params"]).tobytes() == _flat(r["fsdp2"][1]["params"]).tobytes()
+    plain = _flat(r["plain"][0]["params"])  # and it trained like the uncompressed run
+    assert np.linalg.norm(_flat(r["fsdp2"][0]["params"]) - plain) < 0.05 * np.linalg.norm(plain)

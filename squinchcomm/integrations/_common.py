@@ -21,20 +21,22 @@ class CompressionNotActiveError(RuntimeError):
     """The training step ran without the compression that was asked for."""
 
 
-def check_compressed(state: SquinchHookState, where: str) -> None:
+def check_compressed(state, where: str) -> None:
     """Raise unless the hook of ``state`` ran and this rank sent fewer bytes
     than the same gradient buffers uncompressed (with one rank nothing is
     sent, so only that the hook ran is checked).
 
     Args:
-        state: the hook's state.
+        state: the DDP hook's ``SquinchHookState`` or FSDP2's ``FSDPCompression``
+            (both count what they reduced and sent).
         where: the integration, for the message.
     """
     if state.buckets_reduced == 0:
         raise CompressionNotActiveError(
-            f"{where}: the first optimizer step ran, but the Squinch DDP hook reduced no "
-            "gradient bucket, so this training is not compressed: the model is not wrapped "
-            "in DistributedDataParallel, or the framework did not register the hook")
+            f"{where}: the first optimizer step ran, but the Squinch DDP hook or FSDP "
+            "reduce-scatter reduced no gradient bucket, so this training is not compressed: "
+            "the model is not wrapped in DistributedDataParallel (or sharded by FSDP2), or the "
+            "framework did not register the hook")
     if state.compression == "none" or state.wire_bytes < state.uncompressed_bytes:
         return
     if state.uncompressed_bytes == 0:  # one rank: no bytes to compare

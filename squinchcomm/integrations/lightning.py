@@ -36,13 +36,15 @@ from squinchcomm.errors import require
 
 require("lightning", "lightning", "squinchcomm.integrations.lightning")
 
+from lightning.pytorch import Callback  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
 from squinchcomm.integrations._common import (check_compressed, gather_hook_state,  # noqa: E402
                                               load_hook_state)
+from squinchcomm.torch import fsdp  # noqa: E402
 from squinchcomm.torch.ddp_hooks import SquinchHookState, squinch_hook  # noqa: E402
 
-__all__ = ["SquinchDDPStrategy"]
+__all__ = ["SquinchDDPStrategy", "SquinchFSDP"]
 
 _KEY = "squinchcomm"
 
@@ -99,3 +101,37 @@ class SquinchDDPStrategy(DDPStrategy):
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         load_hook_state(self.hook_state, checkpoint.get(_KEY))
         return checkpoint
+
+
+class SquinchFSDP(Callback):
+    """FSDP2 under Lightning's ``ModelParallelStrategy``: every FSDP2 unit's
+    gradient reduce-scatter compressed by :func:`squinchcomm.torch.fsdp.compress`.
+
+    Apply ``fully_shard`` in ``LightningModule.configure_model`` as Lightning
+    documents; at ``on_fit_start`` (after it) this callback compresses every
+    unit of the module, and after the first training batch it checks that the
+    reduce-scatters ran and sent fewer bytes than uncompressed
+    (:class:`~squinchcomm.integrations.CompressionNotActiveError` otherwise).
+    The residuals (``error_feedback=True``) are not in Lightning's checkpoints
+    yet: save ``callback.state.state_dict()`` per rank yourself.
+
+    Args:
+        **options: :func:`squinchcomm.torch.fsdp.compress`'s (compression,
+            error_feedback, min_compress_bytes, uncompressed, ...).
+
+    Example::
+
+        trainer = L.Trainer(strategy=ModelParallelStrategy(), callbacks=[SquinchFSDP()])
+    """
+
+    def __init__(self, **options):
+        self.options, self.state, self._checked = options, None, False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.state is None:
+            self.state = fsdp.compress(pl_module, **self.options)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._checked and trainer.world_size > 1:
+            check_compressed(self.state, "SquinchFSDP")
+        self._checked = True

@@ -60,7 +60,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from squinchcomm.collectives import CHOICES, Communicator, ErrorFeedback
+from squinchcomm.collectives import CHOICES, Communicator, ErrorFeedback, wire_bytes
 from squinchcomm.codec import ROUNDINGS
 
 __all__ = ["FSDPCompression", "compress", "compress_across_nodes"]
@@ -104,6 +104,11 @@ class FSDPCompression:
         self.residuals = ErrorFeedback()
         self.units: list[str] = []
         self._comms: dict = {}
+        # What the reduce-scatters did (the integrations check it after the first
+        # step): calls, and this rank's bytes against the same inputs uncompressed.
+        self.buckets_reduced = 0
+        self.wire_bytes = 0.0
+        self.uncompressed_bytes = 0.0
 
     def communicator(self, group) -> Communicator:
         """The communicator over ``group`` (built on first use: collective)."""
@@ -161,10 +166,19 @@ class _CompressedReduceScatter(_ReduceScatterBase):
         how, prescale = _fsdp_op(op)
         comm = self.state.communicator(group)
         # Step 2: the compressed reduce-scatter, waited for (FSDP reads the output next)
+        options = self.state._options(self.calls)
         shard, _ = comm.reduce_scatter(input_tensor.reshape(-1), op=how, prescale=prescale,
-                                       counts=[n] * world, name=self.name,
-                                       **self.state._options(self.calls))
+                                       counts=[n] * world, name=self.name, **options)
         self.calls += 1
+        dense = (wire_bytes(n * world, world, "none", collective="reduce_scatter")
+                 * input_tensor.element_size() / 4)
+        sent = options["compression"]
+        if sent != "none":
+            sent = comm.resolved_compression(input_tensor, sent)
+        self.state.buckets_reduced += 1
+        self.state.uncompressed_bytes += dense
+        self.state.wire_bytes += dense if sent == "none" else wire_bytes(
+            n * world, world, sent, collective="reduce_scatter")
         # Step 3: into FSDP's buffer, in its reduce dtype
         output_tensor.reshape(-1).copy_(shard)
         return None

@@ -5,7 +5,8 @@ MODE: ``plain`` (Lightning's DDPStrategy, no hook), ``squinch``
 (SquinchDDPStrategy), ``dropped`` (a SquinchDDPStrategy whose registration is
 Lightning's own CUDA-only one: the first step must raise), ``save`` /
 ``resume`` (a checkpoint after 3 steps; resumed, every rank gets its own
-residuals back), ``torchrun`` (``squinch``, started by torchrun instead).
+residuals back), ``torchrun`` (``squinch``, started by torchrun instead),
+``fsdp2`` (ModelParallelStrategy, fully_shard in configure_model, SquinchFSDP).
 Each rank writes ``OUT/<mode>.rank<r>.pt``.
 """
 
@@ -17,7 +18,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 
 from squinchcomm.integrations import CompressionNotActiveError
-from squinchcomm.integrations.lightning import SquinchDDPStrategy
+from squinchcomm.integrations.lightning import SquinchDDPStrategy, SquinchFSDP
 from squinchcomm.torch.ddp_hooks import SquinchHookState
 
 MODE, OUT = sys.argv[1], Path(sys.argv[2])
@@ -36,10 +37,20 @@ class Net(L.LightningModule):
         return ((self.net(x) - y) ** 2).mean()
 
     def on_after_backward(self):  # DDP has reduced every bucket by now
-        self.grads.append(torch.cat([p.grad.reshape(-1) for p in self.parameters()]).clone())
+        if MODE != "fsdp2":  # (FSDP2's gradients are sharded DTensors)
+            self.grads.append(torch.cat([p.grad.reshape(-1) for p in self.parameters()]).clone())
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def configure_model(self):
+        if MODE == "fsdp2":  # Lightning's FSDP2 recipe: shard each layer, then the model
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for layer in (self.net[0], self.net[2]):
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
 
 
 def data():
@@ -69,6 +80,16 @@ if MODE == "dropped":
         result["raised"] = None
     except CompressionNotActiveError as e:
         result["raised"] = str(e)
+elif MODE == "fsdp2":
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    callback = SquinchFSDP(error_feedback=True, min_compress_bytes=0)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    t = trainer(strategy, 3)
+    t.callbacks.append(callback)
+    t.fit(module, data())
+    state = callback.state
+    result["units"] = list(state.units)
 elif MODE == "resume":
     t = trainer(strategy, 4)
     seen = {}
@@ -87,7 +108,8 @@ else:
         t.save_checkpoint(str(OUT / "ckpt.ckpt"))
         result["saved"] = state.state_dict()
 rank = strategy.global_rank
-result.update(grads=module.grads, params=[p.detach().clone() for p in module.parameters()],
+params = [getattr(p, "full_tensor", p.detach)().detach().clone() for p in module.parameters()]
+result.update(grads=module.grads, params=params,
               buckets_reduced=state.buckets_reduced, wire_bytes=state.wire_bytes,
               uncompressed_bytes=state.uncompressed_bytes)
 torch.save(result, OUT / f"{MODE}.rank{rank}.pt")
