@@ -24,7 +24,8 @@ torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "tests" / "frameworks"
-MODES = {"lightning": ["plain", "squinch", "dropped", "save", "resume", "torchrun", "fsdp2"],
+MODES = {"lightning": ["plain", "squinch", "dropped", "save", "resume", "torchrun", "spawn",
+                       "fsdp2"],
          "accelerate": ["plain", "squinch", "unprepared", "dropped", "save", "resume"],
          "transformers": ["plain", "squinch", "dropped", "save", "resume"]}
 
@@ -104,14 +105,17 @@ def test_checkpoints_give_every_rank_its_own_residuals(runs):
         assert r["resume"][k]["buckets_reduced"] >= 1
 
 
-def test_lightning_under_torchrun_trains_as_under_its_own_launcher(runs):
+def test_lightning_launchers_train_alike(runs):
+    """torchrun and Lightning's spawn launcher give the parameters of its
+    default (popen) launcher, bit for bit, with the hook compressing."""
     framework, r = runs
     if framework != "lightning":
         pytest.skip("Lightning's launchers")
-    for k in (0, 1):
-        assert r["torchrun"][k]["buckets_reduced"] >= 3
-        assert _flat(r["torchrun"][k]["params"]).tobytes() == \
-            _flat(r["squinch"][k]["params"]).tobytes()
+    for mode in ("torchrun", "spawn"):
+        for k in (0, 1):
+            assert r[mode][k]["buckets_reduced"] >= 3, mode
+            assert _flat(r[mode][k]["params"]).tobytes() == \
+                _flat(r["squinch"][k]["params"]).tobytes(), mode
 
 
 def test_lightning_fsdp2_reduce_scatters_are_compressed(runs):

@@ -6,8 +6,10 @@ MODE: ``plain`` (Lightning's DDPStrategy, no hook), ``squinch``
 Lightning's own CUDA-only one: the first step must raise), ``save`` /
 ``resume`` (a checkpoint after 3 steps; resumed, every rank gets its own
 residuals back), ``torchrun`` (``squinch``, started by torchrun instead),
-``fsdp2`` (ModelParallelStrategy, fully_shard in configure_model, SquinchFSDP).
-Each rank writes ``OUT/<mode>.rank<r>.pt``.
+``spawn`` (``squinch`` with ``start_method="spawn"``: the launching process
+does not train, so each worker saves from a callback), ``fsdp2``
+(ModelParallelStrategy, fully_shard in configure_model, SquinchFSDP). Each
+rank writes ``OUT/<mode>.rank<r>.pt``.
 """
 
 import sys
@@ -55,12 +57,22 @@ class Net(L.LightningModule):
 
 def data():
     g = torch.Generator().manual_seed(1)
-    ds = torch.utils.data.TensorDataset(torch.randn(64, 32, generator=g), torch.randn(64, 64, generator=g))
+    ds = torch.utils.data.TensorDataset(torch.randn(64, 32, generator=g),
+                                        torch.randn(64, 64, generator=g))
     return torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False)
 
 
 class CudaOnly(SquinchDDPStrategy):
     _register_ddp_hooks = DDPStrategy._register_ddp_hooks  # Lightning's: CUDA only
+
+
+class SaveFromWorker(L.Callback):
+    def on_train_end(self, trainer, pl_module):
+        st = trainer.strategy.hook_state
+        torch.save({"buckets_reduced": st.buckets_reduced, "wire_bytes": st.wire_bytes,
+                    "uncompressed_bytes": st.uncompressed_bytes, "grads": pl_module.grads,
+                    "params": [p.detach().clone() for p in pl_module.parameters()]},
+                   OUT / f"{MODE}.rank{trainer.global_rank}.pt")
 
 
 def trainer(strategy, steps):
@@ -69,47 +81,58 @@ def trainer(strategy, steps):
                      enable_model_summary=False, num_sanity_val_steps=0)
 
 
-state = SquinchHookState(error_feedback=True, min_compress_bytes=0)
-strategy = {"plain": lambda: DDPStrategy(), "dropped": lambda: CudaOnly(hook_state=state)}.get(
-    MODE, lambda: SquinchDDPStrategy(hook_state=state))()
-module = Net()
-result = {}
-if MODE == "dropped":
-    try:
-        trainer(strategy, 2).fit(module, data())
-        result["raised"] = None
-    except CompressionNotActiveError as e:
-        result["raised"] = str(e)
-elif MODE == "fsdp2":
-    from lightning.pytorch.strategies import ModelParallelStrategy
+def main():
+    state = SquinchHookState(error_feedback=True, min_compress_bytes=0)
+    module = Net()
+    result = {}
+    if MODE == "spawn":
+        t = trainer(SquinchDDPStrategy(hook_state=state, start_method="spawn"), 3)
+        t.callbacks.append(SaveFromWorker())
+        t.fit(module, data())
+        return
+    if MODE == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
 
-    callback = SquinchFSDP(error_feedback=True, min_compress_bytes=0)
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    t = trainer(strategy, 3)
-    t.callbacks.append(callback)
-    t.fit(module, data())
-    state = callback.state
-    result["units"] = list(state.units)
-elif MODE == "resume":
-    t = trainer(strategy, 4)
-    seen = {}
+        callback = SquinchFSDP(error_feedback=True, min_compress_bytes=0)
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        t = trainer(strategy, 3)
+        t.callbacks.append(callback)
+        t.fit(module, data())
+        state = callback.state
+        result["units"] = list(state.units)
+    else:
+        strategy = {"plain": lambda: DDPStrategy(),
+                    "dropped": lambda: CudaOnly(hook_state=state)}.get(
+            MODE, lambda: SquinchDDPStrategy(hook_state=state))()
+        if MODE == "dropped":
+            try:
+                trainer(strategy, 2).fit(module, data())
+                result["raised"] = None
+            except CompressionNotActiveError as e:
+                result["raised"] = str(e)
+        elif MODE == "resume":
+            t = trainer(strategy, 4)
+            seen = {}
 
-    class Peek(L.Callback):
-        def on_train_start(self, trainer, pl_module):  # after the checkpoint is loaded
-            seen["state"] = state.state_dict()
+            class Peek(L.Callback):
+                def on_train_start(self, trainer, pl_module):  # after the checkpoint is loaded
+                    seen["state"] = state.state_dict()
 
-    t.callbacks.append(Peek())
-    t.fit(module, data(), ckpt_path=str(OUT / "ckpt.ckpt"))
-    result["restored"] = seen["state"]
-else:
-    t = trainer(strategy, 3)
-    t.fit(module, data())
-    if MODE == "save":
-        t.save_checkpoint(str(OUT / "ckpt.ckpt"))
-        result["saved"] = state.state_dict()
-rank = strategy.global_rank
-params = [getattr(p, "full_tensor", p.detach)().detach().clone() for p in module.parameters()]
-result.update(grads=module.grads, params=params,
-              buckets_reduced=state.buckets_reduced, wire_bytes=state.wire_bytes,
-              uncompressed_bytes=state.uncompressed_bytes)
-torch.save(result, OUT / f"{MODE}.rank{rank}.pt")
+            t.callbacks.append(Peek())
+            t.fit(module, data(), ckpt_path=str(OUT / "ckpt.ckpt"))
+            result["restored"] = seen["state"]
+        else:
+            t = trainer(strategy, 3)
+            t.fit(module, data())
+            if MODE == "save":
+                t.save_checkpoint(str(OUT / "ckpt.ckpt"))
+                result["saved"] = state.state_dict()
+    rank = strategy.global_rank
+    params = [getattr(p, "full_tensor", p.detach)().detach().clone() for p in module.parameters()]
+    result.update(grads=module.grads, params=params, buckets_reduced=state.buckets_reduced,
+                  wire_bytes=state.wire_bytes, uncompressed_bytes=state.uncompressed_bytes)
+    torch.save(result, OUT / f"{MODE}.rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
