@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "tests" / "frameworks"
 MODES = {"lightning": ["plain", "squinch", "dropped", "save", "resume", "torchrun", "spawn",
-                       "fsdp2"],
+                       "fsdp2", "fsdp2_save", "fsdp2_resume"],
          "accelerate": ["plain", "squinch", "unprepared", "dropped", "save", "resume"],
          "transformers": ["plain", "squinch", "dropped", "save", "resume"]}
 
@@ -133,3 +133,19 @@ def test_lightning_fsdp2_reduce_scatters_are_compressed(runs):
     assert _flat(r["fsdp2"][0]["params"]).tobytes() == _flat(r["fsdp2"][1]["params"]).tobytes()
     plain = _flat(r["plain"][0]["params"])  # and it trained like the uncompressed run
     assert np.linalg.norm(_flat(r["fsdp2"][0]["params"]) - plain) < 0.05 * np.linalg.norm(plain)
+
+
+def test_lightning_fsdp2_checkpoints_give_every_rank_its_residuals(runs):
+    framework, r = runs
+    if framework != "lightning":
+        pytest.skip("Lightning's FSDP2 strategy")
+    saved = [r["fsdp2_save"][k]["saved"][f"rank{k}"] for k in (0, 1)]
+    restored = [r["fsdp2_resume"][k]["restored"][f"rank{k}"] for k in (0, 1)]
+    for k in (0, 1):
+        assert len(saved[k]) == 2 and sorted(saved[k]) == sorted(restored[k])  # two units
+        for name in saved[k]:
+            np.testing.assert_array_equal(np.asarray(restored[k][name]["residual"]),
+                                          np.asarray(saved[k][name]["residual"]))
+    name = sorted(saved[0])[0]
+    assert not np.array_equal(np.asarray(saved[0][name]["residual"]),
+                              np.asarray(saved[1][name]["residual"]))

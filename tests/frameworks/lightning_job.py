@@ -8,8 +8,9 @@ Lightning's own CUDA-only one: the first step must raise), ``save`` /
 residuals back), ``torchrun`` (``squinch``, started by torchrun instead),
 ``spawn`` (``squinch`` with ``start_method="spawn"``: the launching process
 does not train, so each worker saves from a callback), ``fsdp2``
-(ModelParallelStrategy, fully_shard in configure_model, SquinchFSDP). Each
-rank writes ``OUT/<mode>.rank<r>.pt``.
+(ModelParallelStrategy, fully_shard in configure_model, SquinchFSDP),
+``fsdp2_save`` / ``fsdp2_resume`` (its checkpoint and the residuals back).
+Each rank writes ``OUT/<mode>.rank<r>.pt``.
 """
 
 import sys
@@ -39,14 +40,14 @@ class Net(L.LightningModule):
         return ((self.net(x) - y) ** 2).mean()
 
     def on_after_backward(self):  # DDP has reduced every bucket by now
-        if MODE != "fsdp2":  # (FSDP2's gradients are sharded DTensors)
+        if not MODE.startswith("fsdp2"):  # (FSDP2's gradients are sharded DTensors)
             self.grads.append(torch.cat([p.grad.reshape(-1) for p in self.parameters()]).clone())
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def configure_model(self):
-        if MODE == "fsdp2":  # Lightning's FSDP2 recipe: shard each layer, then the model
+        if MODE.startswith("fsdp2"):  # Lightning's FSDP2 recipe: each layer, then the model
             from torch.distributed.fsdp import fully_shard
 
             mesh = self.device_mesh["data_parallel"]
@@ -90,14 +91,25 @@ def main():
         t.callbacks.append(SaveFromWorker())
         t.fit(module, data())
         return
-    if MODE == "fsdp2":
+    if MODE.startswith("fsdp2"):
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         callback = SquinchFSDP(error_feedback=True, min_compress_bytes=0)
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-        t = trainer(strategy, 3)
+        t = trainer(strategy, 4 if MODE == "fsdp2_resume" else 3)
         t.callbacks.append(callback)
-        t.fit(module, data())
+        seen = {}
+
+        class Peek(L.Callback):
+            def on_train_start(self, trainer, pl_module):  # after the checkpoint is loaded
+                seen["state"] = callback.state.state_dict()
+
+        t.callbacks.append(Peek())
+        t.fit(module, data(), ckpt_path=str(OUT / "fsdp_ckpt") if MODE == "fsdp2_resume" else None)
+        if MODE == "fsdp2_save":
+            t.save_checkpoint(str(OUT / "fsdp_ckpt"))
+            result["saved"] = callback.state.state_dict()
+        result["restored"] = seen["state"]
         state = callback.state
         result["units"] = list(state.units)
     else:
