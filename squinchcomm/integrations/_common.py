@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from squinchcomm.torch.ddp_hooks import SquinchHookState
 
 __all__ = ["CompressionNotActiveError", "check_compressed", "gather_hook_state",
            "load_hook_state"]
@@ -49,9 +48,10 @@ def check_compressed(state, where: str) -> None:
         "size, or pass compression='none' to train uncompressed on purpose")
 
 
-def gather_hook_state(state: SquinchHookState, group=None) -> dict:
-    """Every rank's ``state.state_dict()``, gathered on every rank (collective):
-    the value to put in a checkpoint that one rank writes."""
+def gather_hook_state(state, group=None) -> dict:
+    """Every rank's ``state.state_dict()`` (a ``SquinchHookState`` or an
+    ``FSDPCompression``), gathered on every rank (collective): the value to put
+    in a checkpoint that one rank writes."""
     # Tensors, not NumPy arrays: checkpoints load with torch.load(weights_only=True).
     mine = _as_tensors(state.state_dict())
     if not (dist.is_available() and dist.is_initialized()):
@@ -61,7 +61,7 @@ def gather_hook_state(state: SquinchHookState, group=None) -> dict:
     return {_KEY: 1, "world": len(everyone), "ranks": everyone}
 
 
-def load_hook_state(state: SquinchHookState, saved: dict | None, group=None) -> None:
+def load_hook_state(state, saved: dict | None, group=None) -> None:
     """Load this rank's part of :func:`gather_hook_state`'s value (None: a
     checkpoint without it, residuals start from zero with a warning)."""
     if saved is None or saved.get(_KEY) != 1:

@@ -39,8 +39,8 @@ require("lightning", "lightning", "squinchcomm.integrations.lightning")
 from lightning.pytorch import Callback  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
-from squinchcomm.integrations._common import (_as_tensors, check_compressed,  # noqa: E402
-                                              gather_hook_state, load_hook_state)
+from squinchcomm.integrations._common import (check_compressed, gather_hook_state,  # noqa: E402
+                                              load_hook_state)
 from squinchcomm.torch import fsdp  # noqa: E402
 from squinchcomm.torch.ddp_hooks import SquinchHookState, squinch_hook  # noqa: E402
 
@@ -135,31 +135,13 @@ class SquinchFSDP(Callback):
 
     def _apply_restored(self) -> None:
         """A resumed run: this rank's residuals, once the units exist."""
-        import torch.distributed as dist
-
-        if self._restored is None or self.state is None:
-            return
-        restored, self._restored = self._restored, None
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if restored["world"] != world:
-            import warnings
-
-            warnings.warn(f"SquinchFSDP: the checkpoint's residuals are from "
-                          f"{restored['world']} ranks, this job has {world}: they start "
-                          "from zero", stacklevel=3)
-            return
-        self.state.load_state_dict(_numpy(restored["ranks"][dist.get_rank() if world > 1 else 0]))
+        if self._restored is not None and self.state is not None:
+            restored, self._restored = self._restored, None
+            load_hook_state(self.state, restored)
 
     def state_dict(self) -> dict:
         """Every rank's residuals (collective: Lightning asks every rank)."""
-        import torch.distributed as dist
-
-        mine = _as_tensors(self.state.state_dict()) if self.state is not None else {}
-        everyone = [mine]
-        if dist.is_available() and dist.is_initialized():
-            everyone = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, mine)
-        return {"world": len(everyone), "ranks": everyone}
+        return gather_hook_state(self.state)
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = state_dict  # applied now or at on_fit_start, once the units exist
@@ -170,11 +152,3 @@ class SquinchFSDP(Callback):
             check_compressed(self.state, "SquinchFSDP")
         self._checked = True
 
-
-def _numpy(obj):
-    """``obj`` with every tensor a NumPy array (dicts walked)."""
-    if hasattr(obj, "numpy"):
-        return obj.numpy()
-    if isinstance(obj, dict):
-        return {k: _numpy(v) for k, v in obj.items()}
-    return obj

@@ -9,13 +9,13 @@ must raise), ``save`` / ``resume`` (``save_state`` after 3 steps; after
 ``OUT/<mode>.rank<r>.pt``.
 """
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
+from job_common import finish
 from squinchcomm.integrations import CompressionNotActiveError
 from squinchcomm.integrations.accelerate import register
 from squinchcomm.torch.ddp_hooks import SquinchHookState
@@ -59,11 +59,5 @@ except CompressionNotActiveError as e:
 if MODE == "save":
     accelerator.save_state(str(OUT / "state"))
     result["saved"] = state.state_dict()
-result.update(grads=grads, params=[p.detach().clone() for p in model.parameters()],
-              buckets_reduced=state.buckets_reduced, wire_bytes=state.wire_bytes,
-              uncompressed_bytes=state.uncompressed_bytes)
-torch.save(result, OUT / f"{MODE}.rank{accelerator.process_index}.pt")
-# Skip the interpreter's teardown: tearing down gloo at exit sometimes aborts
-# a rank in torch 2.13 after all the work is done (torchrun waits for both).
-sys.stdout.flush()
-os._exit(0)
+finish(result, state, grads, [p.detach().clone() for p in model.parameters()],
+       OUT / f"{MODE}.rank{accelerator.process_index}.pt", exit_now=True)

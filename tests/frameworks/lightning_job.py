@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
+from job_common import finish
 from squinchcomm.integrations import CompressionNotActiveError
 from squinchcomm.integrations.lightning import SquinchDDPStrategy, SquinchFSDP
 from squinchcomm.torch.ddp_hooks import SquinchHookState
@@ -139,11 +140,9 @@ def main():
             if MODE == "save":
                 t.save_checkpoint(str(OUT / "ckpt.ckpt"))
                 result["saved"] = state.state_dict()
-    rank = strategy.global_rank
     params = [getattr(p, "full_tensor", p.detach)().detach().clone() for p in module.parameters()]
-    result.update(grads=module.grads, params=params, buckets_reduced=state.buckets_reduced,
-                  wire_bytes=state.wire_bytes, uncompressed_bytes=state.uncompressed_bytes)
-    torch.save(result, OUT / f"{MODE}.rank{rank}.pt")
+    finish(result, state, module.grads, params, OUT / f"{MODE}.rank{strategy.global_rank}.pt",
+           exit_now=False)  # Lightning's launcher: rank 0 must outlive rank 1
 
 
 if __name__ == "__main__":

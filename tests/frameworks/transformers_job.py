@@ -7,13 +7,13 @@ raise), ``save`` / ``resume`` (a checkpoint at step 3; resumed from it, every
 rank has its own residuals back). Each rank writes ``OUT/<mode>.rank<r>.pt``.
 """
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from job_common import finish
 from squinchcomm.integrations import CompressionNotActiveError
 from squinchcomm.integrations import transformers as sq
 from squinchcomm.torch.ddp_hooks import SquinchHookState
@@ -95,12 +95,5 @@ except CompressionNotActiveError as e:
     result["raised"] = str(e)
 if MODE == "save":
     result["saved"] = state.state_dict()
-rank = trainer.args.process_index
-result.update(grads=grads, params=[p.detach().clone() for p in model.parameters()],
-              buckets_reduced=state.buckets_reduced, wire_bytes=state.wire_bytes,
-              uncompressed_bytes=state.uncompressed_bytes)
-torch.save(result, OUT / f"{MODE}.rank{rank}.pt")
-# Skip the interpreter's teardown: tearing down gloo at exit sometimes aborts
-# a rank in torch 2.13 after all the work is done (torchrun waits for both).
-sys.stdout.flush()
-os._exit(0)
+finish(result, state, grads, [p.detach().clone() for p in model.parameters()],
+       OUT / f"{MODE}.rank{trainer.args.process_index}.pt", exit_now=True)
