@@ -127,8 +127,11 @@ def steps(out: Path) -> dict[str, list[tuple[list[str], str | None]]]:
                                       "squinch-ef+zreg"])],
         # Issue 17: DiLoCo's loss against bytes, then its step time on slow links.
         "diloco": [(["mpirun", "-n", "4", "--oversubscribe", "-x", "NUMBA_NUM_THREADS=1",
-                     *_py("-m", "squinchcomm.bench", "parity", "--methods", DILOCO_STUDY,
-                          "--seeds", "0,1,2", "--name", "diloco", "--out", o("diloco"))], None)]
+                     *_py("-m", "squinchcomm.bench", "parity", *extra, "--seeds", "0,1,2",
+                          "--out", o("diloco"))], None)
+                   # the study, then the plain-averaging diagnosis the README quotes
+                   for extra in (["--methods", DILOCO_STUDY, "--name", "diloco"],
+                                 ["--methods", "diloco10-fp32-avg", "--name", "diloco_avg"])]
         + [(_shaped(r, o(f"diloco/shaped_train_4rank_{r}.txt"),
                     ["train", "--methods", "hvd_fp32,squinch_ef,diloco_squinch,sdiloco_squinch",
                      "--steps", "20", "--json", o(f"diloco/shaped_train_4rank_{r}.json")]), None)
