@@ -54,6 +54,7 @@ from squinchcomm import collectives
 from squinchcomm.collectives import ErrorFeedback, wire_bytes
 from squinchcomm.torch import _ops
 from squinchcomm.torch.compression import Compression, as_compression
+from squinchcomm.torch.optimizer import residuals_from_torch, residuals_to_torch
 
 __all__ = ["DiLoCo"]
 
@@ -250,9 +251,7 @@ class DiLoCo:
             "outer_optimizer": self.outer_optimizer.state_dict(),
             "pending": [{"fragment": x.fragment.index, "launched": x.launched,
                          "average": x.result.detach().clone()} for x in self._pending],
-            "error_feedback": {k: {**e, "residual": torch.from_numpy(_host(e["residual"])),
-                                   "shard_residual": torch.from_numpy(_host(e["shard_residual"]))}
-                               for k, e in ef.items()},
+            "error_feedback": residuals_to_torch(ef),
         }
 
     def load_state_dict(self, state: dict):
@@ -282,9 +281,7 @@ class DiLoCo:
                           "they restart from zero (save one state per rank to resume exactly)",
                           stacklevel=2)
             return
-        self._ef.load_state_dict({k: {**e, "residual": e["residual"].numpy(),
-                                      "shard_residual": e["shard_residual"].numpy()}
-                                  for k, e in state["error_feedback"].items()},
+        self._ef.load_state_dict(residuals_from_torch(state["error_feedback"]),
                                  world=self._comm.size)
 
     # ------------------------------------------------------------------ private
@@ -415,7 +412,3 @@ class DiLoCo:
                 else:
                     p.copy_(g)
         self.syncs[f.index] += 1
-
-
-def _host(a):
-    return a if not hasattr(a, "get") else a.get()

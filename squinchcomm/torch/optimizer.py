@@ -400,9 +400,7 @@ class _DistributedOptimizer:
         sd["squinchcomm"] = {
             "rank": self._sq_comm.rank, "size": self._sq_comm.size,
             # torch tensors, not NumPy arrays: torch.load(weights_only=True) accepts them.
-            "error_feedback": {k: {**e, "residual": torch.from_numpy(e["residual"]),
-                                   "shard_residual": torch.from_numpy(e["shard_residual"])}
-                               for k, e in ef.items()},
+            "error_feedback": residuals_to_torch(ef),
         }
         return sd
 
@@ -423,10 +421,7 @@ class _DistributedOptimizer:
                           f"{self._sq_comm.size}: they restart from zero (save one optimizer "
                           "state per rank to resume exactly)", stacklevel=2)
             return
-        ef.load_state_dict({k: {**e, "residual": _numpy(e["residual"]),
-                                "shard_residual": _numpy(e["shard_residual"])}
-                            for k, e in extra["error_feedback"].items()},
-                           world=self._sq_comm.size)
+        ef.load_state_dict(residuals_from_torch(extra["error_feedback"]), world=self._sq_comm.size)
 
     @property
     def buckets(self) -> list[tuple[str, int]]:
@@ -475,6 +470,21 @@ def _prefix(params: list, cap: int) -> list:
 
 def _numpy(t):
     return t.detach().cpu().numpy() if torch.is_tensor(t) else t
+
+
+def residuals_to_torch(ef_state: dict) -> dict:
+    """An ``ErrorFeedback.state_dict()`` with torch tensors for residuals, so a
+    checkpoint loads with ``torch.load(weights_only=True)``."""
+    return {k: {**e, "residual": torch.from_numpy(e["residual"]),
+                "shard_residual": torch.from_numpy(e["shard_residual"])}
+            for k, e in ef_state.items()}
+
+
+def residuals_from_torch(saved: dict) -> dict:
+    """:func:`residuals_to_torch` undone, for ``ErrorFeedback.load_state_dict``."""
+    return {k: {**e, "residual": _numpy(e["residual"]),
+                "shard_residual": _numpy(e["shard_residual"])}
+            for k, e in saved.items()}
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression=Compression.none,
