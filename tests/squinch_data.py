@@ -1,16 +1,29 @@
 """Test data shared by the CUDA tests (GPU and host build): values on the
-format's boundaries, exact ties, special values, and a bit-exact comparison."""
+format's boundaries, exact ties, special values, and a bit-exact comparison;
+and the format's worst-case rounding error, shared by the tests that bound a
+compressed allreduce."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from squinchcomm.codec import format as fmt
 from squinchcomm.codec import oracle
 
-__all__ = ["special_values", "boundary_block", "exact_r_block", "stochastic_tie_values",
-           "scribble_tail", "random_values", "to_kind", "from_kind", "bf16_reference",
+__all__ = ["SQUINCH_C", "FP32_SLACK", "special_values", "boundary_block", "exact_r_block",
+           "stochastic_tie_values", "scribble_tail", "random_values", "to_kind", "from_kind", "bf16_reference",
            "f16_reference", "random_payloads", "every_level_payload", "assert_bits_equal"]
+
+#: Squinch nearest rounding: the worst error of one quantization as a fraction
+#: of its block's max m. The block's scale A satisfies m < A <= m e^(1/6); the
+#: widest gap between the levels A (c/15)^2 is the top one, A (1 - (14/15)^2),
+#: and nearest rounding errs by at most half of it.
+SQUINCH_C = (1 - (14 / 15) ** 2) / 2 * math.exp(1 / 6)
+#: Relative slack for fp32 arithmetic in a reference average (DDP divides,
+#: then sums) and in the decode.
+FP32_SLACK = 1e-5
 
 
 def special_values() -> np.ndarray:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import os
 import pickle
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from squinch_data import FP32_SLACK, SQUINCH_C
 from workers import base_env, exit_after, free_port, run_workers
 
 torch = pytest.importorskip("torch")
@@ -39,12 +39,8 @@ torch = pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 30.0  # seconds a healthy collective may take on a loaded 2-core machine
 
-#: Squinch nearest rounding: worst error per quantization as a fraction of the block max.
-SQUINCH_C = (1 - (14 / 15) ** 2) / 2 * math.exp(1 / 6)
 #: (unit roundoff, absolute floor) of the cast codecs.
 CAST = {"fp16": (2.0 ** -11, 2.0 ** -25), "bf16": (2.0 ** -8, 2.0 ** -134)}
-#: fp32 arithmetic in the reference (DDP divides, then sums) and in the decode.
-FP32_SLACK = 1e-5
 
 
 # ---------------------------------------------------------------------------

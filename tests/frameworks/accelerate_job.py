@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from job_common import finish
+from job_common import finish, record_first_local_grads
 from squinchcomm.integrations import CompressionNotActiveError
 from squinchcomm.integrations.accelerate import register
 from squinchcomm.torch.ddp_hooks import SquinchHookState
@@ -25,6 +25,7 @@ accelerator = Accelerator(cpu=True)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+local = record_first_local_grads(model.parameters())
 g = torch.Generator().manual_seed(1)
 ds = torch.utils.data.TensorDataset(torch.randn(64, 32, generator=g), torch.randn(64, 64, generator=g))
 loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False)
@@ -60,4 +61,4 @@ if MODE == "save":
     accelerator.save_state(str(OUT / "state"))
     result["saved"] = state.state_dict()
 finish(result, state, grads, [p.detach().clone() for p in model.parameters()],
-       OUT / f"{MODE}.rank{accelerator.process_index}.pt", exit_now=True)
+       OUT / f"{MODE}.rank{accelerator.process_index}.pt", local=local)

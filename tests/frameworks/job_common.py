@@ -1,4 +1,4 @@
-"""What every framework job saves, and how the torchrun ones end."""
+"""What every framework job saves, and how the jobs end."""
 
 import os
 import sys
@@ -6,14 +6,36 @@ import sys
 import torch
 
 
-def finish(result: dict, state, grads, params, path, exit_now: bool) -> None:
-    """Save this rank's ``result`` with the hook's counters, gradients and
-    parameters to ``path``; ``exit_now`` skips the interpreter's teardown
-    (tearing down gloo at exit sometimes aborts a rank in torch 2.13 after all
-    the work is done; torchrun waits for both ranks)."""
-    result.update(grads=grads, params=params, buckets_reduced=state.buckets_reduced,
+def record_first_local_grads(params) -> list:
+    """A list that the first backward pass fills with each parameter's own
+    gradient on this rank, before DDP averages it (a tensor hook runs before
+    the gradient is accumulated, so before DDP's reducer sees it)."""
+    params = list(params)
+    local = [None] * len(params)
+
+    def keep(i):
+        def hook(g):
+            if local[i] is None:
+                local[i] = g.detach().clone()
+        return hook
+
+    for i, p in enumerate(params):
+        p.register_hook(keep(i))
+    return local
+
+
+def finish(result: dict, state, grads, params, path, local=None, children=()) -> None:
+    """Save this rank's ``result`` with the hook's counters, gradients (and
+    ``local``, its own first gradients) and parameters to ``path``, then leave
+    without the interpreter's teardown: tearing down gloo at exit sometimes
+    aborts a rank of torch 2.13 ("terminate called without an active
+    exception") after all the work is done. ``children``: the processes this
+    one launched (Lightning starts rank 1 from rank 0), waited for first, their
+    failure becoming this process's."""
+    result.update(grads=grads, params=params, local=local, buckets_reduced=state.buckets_reduced,
                   wire_bytes=state.wire_bytes, uncompressed_bytes=state.uncompressed_bytes)
     torch.save(result, path)
-    if exit_now:
-        sys.stdout.flush()
-        os._exit(0)
+    codes = [c.wait() for c in children]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(next((c for c in codes if c), 0))

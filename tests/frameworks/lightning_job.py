@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from job_common import finish
+from job_common import finish, record_first_local_grads
 from squinchcomm.integrations import CompressionNotActiveError
 from squinchcomm.integrations.lightning import SquinchDDPStrategy, SquinchFSDP
 from squinchcomm.torch.ddp_hooks import SquinchHookState
@@ -34,7 +34,11 @@ class Net(L.LightningModule):
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.Tanh(),
                                        torch.nn.Linear(256, 64))
-        self.grads = []
+        self.grads, self.local = [], None
+
+    def on_train_start(self):  # in the process that trains (a spawn worker has its own copy)
+        if not MODE.startswith("fsdp2"):
+            self.local = record_first_local_grads(self.parameters())
 
     def training_step(self, batch, _):
         x, y = batch
@@ -73,6 +77,7 @@ class SaveFromWorker(L.Callback):
         st = trainer.strategy.hook_state
         torch.save({"buckets_reduced": st.buckets_reduced, "wire_bytes": st.wire_bytes,
                     "uncompressed_bytes": st.uncompressed_bytes, "grads": pl_module.grads,
+                    "local": pl_module.local,
                     "params": [p.detach().clone() for p in pl_module.parameters()]},
                    OUT / f"{MODE}.rank{trainer.global_rank}.pt")
 
@@ -142,7 +147,7 @@ def main():
                 result["saved"] = state.state_dict()
     params = [getattr(p, "full_tensor", p.detach)().detach().clone() for p in module.parameters()]
     finish(result, state, module.grads, params, OUT / f"{MODE}.rank{strategy.global_rank}.pt",
-           exit_now=False)  # Lightning's launcher: rank 0 must outlive rank 1
+           local=module.local, children=getattr(strategy.launcher, "procs", ()))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from job_common import finish
+from job_common import finish, record_first_local_grads
 from squinchcomm.integrations import CompressionNotActiveError
 from squinchcomm.integrations import transformers as sq
 from squinchcomm.torch.ddp_hooks import SquinchHookState
@@ -63,9 +63,11 @@ args = TrainingArguments(output_dir=str(OUT / "run"), per_device_train_batch_siz
                          use_cpu=True, report_to=[], logging_strategy="no",
                          save_strategy="steps" if MODE == "save" else "no", save_steps=3,
                          dataloader_drop_last=True, seed=0, disable_tqdm=True,
-                         ddp_find_unused_parameters=False)
+                         ddp_find_unused_parameters=False,
+                         max_grad_norm=0.0)  # no clipping: the gradients seen are DDP's
 state = SquinchHookState(error_feedback=True, min_compress_bytes=0)
 model = Net()
+local = record_first_local_grads(model.parameters())
 if MODE == "plain":
     trainer = Trainer(model=model, args=args, train_dataset=Data(), callbacks=[Grads()])
 else:
@@ -96,4 +98,4 @@ except CompressionNotActiveError as e:
 if MODE == "save":
     result["saved"] = state.state_dict()
 finish(result, state, grads, [p.detach().clone() for p in model.parameters()],
-       OUT / f"{MODE}.rank{trainer.args.process_index}.pt", exit_now=True)
+       OUT / f"{MODE}.rank{trainer.args.process_index}.pt", local=local)
