@@ -175,3 +175,19 @@ def test_lightning_fsdp2_checkpoints_give_every_rank_its_residuals(runs):
     name = sorted(saved[0])[0]
     assert not np.array_equal(np.asarray(saved[0][name]["residual"]),
                               np.asarray(saved[1][name]["residual"]))
+
+
+def test_lightning_fsdp1_strategy_is_refused_with_the_fix():
+    """SquinchFSDP under Lightning's FSDP1 FSDPStrategy: a ValueError naming
+    ModelParallelStrategy (at on_fit_start, which every rank runs), not the
+    generic "no FSDP2 unit" or uncompressed training."""
+    pytest.importorskip("lightning")
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from squinchcomm.integrations.lightning import SquinchFSDP
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="FSDPStrategy wraps the model in FSDP1.*ModelParallelStrategy"):
+        SquinchFSDP().on_fit_start(trainer, torch.nn.Linear(8, 8))

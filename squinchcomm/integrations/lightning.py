@@ -129,6 +129,14 @@ class SquinchFSDP(Callback):
         self.options, self.state, self._checked, self._restored = options, None, False, None
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(trainer.strategy, FSDPStrategy):  # every rank runs this: all raise
+            raise ValueError(
+                "SquinchFSDP compresses FSDP2 units (torch.distributed.fsdp.fully_shard), but "
+                "Lightning's FSDPStrategy wraps the model in FSDP1 (FullyShardedDataParallel), "
+                "which squinchcomm does not compress: use strategy=ModelParallelStrategy() and "
+                "call fully_shard on the blocks and the model in configure_model")
         if self.state is None:
             self.state = fsdp.compress(pl_module, **self.options)
         self._apply_restored()
