@@ -23,7 +23,9 @@ How a step runs (``DiLoCo.step()``), step by step:
    checks its parameters' shapes, computes its pseudo-gradient
    ``global - local`` in fp32 as one flat buffer and starts an averaging
    allreduce of it on the engine's thread (named ``<name>.fragment<p>``, so
-   its error-feedback residual carries from one sync to the next).
+   its error-feedback residual carries from one sync to the next; the
+   metadata check is always on, so a parameter that changed shape on some
+   ranks only raises on every rank).
 4. Apply: every exchange launched at ``t - tau`` is waited for; its average
    becomes the gradient of the fragment's global copies and the outer
    optimizer steps on them (the other fragments' gradients are None, so it
@@ -362,26 +364,37 @@ class DiLoCo:
 
     def _launch(self, f: _Fragment, t: int):
         # Step 3: the pseudo-gradient global - local, one flat fp32 buffer.
+        name = f"{self.name}.fragment{f.index}"
+        options = dict(self._options, check_metadata=True)
+        if t <= self.compression.start_step:
+            options.update(compression="none", error_feedback=False)
         now = [tuple(p.shape) for p in f.params]
         if now != f.shapes:
-            bad = [(n, a, b) for n, a, b in zip(f.names, f.shapes, now) if a != b]
-            raise ValueError(f"DiLoCo: parameter '{bad[0][0]}' changed shape from {bad[0][1]} to "
-                             f"{bad[0][2]} since DiLoCo was built: build a new DiLoCo for the "
-                             "changed model")
+            self._refuse_reshaped(f, now, name, options)
         with torch.no_grad():
             flat = torch.cat([(g - p.detach().float()).reshape(-1)
                               for g, p in zip(f.globals, f.params)])
-        options = dict(self._options)
-        if t <= self.compression.start_step:
-            options.update(compression="none", error_feedback=False)
-        handle = self._comm.allreduce_async(flat, op="average", name=f"{self.name}.fragment{f.index}",
-                                            out=flat, **options)
+        handle = self._comm.allreduce_async(flat, op="average", name=name, out=flat, **options)
         x = _Exchange(f, t, handle)
         handle.add_done_callback(lambda _h, x=x: setattr(x, "finished", time.perf_counter()))
         self._pending.append(x)
         sent = self._comm.resolved_compression(flat, options["compression"])
         self.wire_bytes += wire_bytes(f.numel, self._comm.size, sent)
 
+
+    def _refuse_reshaped(self, f: _Fragment, now, name: str, options: dict):
+        """A parameter changed shape on this rank: its exchange still runs,
+        with zeros under a name that says so, so that every rank whose
+        parameters did not change raises the metadata check's error naming
+        each rank's call instead of waiting for this one; then this rank
+        raises (its own error when every rank changed alike)."""
+        n, was, new = next((n, a, b) for n, a, b in zip(f.names, f.shapes, now) if a != b)
+        error = (f"DiLoCo: parameter '{n}' changed shape from {was} to {new} since DiLoCo was "
+                 "built: build a new DiLoCo for the changed model")
+        flat = torch.zeros(f.numel, dtype=torch.float32)
+        self._comm.allreduce_async(flat, op="average", name=f"{name} ({error})", out=flat,
+                                   **options).wait()
+        raise ValueError(error)
 
     def _wait(self, x: _Exchange):
         if x.result is None:

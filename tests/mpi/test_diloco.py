@@ -11,6 +11,7 @@ single-process implementation of the papers' update rules.
 import functools
 import io
 import os
+import time
 
 import pytest
 
@@ -385,6 +386,24 @@ def test_a_model_that_changes_shape_is_refused(world):
     d.step()  # no gradients: the inner SGD leaves the parameters alone
     with pytest.raises(ValueError, match="'b.weight' changed shape from \\(4, 24\\) to \\(8, 12\\)"):
         d.step()
+
+
+def test_a_shape_change_on_one_rank_raises_on_every_rank(world):
+    """Rank 0's parameter changes shape (same size): every rank raises a
+    ValueError naming it at the next sync, no rank waits for a timeout."""
+    model = make()
+    d = hvd.DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), sync_every=2,
+                   name="reshape1")
+    train(world, d, 2)
+    if world.rank == 0:
+        with torch.no_grad():
+            model.b.weight.data = torch.zeros(8, 12)
+    d.zero_grad()
+    d.step()
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="'b.weight' changed shape from \\(4, 24\\) to \\(8, 12\\)"):
+        d.step()
+    assert time.perf_counter() - t0 < 10  # the metadata check, not the timeout
 
 
 def test_wire_bytes_fall_with_compression(world):
