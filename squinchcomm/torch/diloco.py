@@ -381,7 +381,6 @@ class DiLoCo:
         sent = self._comm.resolved_compression(flat, options["compression"])
         self.wire_bytes += wire_bytes(f.numel, self._comm.size, sent)
 
-
     def _refuse_reshaped(self, f: _Fragment, now, name: str, options: dict):
         """A parameter changed shape on this rank: its exchange still runs,
         with zeros under a name that says so, so that every rank whose

@@ -30,12 +30,12 @@ def finish(result: dict, state, grads, params, path, local=None, children=()) ->
     without the interpreter's teardown: tearing down gloo at exit sometimes
     aborts a rank of torch 2.13 ("terminate called without an active
     exception") after all the work is done. ``children``: the processes this
-    one launched (Lightning starts rank 1 from rank 0), waited for first, their
-    failure becoming this process's."""
+    one launched (Lightning starts rank 1 from rank 0), waited for first (at most
+    120 s each), their failure becoming this process's."""
     result.update(grads=grads, params=params, local=local, buckets_reduced=state.buckets_reduced,
                   wire_bytes=state.wire_bytes, uncompressed_bytes=state.uncompressed_bytes)
     torch.save(result, path)
-    codes = [c.wait() for c in children]
+    codes = [c.wait(timeout=120) for c in children]
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(next((c for c in codes if c), 0))
