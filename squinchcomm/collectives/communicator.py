@@ -27,7 +27,7 @@ from squinchcomm.collectives import algorithms as alg
 from squinchcomm.collectives.engine import Handle, engine_for
 from squinchcomm.collectives.error_feedback import ErrorFeedback
 from squinchcomm.collectives.policy import CHOICES, PROBE_BYTES, LinkModel, log, probe
-from squinchcomm.collectives.wire import get_wire
+from squinchcomm.collectives.wire import get_wire, wire_bytes
 from squinchcomm.errors import MismatchError
 from squinchcomm.transport.base import Transport
 
@@ -643,12 +643,21 @@ class Communicator:
             raise ValueError("the array is read-only; broadcast writes into it")
         return _Call(flat, tuple(x.shape), int(flat.data.size))
 
-    def resolved_compression(self, x, compression: str | None = None) -> str:
-        """What an allreduce of ``x`` sends with ``compression`` (None: this
-        communicator's default): after the dtype, the ``min_compress_bytes``
+    def bytes_sent(self, x, compression: str | None = None, *,
+                   collective: str = "allreduce") -> tuple[float, float]:
+        """(bytes this rank sends, bytes it would send uncompressed) for one
+        ``collective`` of ``x`` with ``compression`` (None: this
+        communicator's default), in the ring model of :func:`wire_bytes`;
+        uncompressed means in ``x``'s own dtype. The compression is what the
+        call would really use: after the dtype, the ``min_compress_bytes``
         threshold and ``auto``'s model (whose first use probes the link, a
-        collective). Pair it with :func:`wire_bytes` to count bytes."""
-        return self._compression(compression, self._input(x))
+        collective)."""
+        call = self._input(x)
+        dense = (wire_bytes(call.n, self.size, "none", collective=collective)
+                 * call.flat.data.dtype.itemsize / 4)
+        sent = self._compression(compression, call)
+        return (dense if sent == "none" else
+                wire_bytes(call.n, self.size, sent, collective=collective)), dense
 
     def _compression(self, compression, call: _Call) -> str:
         comp = _choice("compression", compression or self.compression, CHOICES)

@@ -57,7 +57,7 @@ import hashlib
 import torch
 import torch.distributed as dist
 
-from squinchcomm.collectives import CHOICES, Communicator, wire_bytes
+from squinchcomm.collectives import CHOICES, Communicator
 from squinchcomm.codec import ROUNDINGS
 
 __all__ = ["SquinchHookState", "squinch_hook", "fp16_hook", "bf16_hook"]
@@ -306,9 +306,8 @@ def _compressed_hook(state: SquinchHookState, bucket: dist.GradBucket,
                for t, comp, part_name, _ in parts]
     state.buckets_reduced += 1
     for t, comp, _, _ in parts:
-        dense = wire_bytes(t.numel(), comm.size, "none") * t.element_size() / 4
-        state.wire_bytes += (dense if comp == "none" else
-                             wire_bytes(t.numel(), comm.size, comm.resolved_compression(t, comp)))
+        sent, dense = comm.bytes_sent(t, comp)
+        state.wire_bytes += sent
         state.uncompressed_bytes += dense
     if bucket.is_last():  # buckets are launched in index order: the iteration is over
         state._retire()

@@ -53,7 +53,7 @@ import warnings
 import torch
 
 from squinchcomm import collectives
-from squinchcomm.collectives import ErrorFeedback, wire_bytes
+from squinchcomm.collectives import ErrorFeedback
 from squinchcomm.torch import _ops
 from squinchcomm.torch.compression import Compression, as_compression
 from squinchcomm.torch.optimizer import residuals_from_torch, residuals_to_torch
@@ -378,8 +378,7 @@ class DiLoCo:
         x = _Exchange(f, t, handle)
         handle.add_done_callback(lambda _h, x=x: setattr(x, "finished", time.perf_counter()))
         self._pending.append(x)
-        sent = self._comm.resolved_compression(flat, options["compression"])
-        self.wire_bytes += wire_bytes(f.numel, self._comm.size, sent)
+        self.wire_bytes += self._comm.bytes_sent(flat, options["compression"])[0]
 
     def _refuse_reshaped(self, f: _Fragment, now, name: str, options: dict):
         """A parameter changed shape on this rank: its exchange still runs,

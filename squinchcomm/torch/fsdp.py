@@ -60,7 +60,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from squinchcomm.collectives import CHOICES, Communicator, ErrorFeedback, wire_bytes
+from squinchcomm.collectives import CHOICES, Communicator, ErrorFeedback
 from squinchcomm.codec import ROUNDINGS
 
 __all__ = ["FSDPCompression", "compress", "compress_across_nodes"]
@@ -170,15 +170,11 @@ class _CompressedReduceScatter(_ReduceScatterBase):
         shard, _ = comm.reduce_scatter(input_tensor.reshape(-1), op=how, prescale=prescale,
                                        counts=[n] * world, name=self.name, **options)
         self.calls += 1
-        dense = (wire_bytes(n * world, world, "none", collective="reduce_scatter")
-                 * input_tensor.element_size() / 4)
-        sent = options["compression"]
-        if sent != "none":
-            sent = comm.resolved_compression(input_tensor, sent)
+        sent, dense = comm.bytes_sent(input_tensor, options["compression"],
+                                      collective="reduce_scatter")
         self.state.buckets_reduced += 1
         self.state.uncompressed_bytes += dense
-        self.state.wire_bytes += dense if sent == "none" else wire_bytes(
-            n * world, world, sent, collective="reduce_scatter")
+        self.state.wire_bytes += sent
         # Step 3: into FSDP's buffer, in its reduce dtype
         output_tensor.reshape(-1).copy_(shard)
         return None

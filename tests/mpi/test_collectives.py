@@ -95,6 +95,27 @@ def test_half_inputs_return_their_dtype(comm, dtype):
     assert rel < 0.12
 
 
+def test_bytes_sent_counts_what_the_call_sends(comm):
+    """The ring model from first principles: an allreduce sends 2(N-1)/N of
+    the tensor, a reduce-scatter (N-1)/N; Squinch is 6 bytes per 8 values,
+    uncompressed is the input's own dtype, float64 is never compressed, and a
+    tensor under min_compress_bytes goes uncompressed."""
+    n, ring = 4096, 2 * (comm.size - 1) / comm.size
+    x = data(0, comm.rank, n)
+    assert comm.bytes_sent(x, "none") == pytest.approx((ring * 4 * n, ring * 4 * n))
+    assert comm.bytes_sent(x, "squinch") == pytest.approx((ring * 6 * n / 8, ring * 4 * n))
+    assert comm.bytes_sent(x, "bf16") == pytest.approx((ring * 2 * n, ring * 4 * n))
+    assert comm.bytes_sent(x.astype(np.float16), "none") == pytest.approx((ring * 2 * n,) * 2)
+    assert comm.bytes_sent(x.astype(np.float64), "squinch") == pytest.approx((ring * 8 * n,) * 2)
+    assert comm.bytes_sent(x, "squinch", collective="reduce_scatter") == \
+        pytest.approx((ring / 2 * 6 * n / 8, ring / 2 * 4 * n))
+    saved, comm.min_compress_bytes = comm.min_compress_bytes, 4 * n + 1
+    try:
+        assert comm.bytes_sent(x, "squinch") == pytest.approx((ring * 4 * n,) * 2)
+    finally:
+        comm.min_compress_bytes = saved
+
+
 def test_reduce_scatter_shards_cover_the_tensor(comm):
     n = 10_001
     xs = all_inputs(comm, 3, n)
