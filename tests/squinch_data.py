@@ -13,8 +13,9 @@ from squinchcomm.codec import format as fmt
 from squinchcomm.codec import oracle
 
 __all__ = ["SQUINCH_C", "FP32_SLACK", "special_values", "boundary_block", "exact_r_block",
-           "stochastic_tie_values", "scribble_tail", "random_values", "to_kind", "from_kind", "bf16_reference",
-           "f16_reference", "random_payloads", "every_level_payload", "assert_bits_equal"]
+           "stochastic_tie_values", "scribble_tail", "random_values", "to_kind", "from_kind",
+           "bf16_reference", "f16_reference", "random_payloads", "every_level_payload",
+           "assert_bits_equal"]
 
 #: Squinch nearest rounding: the worst error of one quantization as a fraction
 #: of its block's max m. The block's scale A satisfies m < A <= m e^(1/6); the

@@ -189,5 +189,6 @@ def test_lightning_fsdp1_strategy_is_refused_with_the_fix():
     from squinchcomm.integrations.lightning import SquinchFSDP
 
     trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(ValueError, match="FSDPStrategy wraps the model in FSDP1.*ModelParallelStrategy"):
+    with pytest.raises(ValueError,
+                       match="FSDPStrategy wraps the model in FSDP1.*ModelParallelStrategy"):
         SquinchFSDP().on_fit_start(trainer, torch.nn.Linear(8, 8))
