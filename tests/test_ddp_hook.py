@@ -290,6 +290,44 @@ def scenario_checkpoint(seed: int) -> None:
         print(f"checkpoint: {len(saved['residuals'])} residuals restored bit-identically", flush=True)
 
 
+def scenario_layouts(seed: int) -> None:
+    """Three bias-free 16x16 layers in one bucket: DDP's first layout and its
+    rebuilt one hold the same shapes in another order. A residual name must
+    tell them apart (else the first layout's residual would be added to other
+    parameters' gradients), be the same on every rank, and be the same again
+    for a fresh state and a fresh DDP (a resumed process)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from squinchcomm.torch.ddp_hooks import SquinchHookState, squinch_hook
+
+    rank = dist.get_rank()
+    runs = []
+    for _ in range(2):  # the run, then the "resumed process"
+        torch.manual_seed(seed)
+        model = DDP(torch.nn.Sequential(*(torch.nn.Linear(16, 16, bias=False) for _ in range(3))))
+        state = SquinchHookState(error_feedback=True, min_compress_bytes=0, timeout=WAIT)
+        log: list = []
+        model.register_comm_hook(state, recording(squinch_hook, log))
+        names, orders = [], []
+        for step in range(2):
+            log.clear()
+            before = set(state._last_seen)
+            model(torch.randn(4, 16)).sum().backward()
+            names.append(sorted(set(state._last_seen) - before) or sorted(state._last_seen))
+            index = {id(p): i for i, p in enumerate(model.parameters())}
+            orders.append([index[id(p)] for _, _, _, ps in log for p in ps])
+        assert orders[0] != orders[1], orders  # the premise: DDP reordered the bucket
+        assert names[0] != names[1], names
+        runs.append(names)
+    assert runs[0] == runs[1], runs
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, runs[0])
+    assert all(e == runs[0] for e in everyone), everyone
+    if rank == 0:
+        print(f"layouts: {runs[0][0]} then {runs[0][1]}", flush=True)
+
+
 def scenario_policy(seed: int) -> None:
     """start_step=2 and the biases opted out: the first two iterations are
     DDP's exact average everywhere, later ones exact for the biases and
@@ -376,7 +414,7 @@ def worker_main(scenario: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
                             rank=int(os.environ["RANK"]),
                             world_size=int(os.environ["WORLD_SIZE"]))
-    {"match": scenario_match, "checkpoint": scenario_checkpoint,
+    {"match": scenario_match, "checkpoint": scenario_checkpoint, "layouts": scenario_layouts,
      "policy": scenario_policy, "auto": scenario_auto}[scenario](
         int(os.environ["TEST_SEED"]))
     # Then exit without destroy_process_group(): gloo (torch 2.13) sometimes
@@ -415,6 +453,10 @@ def test_auto_follows_the_link_model():
 def test_state_checkpoint_and_pickle():
     out = launch("checkpoint", 2, seed=5)
     assert "restored bit-identically" in out, out
+
+
+def test_residual_names_tell_bucket_layouts_apart():
+    assert "layouts: " in launch("layouts", 2, seed=3)
 
 
 def test_state_validates_early():

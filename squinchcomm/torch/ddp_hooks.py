@@ -53,6 +53,7 @@ Example (under ``torchrun --nproc-per-node 2``)::
 # No ``from __future__ import annotations``: DDP's register_comm_hook checks the
 # hooks' annotations as objects (dist.GradBucket, Future[Tensor]), not strings.
 import hashlib
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -62,7 +63,7 @@ from squinchcomm.codec import ROUNDINGS
 
 __all__ = ["SquinchHookState", "squinch_hook", "fp16_hook", "bf16_hook"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: residual names number the parameters
 
 
 class SquinchHookState:
@@ -145,6 +146,8 @@ class SquinchHookState:
         # Iterations completed, and the iteration each residual name was last used in.
         self._iteration = 0
         self._last_seen: dict[str, int] = {}
+        # id(parameter) -> (weak reference, its number in the residual names).
+        self._numbers: dict[int, tuple] = {}
         # A state_dict loaded before the communicator exists, applied when it is built.
         self._pending: dict | None = None
 
@@ -176,9 +179,22 @@ class SquinchHookState:
 
     # ------------------------------------------------------------ residual bookkeeping
     def _name(self, bucket: dist.GradBucket, compression: str) -> str:
-        """A residual name equal on every rank and stable for one bucket layout."""
-        shapes = ";".join("x".join(map(str, p.shape)) for p in bucket.parameters())
-        digest = hashlib.blake2b(shapes.encode(), digest_size=6).hexdigest()
+        """A residual name equal on every rank, the same in a resumed process,
+        and different for two layouts that put the same parameters in another
+        order (DDP rebuilds its buckets after the first iteration: a residual
+        must never be added to other parameters' gradients). Parameters are
+        numbered in the order this process's hook first meets them, which DDP
+        makes the same in every run of the same model (buckets are reduced in
+        index order)."""
+        ids = []
+        for p in bucket.parameters():
+            seen = self._numbers.get(id(p))
+            if seen is None or seen[0]() is not p:  # new, or an id reused by another tensor
+                seen = self._numbers[id(p)] = (weakref.ref(p), len(self._numbers))
+            ids.append(seen[1])
+        layout = ";".join(f"{i}:{'x'.join(map(str, p.shape))}"
+                          for i, p in zip(ids, bucket.parameters()))
+        digest = hashlib.blake2b(layout.encode(), digest_size=6).hexdigest()
         buf = bucket.buffer()
         # No "/" inside: the communicator appends "/..." in hierarchical mode.
         return f"ddp-{compression}-b{bucket.index()}-n{buf.numel()}-{digest}"
@@ -229,8 +245,10 @@ class SquinchHookState:
             ValueError: the state comes from a job of another world size.
         """
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError("not a SquinchHookState.state_dict() (or one of another version): "
-                             "pass what state_dict() returned on this rank")
+            raise ValueError("not a SquinchHookState.state_dict() of this version: pass what "
+                             "state_dict() returned on this rank (a state saved by an earlier "
+                             "squinchcomm names its residuals otherwise: skip load_state_dict() "
+                             "to start them from zero)")
         if self._comm is None:
             self._pending = dict(state)  # checked and applied when the communicator is built
         else:
@@ -250,7 +268,7 @@ class SquinchHookState:
         """Pickle everything but the process group and the communicator."""
         out = {k: v for k, v in self.__dict__.items()
                if k not in ("process_group", "_comm", "_pending", "_last_seen",
-                            "uncompressed_params")}
+                            "uncompressed_params", "_numbers")}
         out["saved"] = self.state_dict()
         return out
 
@@ -261,6 +279,7 @@ class SquinchHookState:
         self.uncompressed_params = None
         self._comm = None
         self._last_seen = {}
+        self._numbers = {}
         self._pending = saved if saved["world"] is not None else None
 
     def __repr__(self):
