@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
+from squinchcomm.torch.optimizer import residuals_to_torch
 
 __all__ = ["CompressionNotActiveError", "check_compressed", "gather_hook_state",
            "load_hook_state"]
@@ -53,7 +52,7 @@ def gather_hook_state(state, group=None) -> dict:
     ``FSDPCompression``), gathered on every rank (collective): the value to put
     in a checkpoint that one rank writes."""
     # Tensors, not NumPy arrays: checkpoints load with torch.load(weights_only=True).
-    mine = _as_tensors(state.state_dict())
+    mine = residuals_to_torch(state.state_dict())
     if not (dist.is_available() and dist.is_initialized()):
         return {_KEY: 1, "world": 1, "ranks": [mine]}
     everyone = [None] * dist.get_world_size(group)
@@ -76,14 +75,3 @@ def load_hook_state(state, saved: dict | None, group=None) -> None:
                       "zero", stacklevel=3)
         return
     state.load_state_dict(saved["ranks"][rank])
-
-
-def _as_tensors(obj):
-    """``obj`` with every NumPy array a torch tensor (dicts and lists walked)."""
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj)
-    if isinstance(obj, dict):
-        return {k: _as_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_as_tensors(v) for v in obj)
-    return obj

@@ -38,8 +38,9 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
 
-from squinchcomm.integrations._common import _as_tensors, check_compressed  # noqa: E402
+from squinchcomm.integrations._common import check_compressed  # noqa: E402
 from squinchcomm.torch.ddp_hooks import SquinchHookState, squinch_hook  # noqa: E402
+from squinchcomm.torch.optimizer import residuals_to_torch  # noqa: E402
 
 __all__ = ["SquinchTrainer"]
 
@@ -83,7 +84,8 @@ class _SquinchCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         os.makedirs(folder, exist_ok=True)  # a node without rank 0's file system too
-        torch.save(_as_tensors(self.trainer.hook_state.state_dict()), _residual_file(folder))
+        torch.save(residuals_to_torch(self.trainer.hook_state.state_dict()),
+                   _residual_file(folder))
 
 
 class SquinchTrainer(Trainer):

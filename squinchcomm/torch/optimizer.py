@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 
+import numpy as np
 import torch
 
 from squinchcomm import collectives, config
@@ -472,12 +473,18 @@ def _numpy(t):
     return t.detach().cpu().numpy() if torch.is_tensor(t) else t
 
 
-def residuals_to_torch(ef_state: dict) -> dict:
-    """An ``ErrorFeedback.state_dict()`` with torch tensors for residuals, so a
-    checkpoint loads with ``torch.load(weights_only=True)``."""
-    return {k: {**e, "residual": torch.from_numpy(e["residual"]),
-                "shard_residual": torch.from_numpy(e["shard_residual"])}
-            for k, e in ef_state.items()}
+def residuals_to_torch(state):
+    """``state`` (an ``ErrorFeedback.state_dict()``, or any dict or list that
+    holds residuals, as the hook states' ``state_dict()`` do) with every NumPy
+    array a torch tensor, so a checkpoint loads with
+    ``torch.load(weights_only=True)``."""
+    if isinstance(state, np.ndarray):
+        return torch.from_numpy(state)
+    if isinstance(state, dict):
+        return {k: residuals_to_torch(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(residuals_to_torch(v) for v in state)
+    return state
 
 
 def residuals_from_torch(saved: dict) -> dict:
