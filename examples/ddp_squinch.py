@@ -100,10 +100,9 @@ def main():
     if rank == 0:
         print(f"val loss {val:.4f}  wall {time.perf_counter() - start:.1f} s  "
               f"parameters identical on all ranks: {'yes' if len(set(digests)) == 1 else 'NO'}")
-    # No destroy_process_group(): with gloo in torch 2.13 it sometimes aborts a rank
-    # ("terminate called without an active exception") when a peer tears down first.
+    # Nothing to tear down: squinchcomm's exit handler takes the gloo group down and
+    # lets gloo's worker threads finish first (README, "At exit").
 
 
 if __name__ == "__main__":
     main()
-    # squinchcomm: torch 2.13's gloo can abort a rank at interpreter exit; leave now.

@@ -209,4 +209,3 @@ def main():
 
 if __name__ == "__main__":
     main()
-    # squinchcomm: torch 2.13's gloo can abort a rank at interpreter exit; leave now.

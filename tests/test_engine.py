@@ -270,6 +270,62 @@ def test_scripts_exit_cleanly_with_their_own_status(tmp_path, mode, code):
     assert "terminate called" not in proc.stderr
 
 
+_BUSY_WORKER_SCRIPT = textwrap.dedent("""
+    import socket, threading, time
+    import torch, torch.distributed as dist
+    import squinchcomm  # noqa: F401  (nothing else: its exit handler is what is tested)
+
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    group = dist.group.WORLD  # the script keeps its group, as a DDP model keeps its own
+
+    started = ending = False
+
+    def callback(fut):  # on gloo's worker thread, taking the GIL in turns
+        global started
+        if threading.current_thread() is threading.main_thread():
+            return fut.value()  # the operation had finished: then() ran it here; try again
+        started = True
+        print("callback started", flush=True)
+        while not ending:
+            pass
+        end = time.perf_counter() + 1.0  # still running when the interpreter finalizes
+        while time.perf_counter() < end:
+            pass
+        print("callback finished", flush=True)
+        return fut.value()
+
+    for _ in range(1000):
+        chained = dist.all_reduce(torch.ones(8), async_op=True).get_future().then(callback)
+        deadline = time.monotonic() + 5
+        while not started and not chained.done() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if started:
+            break
+    assert started, "no callback ran on gloo's worker thread"
+    print("script ends", flush=True)
+    ending = True
+""")
+
+
+def test_exit_waits_for_a_gloo_worker_still_running_python(tmp_path):
+    """The script ends while gloo's worker thread still runs Python (a future
+    callback). Without the exit handler's wait the finalizing interpreter ends
+    that thread mid-callback and the process dies (SIGSEGV here; the same race,
+    shorter, is the rare abort of a finished torchrun job). With it, the
+    callback finishes and the exit status is 0."""
+    pytest.importorskip("torch")
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("the wait reads /proc (Linux)")
+    script = tmp_path / "job.py"
+    script.write_text(_BUSY_WORKER_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert proc.stdout.split() == ["callback", "started", "script", "ends",
+                                   "callback", "finished"], proc.stdout
+
+
 def test_mpi_below_thread_multiple_is_refused_with_the_fix():
     """The engine calls MPI from its progress thread: an MPI initialised with a
     lower thread level must be refused at construction, not crash later."""

@@ -39,8 +39,9 @@ def main(argv=None):
         print(f"{what}\n{_usage()}", file=sys.stderr)
         return 2
     module, _, function = COMMANDS[argv[0]].partition(":")
-    # Interpreter exit drains the engines and takes the gloo group down
-    # (squinchcomm.collectives.engine), so nothing is needed after the command.
+    # Interpreter exit drains the engines, takes the gloo group down and lets
+    # gloo's worker threads finish (squinchcomm.collectives.engine._at_exit), so
+    # nothing is needed after the command.
     result = getattr(importlib.import_module(module), function or "main")(argv[1:])
     # Commands return their results (rows, a report); an int is an exit status.
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

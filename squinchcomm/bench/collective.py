@@ -810,8 +810,7 @@ def main(argv=None, collective: str = "allreduce") -> dict:
     except ValueError as exc:
         p.error(str(exc))
 
-    # The engines are never torn down here (gloo in torch 2.13 sometimes aborts a
-    # rank in destroy_process_group); see squinchcomm.bench.__main__ for the exit.
+    # The engines and groups are left to the exit handler (see squinchcomm.bench.__main__).
     transport, engine, desc = _transport(args.transport)
     table = METHODS[collective]
     comm_hier, unavailable = None, {}

@@ -586,8 +586,7 @@ def main(argv=None):
                        n_embd=args.width, init_seed=args.seed)
     methods.sort(key=lambda m: m != "hvd_fp32")  # the baseline first: rows print as they come
 
-    # The engines are left to process exit: destroy_process_group() with gloo in
-    # torch 2.13 sometimes aborts a rank after all the work is done.
+    # The engines and groups are left to the exit handler (see squinchcomm.bench.__main__).
     init_process_group_from_env(backend="gloo")
     comm = hvd.init("torch", hierarchical=args.hierarchical)
     codec.warm_up()  # wait for init's background compile: no timed step shares the cores with it

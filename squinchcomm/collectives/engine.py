@@ -472,21 +472,20 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # Interpreter exit
 # ----------------------------------------------------------------------------
 def _at_exit():
-    """Finish every engine's queue and stop its thread, then take down a
-    gloo-only default process group before the C++ destructors run (torch
-    2.13's gloo could abort a finished rank at exit, "terminate called
-    without an active exception", while work or threads were still alive).
+    """Finish every engine's queue and stop its thread; then, where
+    torch.distributed is loaded, take down a gloo-only default process group
+    and let gloo's worker threads finish with the GIL available (torch 2.13's
+    gloo otherwise aborts a finished rank now and then, "terminate called
+    without an active exception": see ``torch_dist._settle_gloo_workers``).
     The interpreter's own exit status is kept."""
     for e in list(_ENGINES):
         e.close(config.timeout())
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or "mpi4py.MPI" in sys.modules:
-        return  # MPI must finalize through mpi4py's own exit handler
-    try:
-        if dist.is_initialized() and str(dist.get_backend()) == "gloo":
-            dist.destroy_process_group()
-    except Exception:  # exiting anyway: never turn a finished run into a failure
-        pass
+    if "torch.distributed" in sys.modules:
+        try:
+            from squinchcomm.transport import torch_dist
+        except Exception:  # a broken torch: nothing of ours can be running on it
+            return
+        torch_dist._at_exit()
 
 
 atexit.register(_at_exit)

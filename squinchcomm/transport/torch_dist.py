@@ -41,6 +41,7 @@ import math
 import os
 import pickle
 import socket
+import sys
 import time
 import warnings
 import zlib
@@ -691,3 +692,92 @@ class TorchTransport(Transport):
         ids = self.allgather_object(_node_id(dist.get_rank()))
         color = sorted(set(ids)).index(ids[self._rank])
         return self.split(color, self._rank)
+
+
+# --------------------------------------------------------------------------
+# Interpreter exit
+# --------------------------------------------------------------------------
+# torch 2.13's gloo worker threads (named "pt_gloo_runloop") drop their last
+# reference to a finished operation after its wait() has returned. When that
+# reference is the last one to a tensor that has a Python object (a tensor the
+# script let go of, or the one all_gather_object builds), the thread takes the
+# GIL to release it. If the interpreter is already finalizing by then, Python
+# ends the thread with pthread_exit, whose unwinding meets a C++ destructor and
+# aborts the whole process: "terminate called without an active exception",
+# after the run has finished. Measured on 2 CPU cores: 3 of 90 runs of
+# examples/ddp_squinch.py under torchrun aborted so (9 of 90 with --hook none),
+# all in this thread; none after _settle_gloo_workers (README, "At exit").
+_GLOO_WORKER = "pt_gloo_runloop"  # the thread name torch gives the workers (15 characters)
+
+
+# futex's system call number, by machine: a worker waiting for work is in an
+# untimed futex wait; the GIL's wait (and gloo's network waits) are timed.
+_FUTEX = {"x86_64": "202", "aarch64": "98", "ppc64le": "221"}.get(os.uname().machine)
+
+
+def _gloo_workers_busy(tasks: str) -> bool | None:
+    """Whether a gloo worker thread of this process is running, runnable, or
+    in a timed wait such as the GIL's (None: no gloo worker thread at all)."""
+    found = None
+    for tid in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread has ended
+            continue
+        close = stat.rfind(")")
+        if stat[stat.find("(") + 1:close] != _GLOO_WORKER:
+            continue
+        busy = stat[close + 2] in "RD"
+        if not busy and _FUTEX is not None:
+            try:
+                with open(f"{tasks}/{tid}/syscall") as f:
+                    call = f.read().split()  # number, then the arguments
+            except OSError:
+                call = []
+            # futex(uaddr, op, val, timeout, ...): busy unless untimed
+            busy = len(call) > 4 and call[0] == _FUTEX and call[4] != "0x0"
+        found = found or busy
+    return found
+
+
+def _settle_gloo_workers(limit: float, quiet_polls: int = 3, poll_s: float = 0.001) -> bool:
+    """Wait, with the GIL released, until every gloo worker thread waits for
+    work (``_gloo_workers_busy``) at ``quiet_polls`` polls in a row, ``poll_s``
+    apart, or ``limit`` seconds have passed; return whether they settled.
+
+    Called at interpreter exit, before finalization: a worker still finishing
+    an operation gets the GIL while this thread sleeps, instead of being ended
+    by the finalizing interpreter. A worker waiting on the network for an
+    operation the script never waited for is in a timed wait, so it holds the
+    exit for ``limit`` seconds. Linux only (it reads /proc); elsewhere it
+    returns True at once.
+    """
+    tasks = f"/proc/{os.getpid()}/task"
+    if not os.path.isdir(tasks):
+        return True
+    deadline = time.monotonic() + limit
+    quiet = 0
+    while quiet < quiet_polls:
+        busy = _gloo_workers_busy(tasks)
+        if busy is None:
+            return True  # no gloo process group in this process
+        quiet = 0 if busy else quiet + 1
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def _at_exit(settle_limit: float = 10.0) -> None:
+    """The torch part of the engine's exit handler: take down a gloo-only
+    default process group (not under MPI, which finalizes through mpi4py's own
+    exit handler), then let the gloo worker threads settle, for at most
+    ``settle_limit`` seconds."""
+    try:
+        if ("mpi4py.MPI" not in sys.modules and dist.is_initialized()
+                and str(dist.get_backend()) == "gloo"):
+            dist.destroy_process_group()
+    except Exception:  # exiting anyway: never turn a finished run into a failure
+        pass
+    _settle_gloo_workers(settle_limit)

@@ -27,10 +27,11 @@ def record_first_local_grads(params) -> list:
 def finish(result: dict, state, grads, params, path, local=None, children=()) -> None:
     """Save this rank's ``result`` with the hook's counters, gradients (and
     ``local``, its own first gradients) and parameters to ``path``, then leave
-    without the interpreter's teardown: tearing down gloo at exit sometimes
-    aborts a rank of torch 2.13 ("terminate called without an active
-    exception") after all the work is done. ``children``: the processes this
-    one launched (Lightning starts rank 1 from rank 0), waited for first (at most
+    without the interpreter's teardown, which these tests do not check (the
+    README's "At exit" bullet: torch 2.13's gloo can abort a finished rank
+    there; squinchcomm's exit handler guards against it, and
+    ``tests/test_engine.py`` tests that). ``children``: the processes this one
+    launched (Lightning starts rank 1 from rank 0), waited for first (at most
     120 s each), their failure becoming this process's."""
     result.update(grads=grads, params=params, local=local, buckets_reduced=state.buckets_reduced,
                   wire_bytes=state.wire_bytes, uncompressed_bytes=state.uncompressed_bytes)
