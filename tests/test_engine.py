@@ -312,8 +312,8 @@ def test_exit_waits_for_a_gloo_worker_still_running_python(tmp_path):
     """The script ends while gloo's worker thread still runs Python (a future
     callback). Without the exit handler's wait the finalizing interpreter ends
     that thread mid-callback and the process dies (SIGSEGV here; the same race,
-    shorter, is the rare abort of a finished torchrun job). With it, the
-    callback finishes and the exit status is 0."""
+    shorter, is the abort of a finished torchrun job: README, "At exit"). With
+    it, the callback finishes and the exit status is 0."""
     pytest.importorskip("torch")
     if not os.path.isdir("/proc/self/task"):
         pytest.skip("the wait reads /proc (Linux)")

@@ -40,6 +40,7 @@ import inspect
 import math
 import os
 import pickle
+import platform
 import socket
 import sys
 import time
@@ -712,7 +713,7 @@ _GLOO_WORKER = "pt_gloo_runloop"  # the thread name torch gives the workers (15 
 
 # futex's system call number, by machine: a worker waiting for work is in an
 # untimed futex wait; the GIL's wait (and gloo's network waits) are timed.
-_FUTEX = {"x86_64": "202", "aarch64": "98", "ppc64le": "221"}.get(os.uname().machine)
+_FUTEX = {"x86_64": "202", "aarch64": "98", "ppc64le": "221"}.get(platform.machine())
 
 
 def _gloo_workers_busy(tasks: str) -> bool | None:
